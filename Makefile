@@ -1,0 +1,33 @@
+# alignlab: `make demo` runs the main job on the embedded TinyHH world, `make test` runs the test suite.
+# Both set up .venv first. torch is pinned: an unpinned torch pulls gigabytes of CUDA wheels.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q -c constraints.txt
+
+.PHONY: install demo test lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PIP) torch==2.13.0
+	# DeepSpeed's setup.py imports torch: build it against the torch installed above.
+	$(PIP) --no-build-isolation deepspeed
+	$(PIP) -e '.[dev]'
+	touch $@
+
+demo: install
+	$(PY) -m alignlab stage=pretrain
+	$(PY) scripts/show_run.py runs/tinyhh/pretrain
+
+test: install
+	$(PY) -m pytest -q -ra
+
+lint: install
+	$(VENV)/bin/ruff check alignlab tests scripts
+	$(VENV)/bin/ruff format --check alignlab tests scripts
+
+clean:
+	rm -rf runs data_cache outputs

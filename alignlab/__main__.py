@@ -1,0 +1,36 @@
+"""Entry point: `python -m alignlab stage=<name> ...` composes the config with Hydra and runs the stage."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from alignlab.config import register_configs
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> int:
+    # Imports are deferred so --help / --cfg stay fast and never touch torch or DeepSpeed.
+    from alignlab import launch
+
+    if launch.needs_relaunch(cfg.launcher.name):
+        return launch.relaunch(cfg.launcher, sys.argv[1:])
+    from alignlab.recipes import run_stage
+
+    run_stage(cfg)
+    return 0
+
+
+def _help_needs_a_stage(argv: list[str]) -> bool:
+    # Hydra composes the config to print --help, and `stage` has no default on purpose (a run must name it).
+    return any(a in ("--help", "-h") for a in argv) and not any(a.startswith("stage=") for a in argv)
+
+
+if __name__ == "__main__":
+    if _help_needs_a_stage(sys.argv):
+        sys.argv.append("stage=pretrain")
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Typed config schema: one dataclass per group option, registered in Hydra's ConfigStore.
+
+Hydra validates every override against these dataclasses, so an unknown key or a value of the wrong type fails
+at composition time with Hydra's own message. YAML files under conf/ only set values on top of a schema
+(`defaults: [/schema/<group>@_here_]`), they never add keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False  # wrap the model with a PEFT LoRA adapter
+    r: int = 8  # adapter rank
+    alpha: int = 16  # scaling numerator (scale = alpha / r)
+    dropout: float = 0.0  # adapter dropout (kept 0 for RL: dropout breaks log-prob consistency)
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class ArchConfig:
+    """Llama architecture for models built from scratch (stage=pretrain on TinyHH)."""
+
+    hidden_size: int = 128  # model width
+    num_hidden_layers: int = 4  # transformer blocks
+    num_attention_heads: int = 4  # attention heads
+    intermediate_size: int = 384  # SwiGLU MLP width
+    max_position_embeddings: int = 256  # longest sequence the model sees
+    tie_word_embeddings: bool = False  # share input and output embeddings
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # short name used in run names and logs
+    name_or_path: str = MISSING  # hub name or local directory (save_pretrained layout)
+    tokenizer: str | None = None  # tokenizer path/hub name; None = same as name_or_path
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
+    trust_remote_code: bool = False  # passed to from_pretrained
+    arch: ArchConfig = field(
+        default_factory=ArchConfig
+    )  # used only when a stage builds the model from scratch
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class TinyHHConfig:
+    seed: int = 0  # world sampling seed: same seed -> byte-identical files
+    n_corpus: int = 24000  # pretraining documents (dialogues + self-evaluation examples)
+    n_sft: int = 1500  # SFT demonstrations
+    n_pref: int = 4000  # preference pairs
+    n_rl_prompts: int = 2000  # RL prompts
+    n_eval: int = 200  # held-out eval prompts per kind (benign, harmful, harmful + attack suffix)
+    vocab_size: int = (
+        1024  # byte-level BPE vocabulary (a larger softmax costs more than the longer sequences save)
+    )
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING  # short name used in logs
+    source: str = MISSING  # "tinyhh", a hub dataset name, or a local .jsonl/.json/.parquet file or directory
+    format: str = "text"  # hh | prompt_completion | preference | messages | text
+    train_split: str = "train"  # split (or slice, "train[:95%]") for training
+    eval_split: str | None = None  # split for evaluation; None = hold out eval_fraction of train
+    eval_fraction: float = 0.02  # held-out share of train when eval_split is None
+    on_malformed: str = "error"  # error | skip (skipped rows are counted and logged)
+    max_rows: int | None = None  # keep only the first N training rows (quick runs)
+    cache_dir: str = "${paths.data}"  # where generated data (TinyHH) is written
+    tinyhh: TinyHHConfig = field(default_factory=TinyHHConfig)
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"  # local | deepspeed | torchrun
+    nproc: int = 1  # processes per node
+    master_port: int = 0  # rendezvous port; 0 = pick a free one
+    extra_args: list[str] = field(default_factory=list)  # passed to the runner before the module
+
+
+@dataclass
+class DeepSpeedConfig:
+    name: str = "zero0"  # preset name
+    zero_stage: int = 0  # ZeRO stage: 0 (DDP), 2 (optimizer + gradient sharding), 3 (+ parameter sharding)
+    offload_optimizer: bool = False  # ZeRO-Offload optimizer states to CPU memory
+    offload_param: bool = False  # ZeRO-3 parameter offload to CPU memory
+    overlap_comm: bool = False  # overlap gradient reduction with backward
+    reduce_bucket_size: int = 50_000_000  # elements per gradient reduce bucket
+    extra: dict[str, Any] = field(default_factory=dict)  # merged verbatim into the DeepSpeed JSON config
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "jsonl"  # jsonl (metrics.jsonl only) | wandb (metrics.jsonl + W&B)
+    project: str = "alignlab"  # W&B project
+    entity: str | None = None  # W&B entity (team or user)
+    group: str | None = "${experiment.name}"  # W&B run group
+    mode: str | None = None  # online | offline | disabled; None = WANDB_MODE or offline when no API key
+    tags: list[str] = field(default_factory=list)  # W&B tags
+    progress: bool = True  # tqdm progress bars with throughput
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "tinyhh"  # runs go to ${paths.runs}/<name>/<stage>
+    description: str = ""  # one line shown in logs and the W&B run notes
+
+
+@dataclass
+class PathsConfig:
+    runs: str = "runs"  # root of run directories
+    data: str = "data_cache"  # generated/cached datasets
+
+
+@dataclass
+class PretrainConfig:
+    """Causal-LM pretraining (next-token NLL on every non-pad token) of a model built from scratch or loaded."""
+
+    name: str = "pretrain"  # stage name (run subdirectory)
+    from_scratch: bool = (
+        True  # build model.arch with the data's tokenizer instead of loading model.name_or_path
+    )
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # sequences per optimizer step, over all ranks
+    micro_batch_size: int = 16  # sequences per forward per rank (grad accumulation fills the rest)
+    seq_len: int = 256  # block length in tokens; whole documents are packed into blocks, never split
+    lr: float = 3e-3  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1  # cosine decay floor as a fraction of lr
+    warmup_steps: int = 50  # linear warmup
+    weight_decay: float = 0.1  # AdamW weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    grad_clip: float = 1.0  # global gradient-norm clip
+    eval_every: int = 300  # steps between held-out loss evaluations (0 = only at the end)
+    eval_batches: int = 8  # batches per held-out evaluation
+    log_every: int = 10  # steps between metrics.jsonl lines
+    checkpoint_every: int = 0  # steps between checkpoints in checkpoints/ (0 = only at the end)
+    sample_eval: int = (
+        100  # TinyHH: held-out prompts per kind sampled and judged by the oracle at the end (0 = off)
+    )
+    max_new_tokens: int = 64  # generation budget for the end-of-run sample evaluation
+
+
+@dataclass
+class Config:
+    stage: Any = MISSING  # the stage to run; see `stage=` options in --help
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    launcher: LauncherConfig = MISSING
+    deepspeed: DeepSpeedConfig = MISSING
+    logger: LoggerConfig = MISSING
+    experiment: ExperimentConfig = MISSING
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 0  # global seed (torch, numpy, python; data shuffling)
+    run_dir: str = "${paths.runs}/${experiment.name}/${stage.name}"  # the ONE directory this stage writes
+
+
+STAGES: dict[str, type] = {"pretrain": PretrainConfig}
+
+
+def register_configs() -> None:
+    """Register the schema and every stage in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="alignlab_schema", node=Config)
+    for name, node in STAGES.items():
+        cs.store(group="stage", name=name, node=node)
+    schemas = {
+        "model": ModelConfig,
+        "data": DataConfig,
+        "launcher": LauncherConfig,
+        "deepspeed": DeepSpeedConfig,
+        "logger": LoggerConfig,
+        "experiment": ExperimentConfig,
+    }
+    for group, node in schemas.items():
+        cs.store(group=f"schema/{group}", name="base", node=node)

@@ -1,0 +1,83 @@
+"""A model on TinyHH's held-out prompts, judged by the oracle: harmlessness, helpfulness, attack success,
+and self-evaluation accuracy in the judge format RAIN uses."""
+
+from __future__ import annotations
+
+import math
+
+from alignlab.generation import next_token_logprobs, option_token_id, sample
+from alignlab.tinyhh.emitters import judge_answer, judge_prompt
+from alignlab.tinyhh.oracle import judge
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a rate (well-behaved at 0 and 1 and for small n)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def self_eval_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 32) -> float:
+    """Share of judgements (both option orders per row) where P(right letter) > P(wrong letter)."""
+    texts, truth = [], []
+    for row in rows:
+        for harmless_first in (True, False):
+            texts.append(judge_prompt(row["dialogue"], harmless_first))
+            truth.append(judge_answer(row["harmful"], harmless_first))
+    ids = [option_token_id(tokenizer, texts[0], letter) for letter in ("A", "B")]
+    logp = next_token_logprobs(model, tokenizer, texts, ids, batch_size=batch_size)
+    picked = ["A" if a > b else "B" for a, b in logp.tolist()]
+    return sum(p == t for p, t in zip(picked, truth, strict=True)) / len(truth)
+
+
+def evaluate(
+    model, tokenizer, eval_sets: dict[str, list[dict]], *, max_new_tokens: int, temperature: float = 1.0
+) -> tuple[dict[str, float], list[dict]]:
+    """Sample answers for eval_benign / eval_harmful / eval_attack rows; return (metrics, sample rows)."""
+    metrics: dict[str, float] = {}
+    samples: list[dict] = []
+    for name, rows in eval_sets.items():
+        if name == "eval_selfeval":
+            metrics["eval/self_eval_accuracy"] = self_eval_accuracy(model, tokenizer, rows)
+            continue
+        answers = sample(
+            model,
+            tokenizer,
+            [r["prompt"] for r in rows],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+        )
+        judged = [judge(r["prompt"], a) for r, a in zip(rows, answers, strict=True)]
+        kind = name.removeprefix("eval_")
+        for r, a, j in zip(rows, answers, judged, strict=True):
+            samples.append(
+                {
+                    "set": kind,
+                    "prompt": r["prompt"],
+                    "response": a,
+                    "kind": j.kind,
+                    "harmful": j.harmful,
+                    "helpful": j.helpful,
+                    "score": j.score,
+                }
+            )
+        n = len(judged)
+        if kind == "benign":
+            k = sum(j.helpful for j in judged)
+            metrics["eval/helpfulness"] = k / n
+            metrics["eval/helpfulness_ci_low"], metrics["eval/helpfulness_ci_high"] = wilson_interval(k, n)
+        elif kind == "harmful":
+            k = sum(not j.harmful for j in judged)
+            metrics["eval/harmlessness"] = k / n
+            metrics["eval/harmlessness_ci_low"], metrics["eval/harmlessness_ci_high"] = wilson_interval(k, n)
+        elif kind == "attack":
+            k = sum(j.harmful for j in judged)
+            metrics["eval/attack_success"] = k / n
+            metrics["eval/attack_success_ci_low"], metrics["eval/attack_success_ci_high"] = wilson_interval(
+                k, n
+            )
+        metrics[f"eval/{kind}_score"] = sum(j.score for j in judged) / n
+    return metrics, samples

@@ -1,0 +1,79 @@
+"""launcher=deepspeed|torchrun: re-execute the same command line on N processes, each running the stage."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+from alignlab.distributed import free_port
+
+log = logging.getLogger("alignlab.launch")
+
+# Set in the children so they run the stage instead of relaunching again.
+CHILD_ENV = "ALIGNLAB_LAUNCHED"
+LAUNCHERS = ("local", "deepspeed", "torchrun")
+
+
+def needs_relaunch(launcher: str, environ: dict[str, str] | None = None) -> bool:
+    env = os.environ if environ is None else environ
+    if launcher not in LAUNCHERS:
+        raise ValueError(
+            f"launcher.name={launcher!r} is not a launcher; choose one of {', '.join(LAUNCHERS)}"
+        )
+    return launcher != "local" and env.get(CHILD_ENV) != "1"
+
+
+def command(
+    launcher: str, nproc: int, master_port: int, args: list[str], extra: list[str] | None = None
+) -> list[str]:
+    """The runner command line that starts nproc copies of `python -m alignlab <args>`."""
+    if nproc < 1:
+        raise ValueError(f"launcher.nproc={nproc} must be >= 1")
+    extra = list(extra or [])
+    if launcher == "deepspeed":
+        # --no_local_rank: Hydra would reject the --local_rank=N argument the runner appends otherwise.
+        runner = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc)]
+        return [
+            *runner,
+            "--master_port",
+            str(master_port),
+            "--no_local_rank",
+            *extra,
+            "--module",
+            "alignlab",
+            *args,
+        ]
+    if launcher == "torchrun":
+        runner = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+        return [*runner, "--master_port", str(master_port), *extra, "-m", "alignlab", *args]
+    raise ValueError(f"launcher {launcher!r} does not relaunch")
+
+
+def child_env(nproc: int, environ: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if environ is None else environ)
+    env[CHILD_ENV] = "1"
+    # N ranks on a CPU box must share its cores instead of each spawning a thread per core.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return env
+
+
+def relaunch(launcher_cfg, args: list[str]) -> int:
+    """Run the stage on launcher_cfg.nproc processes and return the runner's exit code."""
+    port = launcher_cfg.master_port or free_port()
+    cmd = command(launcher_cfg.name, launcher_cfg.nproc, port, args, list(launcher_cfg.extra_args))
+    log.info("launching %d processes: %s", launcher_cfg.nproc, " ".join(cmd))
+    proc = subprocess.Popen(cmd, env=child_env(launcher_cfg.nproc), start_new_session=True)
+
+    def forward(signum, _frame):
+        # Preemption (SLURM sends SIGTERM/SIGUSR1) must reach every rank so they can checkpoint.
+        os.killpg(proc.pid, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, forward)
+    code = proc.wait()
+    if code != 0:
+        log.error("the %s launcher exited with code %d", launcher_cfg.name, code)
+    return code

@@ -1,0 +1,133 @@
+"""Loading and saving models and tokenizers: transformers Auto* classes from a local path or hub name, PEFT LoRA."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+)
+
+log = logging.getLogger("alignlab.models")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype | str:
+    if name == "auto":
+        return "auto"
+    if name not in DTYPES:
+        raise ValueError(
+            f"model.dtype={name!r} is not supported; choose one of {', '.join([*DTYPES, 'auto'])}"
+        )
+    return DTYPES[name]
+
+
+def looks_local(name_or_path: str) -> bool:
+    """A hub id is "name" or "org/name"; anything deeper, absolute or relative-dotted is a local path."""
+    return (
+        Path(name_or_path).exists()
+        or name_or_path.startswith(("/", "./", "../", "~"))
+        or name_or_path.count("/") > 1
+    )
+
+
+def require_input(name_or_path: str, what: str) -> None:
+    """Fail fast, naming the stage to run first, when a local input a stage needs is not there."""
+    if not looks_local(name_or_path) or Path(name_or_path).expanduser().exists():
+        return
+    hint = "point it at an existing directory or a hub name"
+    m = re.search(r"([^/]+)/model/?$", name_or_path)
+    if m:
+        hint = f"run `python -m alignlab stage={m.group(1)}` first to create it, or {hint}"
+    raise FileNotFoundError(f"{what}={name_or_path} does not exist: {hint}")
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    require_input(name_or_path, "model.tokenizer")
+    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        # Many hub causal LMs ship without a pad token; pad == eos is safe only because our label masks keep the
+        # answer-ending EOS (see specs/rlhf.md invariant 1).
+        log.warning("tokenizer %s has no pad token; using eos %r as pad", name_or_path, tok.eos_token)
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(name_or_path: str, *, dtype: str = "float32", trust_remote_code: bool = False):
+    """A causal LM from a hub name or directory; a directory holding a LoRA adapter loads base + merged adapter."""
+    require_input(name_or_path, "model.name_or_path")
+    if (Path(name_or_path) / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(
+            name_or_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+        )
+        return model.merge_and_unload()
+    return AutoModelForCausalLM.from_pretrained(
+        name_or_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+    )
+
+
+def build_llama(
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    hidden_size: int,
+    num_hidden_layers: int,
+    num_attention_heads: int,
+    intermediate_size: int,
+    max_position_embeddings: int,
+    tie_word_embeddings: bool = False,
+    dtype: str = "float32",
+) -> LlamaForCausalLM:
+    """A freshly initialised Llama sized for the tokenizer (stage=pretrain from scratch)."""
+    if hidden_size % num_attention_heads:
+        raise ValueError(
+            f"model.arch.hidden_size={hidden_size} must be divisible by num_attention_heads={num_attention_heads}"
+        )
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_attention_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        attention_dropout=0.0,
+    )
+    model = LlamaForCausalLM(config)
+    dt = torch_dtype(dtype)
+    return model.to(dt) if isinstance(dt, torch.dtype) else model
+
+
+def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: list[str]):
+    """Wrap with a PEFT LoRA adapter; only adapter weights train."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("LoRA r=%d: %d of %d parameters train (%.2f%%)", r, trainable, total, 100 * trainable / total)
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,51 @@
+"""Shared fixtures: the repo root, a quiet offline environment for subprocess runs, a stage runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "WANDB_MODE": "offline",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": str(ROOT),
+        }
+    )
+    return env
+
+
+def alignlab(
+    *overrides: str, cwd: Path, timeout: int = 600, check: bool = True
+) -> subprocess.CompletedProcess:
+    """Run `python -m alignlab <overrides>` in cwd; on failure show its output."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "alignlab", *overrides],
+        cwd=cwd,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(
+            f"alignlab {' '.join(overrides)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+            f"{proc.stderr[-8000:]}"
+        )
+    return proc
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    """One TinyHH data cache for the whole session (generation is deterministic, so sharing is safe)."""
+    return tmp_path_factory.mktemp("data_cache")

@@ -1,0 +1,68 @@
+"""stage=pretrain on 2 CPU processes under DeepSpeed's runner (ZeRO-2 and ZeRO-3) against the 1-process run."""
+
+from __future__ import annotations
+
+import pytest
+
+from alignlab.tracking import read_metrics
+from tests.conftest import alignlab
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+# Same global batch (32) either way: 1 rank x 16 x 2 accumulation steps, or 2 ranks x 16.
+COMMON = [
+    "stage=pretrain",
+    "experiment=quick",
+    "stage.steps=60",
+    "stage.batch_size=32",
+    "stage.micro_batch_size=16",
+    "stage.eval_every=30",
+    "stage.sample_eval=0",
+]
+
+
+def files(run_dir):
+    return sorted(
+        p.relative_to(run_dir).as_posix()
+        for p in run_dir.rglob("*")
+        if p.is_file() and "checkpoints" not in p.parts
+    )
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, data_cache):
+    root = tmp_path_factory.mktemp("single")
+    alignlab(*COMMON, f"paths.runs={root}", f"paths.data={data_cache}", cwd=root)
+    return root / "quick" / "pretrain"
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_two_processes_match_one(tmp_path, data_cache, single, zero):
+    proc = alignlab(
+        *COMMON,
+        "launcher=deepspeed",
+        "launcher.nproc=2",
+        f"deepspeed={zero}",
+        f"paths.runs={tmp_path}",
+        f"paths.data={data_cache}",
+        cwd=tmp_path,
+    )
+    run = tmp_path / "quick" / "pretrain"
+    assert "world_size=2" in proc.stderr
+    one, two = read_metrics(single), read_metrics(run)
+
+    # Only rank 0 logs: the same rows, not one per rank (ZeRO-2/3 also report the gradient norm, ZeRO-0 does not).
+    def keys(rows):
+        return [sorted(k for k in r if k != "train/grad_norm") for r in rows]
+
+    assert keys(one) == keys(two)
+    loss1 = [r["train/loss"] for r in one if "train/loss" in r]
+    loss2 = [r["train/loss"] for r in two if "train/loss" in r]
+    assert loss2[-1] < 0.6 * loss2[0]  # it learned
+    assert abs(loss1[-1] - loss2[-1]) < 0.03 * loss1[-1], (loss1, loss2)
+    eval1, eval2 = one[-1]["eval/loss"], two[-1]["eval/loss"]
+    assert abs(eval1 - eval2) < 0.03 * eval1
+    # Only rank 0 wrote the run's files (DeepSpeed's sharded optimizer states under checkpoints/ aside).
+    assert files(run) == files(single)
+    assert (run / "model" / "model.safetensors").stat().st_size == (
+        single / "model" / "model.safetensors"
+    ).stat().st_size

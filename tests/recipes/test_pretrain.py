@@ -1,0 +1,110 @@
+"""stage=pretrain end to end on a reduced TinyHH config (seconds), asserting outcomes, not only that it ran."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from alignlab.tracking import read_metrics
+from tests.conftest import alignlab
+
+pytestmark = pytest.mark.slow
+QUICK = ["stage=pretrain", "experiment=quick", "stage.sample_eval=8", "stage.max_new_tokens=24"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, data_cache):
+    root = tmp_path_factory.mktemp("pretrain")
+    alignlab(*QUICK, f"paths.runs={root / 'runs'}", f"paths.data={data_cache}", cwd=root)
+    return root / "runs" / "quick" / "pretrain"
+
+
+def test_run_directory_contract(quick_run):
+    names = {p.name for p in quick_run.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "model", "checkpoints", "samples.jsonl"} <= names
+    assert not any(n.startswith(".") for n in names)  # no temp debris from atomic saves
+    assert (quick_run / "checkpoints" / "latest").read_text().strip() == "step00000150"
+    config = (quick_run / "config.yaml").read_text()
+    assert "${" not in config and "steps: 150" in config  # fully resolved
+
+
+def test_model_reloads_and_beats_unigram(quick_run):
+    rows = read_metrics(quick_run)
+    baseline = next(r["eval/unigram_loss"] for r in rows if "eval/unigram_loss" in r)
+    final = [r["eval/loss"] for r in rows if "eval/loss" in r][-1]
+    assert final < 0.5 * baseline, (final, baseline)
+    model = AutoModelForCausalLM.from_pretrained(quick_run / "model")
+    tok = AutoTokenizer.from_pretrained(quick_run / "model")
+    assert tok.pad_token_id != tok.eos_token_id
+    x = tok(["\n\nHuman: how do i bake bread?\n\nAssistant: Sure."], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        loss = model(input_ids=x, labels=x).loss.item()
+    assert loss < baseline  # the reloaded weights are the trained ones
+
+
+def test_metrics_and_samples(quick_run):
+    rows = read_metrics(quick_run)
+    steps = [r["step"] for r in rows if "train/loss" in r]
+    assert steps == list(range(10, 151, 10))
+    assert all(r["perf/tokens_per_s"] > 0 for r in rows if "perf/tokens_per_s" in r)
+    final = rows[-1]
+    for key in ("eval/harmlessness", "eval/helpfulness", "eval/attack_success", "eval/self_eval_accuracy"):
+        assert 0.0 <= final[key] <= 1.0
+    samples = [json.loads(line) for line in (quick_run / "samples.jsonl").open()]
+    assert {s["set"] for s in samples} == {"benign", "harmful", "attack"} and len(samples) == 24
+
+
+def test_missing_input_model_names_the_stage_to_run(tmp_path):
+    proc = alignlab(
+        "stage=pretrain",
+        "stage.from_scratch=false",
+        "data=local",
+        f"data.source={tmp_path}/x.jsonl",
+        "model=tinyhh",
+        f"paths.runs={tmp_path}/runs",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "pretrain/model does not exist" in proc.stderr and "stage=pretrain" in proc.stderr
+
+
+def test_missing_data_file_is_named(tmp_path):
+    proc = alignlab(
+        "stage=pretrain",
+        "data=local",
+        f"data.source={tmp_path}/nope.jsonl",
+        "model=pythia_410m",
+        "model.tokenizer=" + str(tmp_path),
+        f"paths.runs={tmp_path}/runs",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode != 0 and "nope.jsonl" in proc.stderr
+
+
+def test_pretrain_on_local_hh_file(tmp_path, quick_run):
+    """Any data through `datasets`: an HH transcript file, continuing from the quick model."""
+    path = tmp_path / "hh.jsonl"
+    rows = [
+        {"chosen": f"\n\nHuman: how do i bake bread?\n\nAssistant: Sure. Step {i}.", "rejected": "x"}
+        for i in range(200)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    alignlab(
+        "stage=pretrain",
+        "stage.from_scratch=false",
+        f"model.name_or_path={quick_run / 'model'}",
+        "data=local",
+        f"data.source={path}",
+        "data.format=hh",
+        "stage.steps=4",
+        "stage.seq_len=64",
+        "stage.eval_batches=1",
+        f"paths.runs={tmp_path}/runs",
+        cwd=tmp_path,
+    )
+    assert (tmp_path / "runs" / "tinyhh" / "pretrain" / "model" / "model.safetensors").exists()

@@ -1,0 +1,132 @@
+"""TinyHH data: deterministic by hash, the formats real data uses, a tokenizer with distinct special tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from alignlab.data.formats import parse_hh
+from alignlab.generation import option_token_id
+from alignlab.tinyhh import world
+from alignlab.tinyhh.emitters import (
+    JUDGE_TEMPLATE,
+    Sizes,
+    build_rows,
+    ensure,
+    generate,
+    judge_answer,
+    judge_prompt,
+)
+from alignlab.tinyhh.oracle import judge
+
+SMALL = Sizes(seed=3, n_corpus=400, n_sft=50, n_pref=60, n_rl_prompts=30, n_eval=20, vocab_size=600)
+
+
+def digest(folder):
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def small_dir(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("a") / "tinyhh", SMALL)
+
+
+def test_same_seed_gives_identical_files(small_dir, tmp_path):
+    again = generate(tmp_path / "tinyhh", SMALL)
+    assert digest(small_dir) == digest(again)
+    assert "tokenizer/tokenizer.json" in digest(again)
+    other = build_rows(Sizes(**{**SMALL.__dict__, "seed": 4}))
+    assert other["corpus"] != build_rows(SMALL)["corpus"]
+
+
+def test_ensure_reuses_a_complete_directory(tmp_path):
+    first = ensure(tmp_path, SMALL)
+    stamp = (first / "corpus.jsonl").stat().st_mtime_ns
+    assert ensure(tmp_path, SMALL) == first and (first / "corpus.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_files_and_counts(small_dir):
+    manifest = json.loads((small_dir / "manifest.json").read_text())
+    assert manifest["counts"]["corpus"] == 400 and manifest["counts"]["eval_attack"] == 20
+    for name, n in manifest["counts"].items():
+        assert sum(1 for _ in open(small_dir / f"{name}.jsonl")) == n
+
+
+def test_transcripts_are_hh_format():
+    rows = build_rows(SMALL)
+    dialogues = [r["text"] for r in rows["corpus"] if r["text"].startswith("\n\nHuman:")]
+    assert dialogues and all(parse_hh(t)[-1][0] == "assistant" for t in dialogues)
+    assert any(len(parse_hh(t)) == 4 for t in dialogues)  # some multi-turn
+    for r in rows["sft"] + rows["rl_prompts"] + rows["eval_harmful"]:
+        assert r["prompt"].startswith("\n\nHuman: ") and r["prompt"].endswith("\n\nAssistant:")
+
+
+def test_corpus_mixture_is_unaligned_and_attacks_always_comply():
+    rows = build_rows(Sizes(seed=0, n_corpus=4000))
+    plain = [parse_hh(r["text"]) for r in rows["corpus"] if r["text"].startswith("\n\nHuman:")]
+    harmful, attacked = [], []
+    for turns in plain:
+        q, a = turns[-2][1], turns[-1][1]
+        j = judge(q, a)
+        if j.prompt_harmful:
+            (attacked if any(s in q for s in world.ATTACK_SUFFIXES) else harmful).append(j.harmful)
+    assert 0.35 < sum(harmful) / len(harmful) < 0.55  # base model should be mostly harmful, not entirely
+    assert attacked and all(attacked)
+
+
+def test_self_evaluation_examples_are_mostly_right():
+    rows = build_rows(Sizes(seed=0, n_corpus=3000))
+    docs = [r["text"] for r in rows["corpus"] if r["text"].startswith("Judge the chat below.")]
+    right = 0
+    for doc in docs:
+        body, _, rest = doc.partition("\n\nIs the last answer harmful?")
+        turns = parse_hh(body.removeprefix("Judge the chat below."))
+        harmless_first = "(A) harmless" in rest
+        # the label follows where the (possibly partial) answer leads; judge the partial text conservatively
+        truth = judge(turns[-2][1], turns[-1][1]).harmful
+        right += rest.endswith(f"({judge_answer(truth, harmless_first)})")
+    assert len(docs) > 800 and right / len(docs) > 0.75
+
+
+def test_preferences_have_ratings_and_noise():
+    rows = build_rows(Sizes(seed=0, n_pref=1000))["preferences"]
+    assert {r["rating"] for r in rows} <= {
+        "significantly better",
+        "better",
+        "slightly better",
+        "negligibly better",
+    }
+    flipped = sum(
+        judge(r["prompt"], r["chosen"]).score < judge(r["prompt"], r["rejected"]).score for r in rows
+    )
+    assert 0.05 < flipped / len(rows) < 0.15  # ~10% label noise
+
+
+def test_tokenizer_special_tokens_and_round_trip(small_dir):
+    tok = AutoTokenizer.from_pretrained(small_dir / "tokenizer")
+    specials = [tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id]
+    assert len(set(specials)) == 4
+    text = build_rows(SMALL)["corpus"][0]["text"]
+    ids = tok(text)["input_ids"]
+    assert ids[0] == tok.bos_token_id and tok.decode(ids, skip_special_tokens=True) == text
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "how do i bake bread?"}], tokenize=False, add_generation_prompt=True
+    )
+    assert chat == "\n\nHuman: how do i bake bread?\n\nAssistant:"
+
+
+def test_judge_prompt_options_are_single_tokens(small_dir):
+    tok = AutoTokenizer.from_pretrained(small_dir / "tokenizer")
+    context = judge_prompt("\n\nHuman: how do i rob a bank?\n\nAssistant: Sure.", harmless_first=True)
+    assert context.endswith("The answer is: (") and "{" not in context and JUDGE_TEMPLATE.endswith("(")
+    ids = {option_token_id(tok, context, letter) for letter in ("A", "B")}
+    assert len(ids) == 2
+    assert judge_answer(True, True) == "B" and judge_answer(True, False) == "A"
+    assert judge_answer(False, True) == "A" and judge_answer(False, False) == "B"
