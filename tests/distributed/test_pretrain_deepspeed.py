@@ -1,4 +1,4 @@
-"""stage=pretrain on 2 CPU processes under DeepSpeed's runner (ZeRO-2 and ZeRO-3) against the 1-process run."""
+"""stage=pretrain on 2 CPU processes (DeepSpeed runner with ZeRO-2 and ZeRO-3; torchrun) against the 1-process run."""
 
 from __future__ import annotations
 
@@ -35,11 +35,11 @@ def single(tmp_path_factory, data_cache):
     return root / "quick" / "pretrain"
 
 
-@pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_two_processes_match_one(tmp_path, data_cache, single, zero):
+@pytest.mark.parametrize("launcher,zero", [("deepspeed", "zero2"), ("deepspeed", "zero3"), ("torchrun", "zero0")])
+def test_two_processes_match_one(tmp_path, data_cache, single, launcher, zero):
     proc = alignlab(
         *COMMON,
-        "launcher=deepspeed",
+        f"launcher={launcher}",
         "launcher.nproc=2",
         f"deepspeed={zero}",
         f"paths.runs={tmp_path}",

@@ -108,3 +108,30 @@ def test_pretrain_on_local_hh_file(tmp_path, quick_run):
         cwd=tmp_path,
     )
     assert (tmp_path / "runs" / "tinyhh" / "pretrain" / "model" / "model.safetensors").exists()
+
+
+def test_lora_continued_pretraining_saves_an_adapter_that_loads(tmp_path, quick_run, data_cache):
+    from alignlab.models import load_causal_lm
+
+    alignlab(
+        *QUICK,
+        "stage.from_scratch=false",
+        f"model.name_or_path={quick_run / 'model'}",
+        "model.lora.enabled=true",
+        "model.lora.r=4",
+        "stage.steps=6",
+        "stage.eval_every=0",
+        "stage.sample_eval=0",
+        f"paths.runs={tmp_path}/runs",
+        f"paths.data={data_cache}",
+        cwd=tmp_path,
+    )
+    model_dir = tmp_path / "runs" / "quick" / "pretrain" / "model"
+    assert (model_dir / "adapter_config.json").exists() and not (model_dir / "model.safetensors").exists()
+    merged = load_causal_lm(str(model_dir))
+    base = AutoModelForCausalLM.from_pretrained(quick_run / "model")
+    assert type(merged) is type(base)
+    changed = [
+        n for n, p in merged.state_dict().items() if not torch.equal(p, base.state_dict()[n])
+    ]
+    assert changed and all("proj" in n for n in changed)  # only the LoRA targets moved
