@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q -c constraints.txt
+# Where the torch wheel comes from; e.g. TORCH_ARGS="--index-url <PyTorch CPU wheel index>" on a machine whose
+# default index would resolve a CUDA build.
+TORCH_ARGS ?=
 
 .PHONY: install demo test lint clean
 
@@ -12,7 +15,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PIP) torch==2.13.0
+	$(PIP) torch==2.13.0 $(TORCH_ARGS)
 	# DeepSpeed's setup.py imports torch: build it against the torch installed above.
 	$(PIP) --no-build-isolation deepspeed
 	$(PIP) -e '.[dev]'

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
@@ -15,13 +16,20 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> int:
     # Imports are deferred so --help / --cfg stay fast and never touch torch or DeepSpeed.
+    from hydra.core.hydra_config import HydraConfig
+
     from alignlab import launch
 
     if launch.needs_relaunch(cfg.launcher.name):
-        return launch.relaunch(cfg.launcher, sys.argv[1:])
+        # This job's own overrides (not sys.argv, which under -m or submitit is the whole sweep or another
+        # program), with run_dir resolved once so every rank writes the same directory.
+        overrides = list(HydraConfig.get().overrides.task)
+        return launch.relaunch(
+            cfg.launcher, launch.child_args(overrides, run_dir=os.path.abspath(cfg.run_dir))
+        )
     from alignlab.recipes import run_stage
 
-    run_stage(cfg)
+    run_stage(cfg, HydraConfig.get().runtime.choices["stage"])
     return 0
 
 

@@ -28,7 +28,11 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `path` (the old one is removed only then)."""
+    """Yield a temporary sibling directory; on success it replaces `path` (the old one is removed only then).
+
+    Two renames, not one (a directory cannot atomically replace a non-empty one): a crash between them leaves
+    the previous version intact as `.<name>.old-<pid>` next to the complete new one as `.<name>.tmp-<pid>`.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -121,11 +121,11 @@ class PathsConfig:
 class PretrainConfig:
     """Causal-LM pretraining (next-token NLL on every non-pad token) of a model built from scratch or loaded."""
 
-    name: str = "pretrain"  # stage name (run subdirectory)
+    name: str = "pretrain"  # run subdirectory name (the recipe is chosen by `stage=`)
     from_scratch: bool = (
         True  # build model.arch with the data's tokenizer instead of loading model.name_or_path
     )
-    steps: int = 900  # optimizer steps (about 4 minutes on 2 CPU cores with the defaults)
+    steps: int = 800  # optimizer steps (about 4 minutes on 2 CPU cores with the defaults)
     batch_size: int = 16  # sequences per optimizer step, over all ranks
     micro_batch_size: int = 16  # sequences per forward per rank (grad accumulation fills the rest)
     seq_len: int = 256  # block length in tokens; whole documents are packed into blocks, never split

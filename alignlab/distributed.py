@@ -53,7 +53,7 @@ def expand_nodelist(nodelist: str) -> list[str]:
 
 
 def env_from(environ: dict[str, str]) -> DistEnv:
-    """Rank layout from the launcher's variables: torchrun/DeepSpeed (RANK...), else SLURM (srun), else one process."""
+    """Rank layout from the launcher's variables: torchrun/DeepSpeed (RANK...), else an srun step, else one process."""
     if "RANK" in environ and "WORLD_SIZE" in environ:
         return DistEnv(
             rank=int(environ["RANK"]),
@@ -62,17 +62,16 @@ def env_from(environ: dict[str, str]) -> DistEnv:
             master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(environ.get("MASTER_PORT", 29500)),
         )
-    if int(environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in environ:
-        nodes = expand_nodelist(
-            environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST", "localhost")
-        )
+    # Only an srun step is a rank layout: the batch script itself also sees SLURM_NTASKS=N and SLURM_PROCID=0.
+    if int(environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_PROCID" in environ:
+        nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST", "localhost")
         # One port per job so two jobs sharing a node do not collide.
         port = int(environ.get("MASTER_PORT", 20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000))
         return DistEnv(
             rank=int(environ["SLURM_PROCID"]),
-            world_size=int(environ["SLURM_NTASKS"]),
+            world_size=int(environ["SLURM_STEP_NUM_TASKS"]),
             local_rank=int(environ.get("SLURM_LOCALID", 0)),
-            master_addr=environ.get("MASTER_ADDR", nodes[0]),
+            master_addr=environ.get("MASTER_ADDR", expand_nodelist(nodelist)[0]),
             master_port=port,
         )
     return DistEnv(0, 1, 0, "127.0.0.1", int(environ.get("MASTER_PORT", 0)) or free_port())
@@ -91,19 +90,23 @@ def init(environ: dict[str, str] | None = None) -> DistEnv:
         "MASTER_PORT": env.master_port,
     }.items():
         environ[key] = str(value)
+    if torch.cuda.is_available():
+        # Before the process group: NCCL binds to the current device. Modulo: under `srun --gpus-per-task=1`
+        # every task sees one GPU, whatever its local rank.
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
         import deepspeed
 
         deepspeed.init_distributed(
             dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False
         )
-    if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank)
     return env
 
 
 def device(env: DistEnv) -> torch.device:
-    return torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
 
 
 def is_main() -> bool:
@@ -119,7 +122,13 @@ def mean_over_ranks(value: float) -> float:
     """Average a Python float over all ranks (every rank gets the same answer)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    # NCCL reduces device tensors only, gloo host tensors.
+    on = (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
+    t = torch.tensor([value], dtype=torch.float64, device=on)
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
 
@@ -197,9 +206,7 @@ def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
     """The full state dict on rank 0, None elsewhere; collective under ZeRO-3, so call it on every rank."""
     if engine.zero_optimization_stage() != 3:
         return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()} if is_main() else None
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-        if not is_main():
-            return None
-        return {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
+    # DeepSpeed's own save path (save_16bit_model): gathers one module at a time and keeps the result on rank 0
+    # only, so a save never needs the whole model resident on every GPU. Parameters keep their training dtype.
+    state = engine._zero3_consolidated_16bit_state_dict()
+    return state if is_main() else None

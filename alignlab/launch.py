@@ -52,6 +52,11 @@ def command(
     raise ValueError(f"launcher {launcher!r} does not relaunch")
 
 
+def child_args(overrides: list[str], *, run_dir: str) -> list[str]:
+    """The children's command line: this job's overrides with run_dir pinned to one absolute path."""
+    return [o for o in overrides if not o.lstrip("+~").startswith("run_dir=")] + [f"run_dir={run_dir}"]
+
+
 def child_env(nproc: int, environ: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if environ is None else environ)
     env[CHILD_ENV] = "1"
@@ -68,10 +73,10 @@ def relaunch(launcher_cfg, args: list[str]) -> int:
     proc = subprocess.Popen(cmd, env=child_env(launcher_cfg.nproc), start_new_session=True)
 
     def forward(signum, _frame):
-        # Preemption (SLURM sends SIGTERM/SIGUSR1) must reach every rank so they can checkpoint.
+        # A scheduler's SIGTERM (or Ctrl-C) must reach every rank, not only this parent.
         os.killpg(proc.pid, signum)
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
     code = proc.wait()
     if code != 0:

@@ -39,6 +39,10 @@ def looks_local(name_or_path: str) -> bool:
     )
 
 
+def same_path(a: str | Path, b: str | Path) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
 def require_input(name_or_path: str, what: str) -> None:
     """Fail fast, naming the stage to run first, when a local input a stage needs is not there."""
     if not looks_local(name_or_path) or Path(name_or_path).expanduser().exists():
@@ -64,6 +68,9 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Pre
 def load_causal_lm(name_or_path: str, *, dtype: str = "float32", trust_remote_code: bool = False):
     """A causal LM from a hub name or directory; a directory holding a LoRA adapter loads base + merged adapter."""
     require_input(name_or_path, "model.name_or_path")
+    if Path(name_or_path).expanduser().exists():
+        # Absolute, so a LoRA adapter saved from this model records a base path that works from any directory.
+        name_or_path = str(Path(name_or_path).expanduser().resolve())
     if (Path(name_or_path) / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
 

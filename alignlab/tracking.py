@@ -53,6 +53,7 @@ class Tracker:
         wandb_mode: str | None = None,
         wandb_tags: list[str] | None = None,
         run_name: str | None = None,
+        notes: str | None = None,
         show_progress: bool = True,
     ):
         if backend not in ("jsonl", "wandb"):
@@ -65,8 +66,8 @@ class Tracker:
         if not is_main:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Append: a resumed run continues the same file.
-        self._file = open(self.path, "a", buffering=1)
+        # A fresh run starts a fresh file: rows of an earlier run in the same directory would mix with ours.
+        self._file = open(self.path, "w", buffering=1)
         if backend == "wandb":
             import wandb
 
@@ -76,6 +77,7 @@ class Tracker:
                 entity=wandb_entity,
                 group=wandb_group,
                 name=run_name,
+                notes=notes or None,
                 tags=wandb_tags or None,
                 config=config,
                 dir=str(run_dir),

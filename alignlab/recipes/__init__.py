@@ -7,5 +7,6 @@ import importlib
 from omegaconf import DictConfig
 
 
-def run_stage(cfg: DictConfig) -> None:
-    importlib.import_module(f"alignlab.recipes.{cfg.stage.name}").run(cfg)
+def run_stage(cfg: DictConfig, stage: str) -> None:
+    """Run the recipe of the chosen `stage=` option (cfg.stage.name only names the run directory)."""
+    importlib.import_module(f"alignlab.recipes.{stage}").run(cfg)

@@ -54,9 +54,17 @@ def start_run(cfg: DictConfig) -> Run:
         wandb_mode=cfg.logger.mode,
         wandb_tags=list(cfg.logger.tags),
         run_name=f"{cfg.experiment.name}/{cfg.stage.name}",
+        notes=cfg.experiment.description,
         show_progress=cfg.logger.progress,
     )
-    log.info("stage=%s run_dir=%s world_size=%d", cfg.stage.name, run_dir, env.world_size)
+    log.info(
+        "stage=%s experiment=%s (%s) run_dir=%s world_size=%d",
+        cfg.stage.name,
+        cfg.experiment.name,
+        cfg.experiment.description,
+        run_dir,
+        env.world_size,
+    )
     return Run(env=env, device=distributed.device(env), run_dir=run_dir, tracker=tracker)
 
 

@@ -1,4 +1,4 @@
-"""stage=pretrain: causal-LM pretraining on packed text blocks, a clean loop on the shared DeepSpeed engine.
+"""stage=pretrain: causal-LM pretraining on packed documents, a clean loop on the shared DeepSpeed engine.
 
 On TinyHH this builds the tiny Llama base model from scratch on the world's (unaligned) corpus and ends by
 sampling the saved model's answers to held-out prompts and judging them with the oracle.
@@ -13,12 +13,21 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from alignlab import distributed, models
 from alignlab.checkpoint import atomic_write_text, save_engine_checkpoint, save_pretrained
 from alignlab.data.formats import canonicalize
 from alignlab.data.loading import load_rows
+from alignlab.data.packing import (
+    EpochOrder,
+    Packed,
+    lm_labels,
+    micro_batch_positions,
+    pack_documents,
+    unigram_loss,
+)
 from alignlab.recipes.common import start_run, tinyhh_dir
 
 log = logging.getLogger("alignlab.pretrain")
@@ -35,46 +44,10 @@ def load_texts(source: str, fmt: str, split: str, *, on_malformed: str, max_rows
     return ds["text"]
 
 
-def pack(texts: list[str], tokenizer, seq_len: int) -> tuple[torch.Tensor, int]:
-    """Whole documents (BOS + text + EOS) packed into [n_blocks, seq_len] blocks, right-padded; never split.
-
-    A document cut at a block boundary would lose the context its last tokens depend on (a judgement without
-    the dialogue it judges), so documents are placed whole, best fit, longest first. Returns the number of
-    documents longer than seq_len, which are truncated (and should be logged by the caller).
-    """
+def tokenize(texts: list[str], tokenizer, seq_len: int) -> Packed:
+    """BOS (the tokenizer's own) + text + EOS per document, packed whole into blocks."""
     docs = [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts, verbose=False)["input_ids"]]
-    truncated = sum(len(d) > seq_len for d in docs)
-    docs = [d[:seq_len] for d in docs]
-    # bins_by_room[r] holds the blocks with exactly r free slots; best fit = the smallest room that fits.
-    blocks: list[list[int]] = []
-    bins_by_room: list[list[int]] = [[] for _ in range(seq_len + 1)]
-    for i in sorted(range(len(docs)), key=lambda i: (-len(docs[i]), i)):
-        need = len(docs[i])
-        room = next((r for r in range(need, seq_len + 1) if bins_by_room[r]), None)
-        if room is None:
-            blocks.append([])
-            b = len(blocks) - 1
-        else:
-            b = bins_by_room[room].pop()
-        blocks[b].extend(docs[i])
-        bins_by_room[seq_len - len(blocks[b])].append(b)
-    out = torch.full((len(blocks), seq_len), tokenizer.pad_token_id, dtype=torch.long)
-    for b, ids in enumerate(blocks):
-        out[b, : len(ids)] = torch.tensor(ids)
-    return out, truncated
-
-
-def lm_labels(blocks: torch.Tensor, pad_id: int) -> torch.Tensor:
-    return blocks.masked_fill(blocks == pad_id, -100)
-
-
-def unigram_loss(train: torch.Tensor, held_out: torch.Tensor, pad_id: int) -> float:
-    """Cross-entropy (nats/token) of an add-one unigram model on held-out targets: the floor an LM must beat."""
-    vocab = int(max(train.max(), held_out.max())) + 1
-    counts = torch.bincount(train[train != pad_id], minlength=vocab).double() + 1
-    logp = (counts / counts.sum()).log()
-    targets = held_out[:, 1:]  # position 0 is never a target, as in the LM loss
-    return -logp[targets[targets != pad_id]].mean().item()
+    return pack_documents(docs, seq_len, tokenizer.pad_token_id)
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -90,27 +63,40 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices only; norms and biases keep their scale (the GPT-2 / nanoGPT convention)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return [
+    groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+    # DeepSpeed drops empty groups (LoRA trains matrices only), which would desynchronise the LR scheduler.
+    return [g for g in groups if g["params"]]
 
 
 @torch.no_grad()
-def eval_loss(engine, blocks: torch.Tensor, pad_id: int, micro: int, n_batches: int, env, device) -> float:
-    """Mean LM loss over the first n_batches * micro held-out blocks, sharded over ranks."""
+def eval_loss(engine, data: Packed, micro: int, env, device) -> float:
+    """Mean next-token NLL over every non-pad target of `data`, sharded over ranks.
+
+    Every rank runs the same number of forwards (an all-padding block where its shard ran out): under ZeRO-3
+    each forward gathers parameters collectively, and a rank that stopped early would hang the others.
+    """
     engine.eval()
-    chosen = blocks[: n_batches * micro]
-    mine = chosen[env.rank :: env.world_size]
-    total, count = 0.0, 0
-    for start in range(0, len(mine), micro):
-        x = mine[start : start + micro].to(device)
-        n_targets = (x[:, 1:] != pad_id).sum().item()  # the loss is a mean over non-pad targets
-        total += engine(input_ids=x, labels=lm_labels(x, pad_id)).loss.item() * n_targets
-        count += n_targets
+    mine = data.subset(list(range(env.rank, len(data), env.world_size)))
+    n_forwards = math.ceil(len(data) / (env.world_size * micro))
+    total = torch.zeros((), dtype=torch.float64)
+    count = 0
+    for i in range(n_forwards):
+        part = mine.subset(list(range(i * micro, min((i + 1) * micro, len(mine)))))
+        if len(part) == 0:
+            part = Packed(data.tokens[:1], torch.zeros(1, dtype=torch.long), 0)
+        x = part.tokens.to(device)
+        labels = lm_labels(x, part.lengths)[:, 1:]
+        logits = engine(input_ids=x).logits[:, :-1].float()
+        total += F.cross_entropy(
+            logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+        ).cpu()
+        count += int((labels != -100).sum())
     engine.train()
     # Token-weighted over ranks, so the result does not depend on how blocks were sharded.
-    return distributed.mean_over_ranks(total) / max(1e-9, distributed.mean_over_ranks(float(count)))
+    return distributed.mean_over_ranks(total.item()) / max(1e-9, distributed.mean_over_ranks(float(count)))
 
 
 def run(cfg: DictConfig) -> None:
@@ -118,17 +104,17 @@ def run(cfg: DictConfig) -> None:
     run = start_run(cfg)
     env, device, tracker = run.env, run.device, run.tracker
     is_tinyhh = cfg.data.source == "tinyhh"
+    model_out = run.run_dir / "model"
+    if not s.from_scratch:  # fail before any data work
+        models.require_input(cfg.model.name_or_path, "model.name_or_path")
 
-    # 1. Tokenizer and text: TinyHH's generated corpus, or any text/HH/prompt-completion data through `datasets`.
+    # 1. Text: TinyHH's generated corpus, or any text/HH/prompt-completion/messages data through `datasets`.
+    #    Tokenizer: TinyHH's for a model built from scratch, else the one the model was trained with.
     if is_tinyhh:
         data_dir = tinyhh_dir(cfg)
         source, fmt = str(data_dir / "corpus.jsonl"), "text"
-        tokenizer = models.load_tokenizer(str(data_dir / "tokenizer"))
     else:
         source, fmt = cfg.data.source, cfg.data.format
-        tokenizer = models.load_tokenizer(
-            cfg.model.tokenizer or cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code
-        )
     texts = load_texts(
         source, fmt, cfg.data.train_split, on_malformed=cfg.data.on_malformed, max_rows=cfg.data.max_rows
     )
@@ -141,23 +127,39 @@ def run(cfg: DictConfig) -> None:
         n_eval = max(1, int(len(texts) * cfg.data.eval_fraction))
         eval_texts = [texts[i] for i in order[:n_eval]]
         texts = [texts[i] for i in order[n_eval:]]
-    train_blocks, truncated = pack(texts, tokenizer, s.seq_len)
-    eval_blocks, eval_truncated = pack(eval_texts, tokenizer, s.seq_len)
-    if truncated or eval_truncated:
+    if s.from_scratch:
+        if not is_tinyhh and not cfg.model.tokenizer:
+            raise ValueError(
+                "stage.from_scratch=true on your own data needs model.tokenizer=<path or hub name>"
+            )
+        tokenizer = models.load_tokenizer(str(data_dir / "tokenizer") if is_tinyhh else cfg.model.tokenizer)
+    else:
+        if models.same_path(cfg.model.name_or_path, model_out):
+            raise ValueError(
+                f"model.name_or_path={cfg.model.name_or_path} is this run's own output; continue from another "
+                "run's model/ or set run_dir= (or experiment.name=) to write somewhere else"
+            )
+        tokenizer = models.load_tokenizer(
+            cfg.model.tokenizer or cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code
+        )
+    train = tokenize(texts, tokenizer, s.seq_len)
+    held_out = tokenize(eval_texts, tokenizer, s.seq_len)
+    if train.truncated or held_out.truncated:
         log.warning(
             "%d train and %d eval documents are longer than stage.seq_len=%d and were truncated",
-            truncated,
-            eval_truncated,
+            train.truncated,
+            held_out.truncated,
             s.seq_len,
         )
-    pad_id = tokenizer.pad_token_id
-    fill = (train_blocks != pad_id).float().mean().item()
+    # Evaluate on a fixed random subset: packing puts the longest documents first.
+    eval_order = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(cfg.seed))
+    held_out = held_out.subset(eval_order[: s.eval_batches * s.micro_batch_size * env.world_size])
 
     # 2. Derived sizes, computed once and logged.
     accum = distributed.grad_accum_steps(s.batch_size, s.micro_batch_size, env.world_size)
     tokens_per_step = s.batch_size * s.seq_len  # throughput counts block slots, padding included
-    epochs = s.steps * s.batch_size / len(train_blocks)
-    baseline = unigram_loss(train_blocks, eval_blocks, pad_id)
+    epochs = s.steps * s.batch_size / len(train)
+    baseline = unigram_loss(train, held_out)
 
     # 3. Model, optimizer, schedule, DeepSpeed engine.
     if s.from_scratch:
@@ -184,12 +186,17 @@ def run(cfg: DictConfig) -> None:
         model = models.load_causal_lm(
             cfg.model.name_or_path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code
         )
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            raise ValueError(
+                f"the tokenizer has {len(tokenizer)} tokens but {cfg.model.name_or_path} embeds only "
+                f"{model.get_input_embeddings().num_embeddings}: model.tokenizer does not belong to this model"
+            )
     if cfg.model.lora.enabled:
         lo = cfg.model.lora
         model = models.apply_lora(
             model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=list(lo.target_modules)
         )
-    model.config.use_cache = False
+    model.config.use_cache = False  # training never reuses a KV cache; restored before saving
     optimizer = torch.optim.AdamW(param_groups(model, s.weight_decay), lr=s.lr, betas=tuple(s.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(s.warmup_steps, s.steps, s.min_lr_ratio)
@@ -212,12 +219,12 @@ def run(cfg: DictConfig) -> None:
     engine, optimizer, scheduler = distributed.wrap(model, optimizer, scheduler, ds_config)
     engine.train()
     log.info(
-        "%d params | %d train blocks x %d tokens, %.0f%% filled (%.2f epochs) | batch %d = %d micro x %d accum x %d ranks | "
-        "unigram baseline %.3f nats",
+        "%d params | %d train blocks x %d tokens, %.0f%% filled (%.2f epochs) | batch %d = %d micro x %d accum x "
+        "%d ranks | unigram baseline %.3f nats",
         n_params,
-        len(train_blocks),
+        len(train),
         s.seq_len,
-        100 * fill,
+        100 * train.fill,
         epochs,
         s.batch_size,
         s.micro_batch_size,
@@ -227,40 +234,37 @@ def run(cfg: DictConfig) -> None:
     )
     tracker.log(
         {
-            "data/train_blocks": len(train_blocks),
-            "data/eval_blocks": len(eval_blocks),
+            "data/train_blocks": len(train),
+            "data/eval_blocks": len(held_out),
             "data/epochs": epochs,
-            "data/block_fill": fill,
-            "data/truncated_docs": truncated,
+            "data/block_fill": train.fill,
+            "data/truncated_docs": train.truncated,
             "model/params": n_params,
             "eval/unigram_loss": baseline,
         },
         step=0,
     )
 
-    # 4. The loop. Every step sees one global batch of a seeded per-epoch permutation; rank r takes its own
-    #    micro-batches of it, so any world size sees the same data in the same order.
-    g = torch.Generator().manual_seed(cfg.seed)
-    perm, perm_epoch = torch.randperm(len(train_blocks), generator=g), 0
+    # 4. The loop. Step s reads one global batch from a seeded per-epoch order of the blocks; rank r reads its own
+    #    micro-batches of it, so any world size reads the same data in the same order.
+    order = EpochOrder(len(train), cfg.seed)
     bar = tracker.progress(s.steps, "pretrain")
-    t_last, loss_sum, loss_n = time.perf_counter(), 0.0, 0
+    t_last, steps_since, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
     for step in range(1, s.steps + 1):
-        first = (step - 1) * s.batch_size
-        epoch = first // len(train_blocks)
-        while perm_epoch < epoch:  # epochs roll over lazily; the permutation sequence stays seeded
-            perm, perm_epoch = torch.randperm(len(train_blocks), generator=g), perm_epoch + 1
         for m in range(accum):
-            offset = first + (m * env.world_size + env.rank) * s.micro_batch_size
-            idx = [(offset + i) % len(train_blocks) for i in range(s.micro_batch_size)]
-            x = train_blocks[perm[idx]].to(device)
-            loss = engine(input_ids=x, labels=lm_labels(x, pad_id)).loss
+            positions = micro_batch_positions(
+                step - 1, m, env.rank, env.world_size, s.micro_batch_size, s.batch_size
+            )
+            batch = train.subset(order(positions))
+            x = batch.tokens.to(device)
+            loss = engine(input_ids=x, labels=lm_labels(x, batch.lengths)).loss
             engine.backward(loss)
             engine.step()
             loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
         bar.update(1)
+        steps_since += 1
         if step % s.log_every == 0 or step == s.steps:
-            now = time.perf_counter()
-            tok_s = tokens_per_step * min(s.log_every, step) / (now - t_last)
+            tok_s = tokens_per_step * steps_since / (time.perf_counter() - t_last)
             train_loss = distributed.mean_over_ranks(loss_sum / loss_n)
             if not math.isfinite(train_loss):
                 raise FloatingPointError(f"train/loss is {train_loss} at step {step}; lower stage.lr")
@@ -273,11 +277,11 @@ def run(cfg: DictConfig) -> None:
                 row["train/grad_norm"] = engine.get_global_grad_norm()
             tracker.log(row, step=step)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}")
-            t_last, loss_sum, loss_n = time.perf_counter(), 0.0, 0
+            t_last, steps_since, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
         if (s.eval_every and step % s.eval_every == 0) or step == s.steps:
-            ev = eval_loss(engine, eval_blocks, pad_id, s.micro_batch_size, s.eval_batches, env, device)
+            ev = eval_loss(engine, held_out, s.micro_batch_size, env, device)
             tracker.log({"eval/loss": ev, "eval/loss_vs_unigram": ev / baseline}, step=step)
-            t_last = time.perf_counter()  # evaluation time is not training throughput
+            t_last, steps_since = time.perf_counter(), 0  # evaluation time is not training throughput
         if s.checkpoint_every and step % s.checkpoint_every == 0 and step != s.steps:
             save_engine_checkpoint(engine, run.run_dir / "checkpoints", step, {"step": step})
     bar.close()
@@ -286,15 +290,14 @@ def run(cfg: DictConfig) -> None:
     save_engine_checkpoint(engine, run.run_dir / "checkpoints", s.steps, {"step": s.steps})
     state = distributed.full_state_dict(engine)
     if env.is_main:
-        save_pretrained(engine.module, tokenizer, run.run_dir / "model", state_dict=state)
-        log.info("saved %s", run.run_dir / "model")
+        engine.module.config.use_cache = True  # generation in later stages wants the KV cache
+        save_pretrained(engine.module, tokenizer, model_out, state_dict=state)
+        log.info("saved %s", model_out)
     distributed.barrier()
 
     # 6. TinyHH: judge a sample of the saved base model's answers with the oracle (rank 0; reloads from disk).
     if is_tinyhh and s.sample_eval and env.is_main:
-        metrics = sample_eval(
-            run.run_dir / "model", data_dir, s.sample_eval, s.max_new_tokens, device, cfg.seed
-        )
+        metrics = sample_eval(model_out, data_dir, s.sample_eval, s.max_new_tokens, device, cfg.seed)
         tracker.log(metrics, step=s.steps)
         log.info(
             "base model on held-out prompts: %s",

@@ -35,7 +35,9 @@ def single(tmp_path_factory, data_cache):
     return root / "quick" / "pretrain"
 
 
-@pytest.mark.parametrize("launcher,zero", [("deepspeed", "zero2"), ("deepspeed", "zero3"), ("torchrun", "zero0")])
+@pytest.mark.parametrize(
+    "launcher,zero", [("deepspeed", "zero2"), ("deepspeed", "zero3"), ("torchrun", "zero0")]
+)
 def test_two_processes_match_one(tmp_path, data_cache, single, launcher, zero):
     proc = alignlab(
         *COMMON,

@@ -58,18 +58,30 @@ def test_metrics_and_samples(quick_run):
 
 
 def test_missing_input_model_names_the_stage_to_run(tmp_path):
+    missing = tmp_path / "runs" / "other" / "pretrain" / "model"
     proc = alignlab(
         "stage=pretrain",
         "stage.from_scratch=false",
-        "data=local",
-        f"data.source={tmp_path}/x.jsonl",
-        "model=tinyhh",
-        f"paths.runs={tmp_path}/runs",
+        f"model.name_or_path={missing}",
         cwd=tmp_path,
         check=False,
     )
     assert proc.returncode != 0
-    assert "pretrain/model does not exist" in proc.stderr and "stage=pretrain" in proc.stderr
+    assert f"model.name_or_path={missing} does not exist" in proc.stderr
+    assert "run `python -m alignlab stage=pretrain` first" in proc.stderr
+
+
+def test_continuing_into_its_own_output_is_refused(tmp_path, quick_run, data_cache):
+    proc = alignlab(
+        *QUICK,
+        "stage.from_scratch=false",
+        f"model.name_or_path={quick_run / 'model'}",
+        f"run_dir={quick_run}",
+        f"paths.data={data_cache}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode != 0 and "is this run's own output" in proc.stderr
 
 
 def test_missing_data_file_is_named(tmp_path):
@@ -77,13 +89,12 @@ def test_missing_data_file_is_named(tmp_path):
         "stage=pretrain",
         "data=local",
         f"data.source={tmp_path}/nope.jsonl",
-        "model=pythia_410m",
-        "model.tokenizer=" + str(tmp_path),
         f"paths.runs={tmp_path}/runs",
         cwd=tmp_path,
         check=False,
     )
-    assert proc.returncode != 0 and "nope.jsonl" in proc.stderr
+    assert proc.returncode != 0
+    assert f"looks like a local path, but {tmp_path}/nope.jsonl does not exist" in proc.stderr
 
 
 def test_pretrain_on_local_hh_file(tmp_path, quick_run):
@@ -131,7 +142,5 @@ def test_lora_continued_pretraining_saves_an_adapter_that_loads(tmp_path, quick_
     merged = load_causal_lm(str(model_dir))
     base = AutoModelForCausalLM.from_pretrained(quick_run / "model")
     assert type(merged) is type(base)
-    changed = [
-        n for n, p in merged.state_dict().items() if not torch.equal(p, base.state_dict()[n])
-    ]
+    changed = [n for n, p in merged.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
     assert changed and all("proj" in n for n in changed)  # only the LoRA targets moved

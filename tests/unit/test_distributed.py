@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from alignlab.distributed import deepspeed_config, env_from, expand_nodelist, grad_accum_steps
-from alignlab.launch import CHILD_ENV, child_env, command, needs_relaunch
+from alignlab.launch import CHILD_ENV, child_args, child_env, command, needs_relaunch
 
 
 def test_expand_nodelist():
@@ -24,6 +24,7 @@ def test_env_from_slurm_variables():
         {
             "SLURM_PROCID": "5",
             "SLURM_NTASKS": "8",
+            "SLURM_STEP_NUM_TASKS": "8",
             "SLURM_LOCALID": "1",
             "SLURM_JOB_ID": "4242",
             "SLURM_JOB_NODELIST": "gpu[10-11]",
@@ -35,6 +36,9 @@ def test_env_from_slurm_variables():
 
 def test_env_single_process_defaults():
     env = env_from({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"})
+    assert (env.rank, env.world_size, env.is_main) == (0, 1, True) and env.master_port > 0
+    # The batch script of a 4-task job is not a rank layout: only srun steps are.
+    env = env_from({"SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_JOB_NODELIST": "gpu[1-2]"})
     assert (env.rank, env.world_size, env.is_main) == (0, 1, True) and env.master_port > 0
 
 
@@ -88,3 +92,8 @@ def test_relaunch_only_outside_children():
     with pytest.raises(ValueError, match="launcher.name='mpi'"):
         needs_relaunch("mpi", {})
     assert child_env(2, {})[CHILD_ENV] == "1"
+
+
+def test_child_args_pin_one_run_dir():
+    args = child_args(["stage=pretrain", "run_dir=rel/x", "launcher=deepspeed"], run_dir="/abs/x")
+    assert args == ["stage=pretrain", "launcher=deepspeed", "run_dir=/abs/x"]
