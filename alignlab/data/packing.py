@@ -55,21 +55,23 @@ def pack_documents(docs: list[list[int]], seq_len: int, pad_id: int) -> Packed:
     return Packed(tokens, lengths, truncated)
 
 
-def lm_labels(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Labels for causal-LM loss: the tokens, -100 on padding slots.
-
-    Padding is found by position, not by id: with pad == eos (most hub tokenizers) masking by id would also
-    hide every document-ending EOS and the model would never learn to stop.
-    """
+def padding_mask(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """True on padding slots, found by position, not by id: with pad == eos (most hub tokenizers) an id test
+    would also hit every document-ending EOS."""
     positions = torch.arange(tokens.shape[1], device=tokens.device)
-    return tokens.masked_fill(positions[None, :] >= lengths.to(tokens.device)[:, None], -100)
+    return positions[None, :] >= lengths.to(tokens.device)[:, None]
+
+
+def lm_labels(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Labels for causal-LM loss: the tokens, -100 on padding slots (so every EOS keeps its label)."""
+    return tokens.masked_fill(padding_mask(tokens, lengths), -100)
 
 
 def unigram_loss(train: Packed, held_out: Packed) -> float:
     """Cross-entropy (nats/token) of an add-one unigram model on held-out targets: the floor an LM must beat."""
-    train_ids = train.tokens[lm_labels(train.tokens, train.lengths) != -100]
-    targets = lm_labels(held_out.tokens, held_out.lengths)[:, 1:]  # position 0 is never a target
-    targets = targets[targets != -100]
+    train_ids = train.tokens[~padding_mask(train.tokens, train.lengths)]
+    real = ~padding_mask(held_out.tokens, held_out.lengths)
+    targets = held_out.tokens[:, 1:][real[:, 1:]]  # position 0 is never a target
     vocab = int(max(train_ids.max(), targets.max())) + 1
     counts = torch.bincount(train_ids, minlength=vocab).double() + 1
     return -(counts / counts.sum()).log()[targets].mean().item()
