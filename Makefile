@@ -23,7 +23,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 demo: install
 	$(PY) -m alignlab stage=pretrain
+	$(PY) -m alignlab stage=sft
+	$(PY) -m alignlab stage=rm
 	$(PY) scripts/show_run.py runs/tinyhh/pretrain
+	$(PY) scripts/show_run.py runs/tinyhh/sft
+	$(PY) scripts/show_run.py runs/tinyhh/rm
 
 test: install
 	$(PY) -m pytest -q -ra

@@ -59,6 +59,7 @@ class TinyHHConfig:
     vocab_size: int = (
         1024  # byte-level BPE vocabulary (a larger softmax costs more than the longer sequences save)
     )
+    n_ranked: int = 1000  # InstructGPT-style ranked sets (K = 4..9 answers per prompt)
 
 
 @dataclass
@@ -145,6 +146,96 @@ class PretrainConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Supervised fine-tuning (TRL SFTTrainer): mean NLL over answer tokens only, prompt and earlier turns masked."""
+
+    name: str = "sft"  # run subdirectory name (the recipe is chosen by `stage=`)
+    init_from: str = (
+        "${model.name_or_path}"  # model to fine-tune: the pretrain run's model/ on TinyHH, or a hub name
+    )
+    train_on: str = "last_turn"  # last_turn (Llama 2: every earlier turn masked) | all_assistant_turns
+    epochs: float = 2.0  # passes over the demonstrations (Llama 2: 2)
+    steps: int = 0  # optimizer steps; 0 = derived from epochs
+    batch_size: int = 32  # sequences per optimizer step, over all ranks
+    micro_batch_size: int = 16  # sequences per forward per rank (grad accumulation fills the rest)
+    max_length: int = 256  # longest tokenized prompt+answer; longer rows are truncated (counted and logged)
+    packing: bool = (
+        False  # pack whole examples into max_length rows (TRL "bfd", padding-free attention masks)
+    )
+    lr: float = 2e-5  # peak learning rate (Llama 2: 2e-5)
+    lr_scheduler: str = "cosine_with_min_lr"  # transformers scheduler name
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr (InstructGPT: to 10%)
+    warmup_ratio: float = 0.03  # share of steps in linear warmup
+    weight_decay: float = 0.1  # AdamW weight decay (Llama 2: 0.1)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas (InstructGPT, Llama 2)
+    grad_clip: float = 1.0  # global gradient-norm clip
+    eval_every: int = 0  # steps between held-out answer-loss evaluations (0 = before and after training only)
+    log_every: int = 10  # steps between metrics.jsonl lines
+    eval_rows: int = (
+        200  # held-out demonstrations for the answer-token loss (TinyHH: eval_fraction of sft rows)
+    )
+    # TinyHH: held-out prompts per set (benign, harmful, attack, self-eval) judged at the end, for the starting
+    # model and the fine-tuned one on the same prompts (0 = off)
+    sample_eval: int = 200
+    max_new_tokens: int = 64  # generation budget for the sample evaluation
+
+
+@dataclass
+class RMConfig:
+    """Pairwise ranking reward model (TRL RewardTrainer; our K-way collator and loss for ranked sets)."""
+
+    name: str = "rm"  # run subdirectory name; the two-RM setup uses rm_helpful and rm_safety
+    init_from: str = (
+        "${paths.runs}/${experiment.name}/sft/model"  # backbone: the SFT model (InstructGPT, Llama 2)
+    )
+    subset: str = "all"  # all | helpful | safety: preference rows by their is_safety flag (Llama 2's two RMs)
+    ranking: str = "pairwise"  # pairwise (chosen/rejected) | kway (InstructGPT: K ranked answers per prompt)
+    margin: str = (
+        "small"  # Llama 2 margin by rating level: none | small (1, 2/3, 1/3, 0) | large (3, 2, 1, 0)
+    )
+    center_coef: float = (
+        0.0  # coef * mean((r_c + r_r)^2) keeps scores near 0 (TRL center_rewards_coefficient)
+    )
+    epochs: float = 1.0  # passes over the comparisons (longer overfits: InstructGPT, Llama 2)
+    steps: int = 0  # optimizer steps; 0 = derived from epochs
+    batch_size: int = 32  # comparisons (pairwise) or ranked sets (kway) per optimizer step, over all ranks
+    micro_batch_size: int = 16  # comparisons or ranked sets per forward per rank
+    max_length: int = 256  # longest tokenized prompt+response; longer rows are dropped (counted and logged)
+    lr: float = 1e-4  # peak learning rate (Llama 2: 1e-5 at 7B+; the tiny model wants more)
+    lr_scheduler: str = "cosine_with_min_lr"  # transformers scheduler name
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    warmup_ratio: float = 0.03  # share of steps in linear warmup (Llama 2: 3%)
+    weight_decay: float = 0.1  # AdamW weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    grad_clip: float = 1.0  # global gradient-norm clip
+    log_every: int = 10  # steps between metrics.jsonl lines
+    eval_rows: int = (
+        400  # held-out pairs for accuracy (at most a quarter of the data when data.eval_split is unset)
+    )
+    # Reward normalisation (lm-human-preferences): gain/bias so the SFT model's own answers to this many RL prompts
+    # score mean 0, std 1; stored in model/reward_normalization.json and applied by every reward= scorer (0 = off)
+    normalize_samples: int = 256
+    max_new_tokens: int = 64  # generation budget for the normalisation samples
+
+
+@dataclass
+class RewardConfig:
+    """How PPO and rejection sampling score a response: one reward model, or Llama 2's helpfulness + safety pair."""
+
+    name: str = "rm"  # preset name
+    kind: str = "single"  # single (reward_model) | llama2 (helpful_model and safety_model, combined)
+    reward_model: str = "${paths.runs}/${experiment.name}/rm/model"  # the RM for kind=single
+    helpful_model: str = "${paths.runs}/${experiment.name}/rm_helpful/model"  # helpfulness RM for kind=llama2
+    safety_model: str = "${paths.runs}/${experiment.name}/rm_safety/model"  # safety RM for kind=llama2
+    safety_threshold: float = (
+        0.15  # Llama 2: use the safety score when sigmoid(R_s) < this, even on benign prompts
+    )
+    normalize: bool = True  # apply each RM's stored gain/bias (reward_normalization.json) before combining
+    whiten: bool = True  # kind=llama2: whiten logit(R_c) per batch (Llama 2); kind=single ignores it
+    batch_size: int = 32  # sequences per scoring forward
+
+
+@dataclass
 class Config:
     stage: Any = MISSING  # the stage to run; see `stage=` options in --help
     model: ModelConfig = MISSING
@@ -153,12 +244,13 @@ class Config:
     deepspeed: DeepSpeedConfig = MISSING
     logger: LoggerConfig = MISSING
     experiment: ExperimentConfig = MISSING
+    reward: RewardConfig = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0  # global seed (torch, numpy, python; data shuffling)
     run_dir: str = "${paths.runs}/${experiment.name}/${stage.name}"  # the ONE directory this stage writes
 
 
-STAGES: dict[str, type] = {"pretrain": PretrainConfig}
+STAGES: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "rm": RMConfig}
 
 
 def register_configs() -> None:
@@ -174,6 +266,7 @@ def register_configs() -> None:
         "deepspeed": DeepSpeedConfig,
         "logger": LoggerConfig,
         "experiment": ExperimentConfig,
+        "reward": RewardConfig,
     }
     for group, node in schemas.items():
         cs.store(group=f"schema/{group}", name="base", node=node)

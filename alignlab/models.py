@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
@@ -83,6 +84,44 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "float32", trust_remote_co
     )
 
 
+def load_reward_model(
+    name_or_path: str,
+    *,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    pad_token_id: int | None = None,
+):
+    """AutoModelForSequenceClassification(num_labels=1): a trained reward model, or a fresh score head on a causal
+    LM's backbone (an SFT model, or a LoRA adapter directory merged into its base first).
+
+    The model reads its score at the last token that is not the pad id, so config.pad_token_id must be set: it is
+    taken from pad_token_id, else from the model's config, else from the tokenizer saved next to the weights.
+    """
+    require_input(name_or_path, "reward model")
+    if Path(name_or_path).expanduser().exists():
+        name_or_path = str(Path(name_or_path).expanduser().resolve())
+    if (Path(name_or_path) / "adapter_config.json").exists():
+        causal = load_causal_lm(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        config = causal.config
+        config.num_labels = 1
+        model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+        missing, _ = model.load_state_dict(causal.state_dict(), strict=False)
+        if any(not k.startswith("score.") for k in missing):
+            raise ValueError(
+                f"{name_or_path}: backbone weights {missing[:3]} did not map onto the reward model"
+            )
+        model = model.to(causal.dtype)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, num_labels=1, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+        )
+    if pad_token_id is None and model.config.pad_token_id is None:
+        pad_token_id = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code).pad_token_id
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
 def build_llama(
     tokenizer: PreTrainedTokenizerBase,
     *,
@@ -118,8 +157,10 @@ def build_llama(
     return model.to(dt) if isinstance(dt, torch.dtype) else model
 
 
-def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: list[str]):
-    """Wrap with a PEFT LoRA adapter; only adapter weights train."""
+def apply_lora(
+    model, *, r: int, alpha: int, dropout: float, target_modules: list[str], task_type: str = "CAUSAL_LM"
+):
+    """Wrap with a PEFT LoRA adapter; only adapter weights train (task_type SEQ_CLS also trains the score head)."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -127,7 +168,7 @@ def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: lis
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=list(target_modules),
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     model = get_peft_model(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

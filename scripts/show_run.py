@@ -16,7 +16,9 @@ def main(run_dir: str, per_set: int = 3) -> None:
         latest.update(row)
     print(f"== {run} (step {latest.get('step')}) ==")
     for key in sorted(
-        k for k in latest if k.startswith(("eval/", "train/loss")) and not k.endswith(("_low", "_high"))
+        k
+        for k in latest
+        if k.startswith(("eval/", "start/", "rm/", "train/loss")) and not k.endswith(("_low", "_high"))
     ):
         low, high = latest.get(f"{key}_ci_low"), latest.get(f"{key}_ci_high")
         ci = f"  (95% CI {low:.2f}-{high:.2f})" if low is not None else ""

@@ -49,3 +49,16 @@ def alignlab(
 def data_cache(tmp_path_factory) -> Path:
     """One TinyHH data cache for the whole session (generation is deterministic, so sharing is safe)."""
     return tmp_path_factory.mktemp("data_cache")
+
+
+@pytest.fixture(scope="session")
+def tinyhh_root(tmp_path_factory, data_cache) -> Path:
+    """A runs/ root holding the default TinyHH base model (the full ~5 minute pretraining), trained once per session.
+
+    Later stages run with paths.runs=<root>/runs so their default init_from chain finds it.
+    """
+    root = tmp_path_factory.mktemp("tinyhh")
+    alignlab(
+        "stage=pretrain", f"paths.runs={root / 'runs'}", f"paths.data={data_cache}", cwd=root, timeout=900
+    )
+    return root

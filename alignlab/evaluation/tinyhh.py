@@ -4,6 +4,9 @@ and self-evaluation accuracy in the judge format RAIN uses."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
+
+import torch
 
 from alignlab.generation import next_token_logprobs, option_token_id, sample
 from alignlab.tinyhh.emitters import judge_answer, judge_prompt
@@ -81,3 +84,23 @@ def evaluate(
             )
         metrics[f"eval/{kind}_score"] = sum(j.score for j in judged) / n
     return metrics, samples
+
+
+EVAL_SETS = ("eval_benign", "eval_harmful", "eval_attack", "eval_selfeval")
+
+
+def judge_model_dir(
+    model_dir: str | Path, data_dir: Path, n: int, max_new_tokens: int, device, seed: int
+) -> tuple[dict[str, float], list[dict]]:
+    """Load a saved model (as a later stage would) and judge its answers to the first n prompts of each eval set."""
+    from alignlab import models
+    from alignlab.data.loading import load_rows
+
+    model = models.load_causal_lm(str(model_dir)).to(device)
+    tokenizer = models.load_tokenizer(str(model_dir))
+    sets = {}
+    for name in EVAL_SETS:
+        rows = load_rows(str(data_dir / f"{name}.jsonl"))
+        sets[name] = rows.select(range(min(n, len(rows)))).to_list()
+    torch.manual_seed(seed)
+    return evaluate(model, tokenizer, sets, max_new_tokens=max_new_tokens)

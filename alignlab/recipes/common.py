@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,3 +78,164 @@ def tinyhh_dir(cfg: DictConfig) -> Path:
         ensure(cfg.data.cache_dir, sizes)
     distributed.barrier()
     return ensure(cfg.data.cache_dir, sizes)  # a no-op lookup once rank 0 has written it
+
+
+# ---------------------------------------------------------------- stages built on transformers' Trainer (SFT, RM)
+
+# Trainer log keys -> our namespaced metric names (anything else: train/<key>, eval_<key> -> eval/<key>).
+_TRAINER_KEYS = {
+    "loss": "train/loss",
+    "learning_rate": "train/lr",
+    "grad_norm": "train/grad_norm",
+    "train_runtime": "perf/train_runtime_s",
+    "train_samples_per_second": "perf/samples_per_s",
+    "train_steps_per_second": "perf/steps_per_s",
+    "train_loss": "train/mean_loss",
+    "eval_runtime": "perf/eval_runtime_s",
+    "eval_samples_per_second": None,
+    "eval_steps_per_second": None,
+    "total_flos": None,
+}
+
+
+def trainer_metric_name(key: str) -> str | None:
+    if key in _TRAINER_KEYS:
+        return _TRAINER_KEYS[key]
+    if key.startswith("eval_"):
+        return "eval/" + key.removeprefix("eval_")
+    return "train/" + key
+
+
+class TrackerCallback:
+    """Forwards the Trainer's log lines to our Tracker (metrics.jsonl, W&B) under namespaced keys, adding tokens/s.
+
+    A duck-typed TrainerCallback: the Trainer calls the hooks it finds.
+    """
+
+    def __init__(self, tracker: Tracker, prefix_eval: str = "eval/"):
+        self.tracker, self.prefix_eval = tracker, prefix_eval
+        self._last: tuple[float, float] | None = None  # (time, num_tokens) at the previous log line
+        self.evaluations: list[tuple[int, dict]] = []  # (step, metrics) of every evaluation, in order
+
+    def __getattr__(self, name: str):
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.evaluations.append((state.global_step, dict(metrics or {})))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        import time
+
+        row = {}
+        for key, value in (logs or {}).items():
+            name = trainer_metric_name(key)
+            if name and isinstance(value, (int, float)):
+                row[name] = value
+        if "train/num_tokens" in row:
+            now = (time.perf_counter(), row["train/num_tokens"])
+            if self._last and now[0] > self._last[0]:
+                row["perf/tokens_per_s"] = (now[1] - self._last[1]) / (now[0] - self._last[0])
+            self._last = now
+        if row and state.is_world_process_zero:
+            self.tracker.log(row, step=state.global_step)
+
+
+def trainer_arguments(
+    args_cls,
+    *,
+    run: Run,
+    ds_cfg: DictConfig,
+    stage: DictConfig,
+    steps: int,
+    dtype: torch.dtype,
+    seed: int,
+    show_progress: bool,
+    with_eval: bool = True,
+    **extra,
+):
+    """TrainingArguments (SFTConfig / RewardConfig / TrainingArguments) for a stage on the shared DeepSpeed engine.
+
+    The DeepSpeed JSON comes from the same `deepspeed=` preset as every other stage; the Trainer builds AdamW
+    and the schedule and hands them to DeepSpeed, as our own loops do.
+    """
+    accum = distributed.grad_accum_steps(stage.batch_size, stage.micro_batch_size, run.env.world_size)
+    ds_json = distributed.deepspeed_config(
+        zero_stage=ds_cfg.zero_stage,
+        micro_batch_size=stage.micro_batch_size,
+        grad_accum=accum,
+        world_size=run.env.world_size,
+        grad_clip=stage.grad_clip,
+        dtype=dtype,
+        offload_optimizer=ds_cfg.offload_optimizer,
+        offload_param=ds_cfg.offload_param,
+        overlap_comm=ds_cfg.overlap_comm,
+        reduce_bucket_size=ds_cfg.reduce_bucket_size,
+        extra=dict(ds_cfg.extra),
+    )
+    scheduler_kwargs = (
+        {"min_lr_rate": stage.min_lr_ratio} if stage.lr_scheduler == "cosine_with_min_lr" else {}
+    )
+    return args_cls(
+        output_dir=str(run.run_dir / "checkpoints"),
+        per_device_train_batch_size=stage.micro_batch_size,
+        per_device_eval_batch_size=stage.micro_batch_size,
+        gradient_accumulation_steps=accum,
+        max_steps=steps,
+        learning_rate=stage.lr,
+        lr_scheduler_type=stage.lr_scheduler,
+        lr_scheduler_kwargs=scheduler_kwargs,
+        warmup_steps=int(round(stage.warmup_ratio * steps)),
+        weight_decay=stage.weight_decay,
+        adam_beta1=stage.betas[0],
+        adam_beta2=stage.betas[1],
+        max_grad_norm=stage.grad_clip,
+        logging_steps=stage.log_every,
+        # with_eval: held-out evaluation of the starting model, every eval_every steps, and at the last step.
+        eval_strategy="steps" if with_eval else "no",
+        eval_steps=(stage.eval_every or steps) if with_eval else None,
+        eval_on_start=with_eval,
+        save_strategy="no",  # checkpoints/ gets DeepSpeed's state at the end (resume: issue 8)
+        seed=seed,
+        data_seed=seed,
+        report_to=[],
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=not torch.cuda.is_available(),
+        deepspeed=ds_json,
+        disable_tqdm=not (show_progress and run.env.is_main),
+        dataloader_num_workers=0,
+        **extra,
+    )
+
+
+def check_init_from(init_from: str, run_dir: Path) -> Path:
+    """Fail fast when the starting model is missing or is this run's own output; return <run_dir>/model."""
+    from alignlab import models
+
+    model_out = run_dir / "model"
+    models.require_input(init_from, "stage.init_from")
+    if models.same_path(init_from, model_out):
+        raise ValueError(f"stage.init_from={init_from} is this run's own output; set run_dir= elsewhere")
+    return model_out
+
+
+def steps_for(stage: DictConfig, n_rows: int) -> int:
+    """Optimizer steps: stage.steps when set, else stage.epochs passes over n_rows (at least one step)."""
+    if stage.steps:
+        return stage.steps
+    return max(1, math.ceil(stage.epochs * n_rows / stage.batch_size))
+
+
+def save_trainer_model(trainer, tokenizer, out_dir: Path, env: distributed.DistEnv, step: int) -> None:
+    """DeepSpeed's resumable state into checkpoints/, then the model (gathered on rank 0 under ZeRO-3) into out_dir."""
+    from alignlab.checkpoint import save_engine_checkpoint, save_pretrained
+
+    engine = trainer.model_wrapped
+    save_engine_checkpoint(engine, Path(trainer.args.output_dir), step, {"step": step})
+    state = distributed.full_state_dict(engine)
+    if env.is_main:
+        save_pretrained(engine.module, tokenizer, out_dir, state_dict=state)
+        log.info("saved %s", out_dir)
+    distributed.barrier()

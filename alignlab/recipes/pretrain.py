@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +27,10 @@ from alignlab.data.packing import (
     pack_documents,
     unigram_loss,
 )
+from alignlab.evaluation.tinyhh import judge_model_dir
 from alignlab.recipes.common import start_run, tinyhh_dir
 
 log = logging.getLogger("alignlab.pretrain")
-EVAL_SETS = ("eval_benign", "eval_harmful", "eval_attack", "eval_selfeval")
 
 
 def load_texts(source: str, fmt: str, split: str, *, on_malformed: str, max_rows: int | None) -> list[str]:
@@ -297,25 +296,13 @@ def run(cfg: DictConfig) -> None:
 
     # 6. TinyHH: judge a sample of the saved base model's answers with the oracle (rank 0; reloads from disk).
     if is_tinyhh and s.sample_eval and env.is_main:
-        metrics = sample_eval(model_out, data_dir, s.sample_eval, s.max_new_tokens, device, cfg.seed)
+        metrics, samples = judge_model_dir(
+            model_out, data_dir, s.sample_eval, s.max_new_tokens, device, cfg.seed
+        )
+        atomic_write_text(run.run_dir / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in samples))
         tracker.log(metrics, step=s.steps)
         log.info(
             "base model on held-out prompts: %s",
             json.dumps({k: round(v, 3) for k, v in metrics.items() if not k.endswith(("_low", "_high"))}),
         )
     tracker.close()
-
-
-def sample_eval(model_dir: Path, data_dir: Path, n: int, max_new_tokens: int, device, seed: int) -> dict:
-    from alignlab.evaluation.tinyhh import evaluate
-
-    model = models.load_causal_lm(str(model_dir)).to(device)
-    tokenizer = models.load_tokenizer(str(model_dir))
-    sets = {}
-    for name in EVAL_SETS:
-        rows = load_rows(str(data_dir / f"{name}.jsonl"))
-        sets[name] = rows.select(range(min(n, len(rows)))).to_list()
-    torch.manual_seed(seed)
-    metrics, samples = evaluate(model, tokenizer, sets, max_new_tokens=max_new_tokens)
-    atomic_write_text(model_dir.parent / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in samples))
-    return metrics

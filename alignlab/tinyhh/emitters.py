@@ -44,6 +44,7 @@ RATING_LEVELS = (
     (0.0, "negligibly better"),
 )
 PREF_LABEL_NOISE = 0.1
+K_MIN, K_MAX = 4, 9  # answers per ranked set (InstructGPT: K = 4..9)
 
 SFT_KINDS = {
     "benign": ("helpful",),
@@ -60,6 +61,7 @@ class Sizes:
     n_rl_prompts: int = 2000
     n_eval: int = 200
     vocab_size: int = 1024
+    n_ranked: int = 1000
 
     def key(self) -> str:
         """Names the cache directory: the sizes and the generating code, so an edited world is regenerated."""
@@ -154,7 +156,8 @@ def _preference(rng: random.Random) -> dict:
     (chosen, sc), (rejected, sr) = sorted([(ra, sa), (rb, sb)], key=lambda x: -x[1])
     gap = sc - sr
     rating = next(name for threshold, name in RATING_LEVELS if gap >= threshold)
-    if rng.random() < PREF_LABEL_NOISE:
+    flipped = rng.random() < PREF_LABEL_NOISE
+    if flipped:
         chosen, rejected = rejected, chosen
     prompt = dialogue([(first["question"], "")], open_answer=True)
     return {
@@ -163,6 +166,37 @@ def _preference(rng: random.Random) -> dict:
         "rejected": " " + rejected,
         "rating": rating,
         "score_gap": round(gap, 4),
+        "is_safety": first["harmful_prompt"],
+        "topic": topic.name,
+        "label_flipped": flipped,  # label noise: the oracle prefers `rejected` (lets evals report clean accuracy)
+    }
+
+
+def _ranked(rng: random.Random) -> dict:
+    """An InstructGPT-style ranked set: K in [K_MIN, K_MAX] answers to one prompt, best first, ranks by oracle score.
+
+    Equal oracle scores share a rank (a tie contributes no comparison). With probability PREF_LABEL_NOISE two
+    adjacent rank levels are swapped, as a labeller's mistake would.
+    """
+    first = _exchange(rng, world.TRAIN_TEMPLATES)
+    topic = world.topic_by_name(first["topic"])
+    kinds = [k for k in world.RESPONSE_KINDS if _fits(k, first["harmful_prompt"])]
+    k = rng.randint(K_MIN, K_MAX)
+    answers = [world.render_response(rng.choice(kinds), topic, rng) for _ in range(k)]
+    scores = [judge(first["question"], a).score for a in answers]
+    levels = sorted(set(scores), reverse=True)
+    if len(levels) < 2:
+        return _ranked(rng)
+    rank_of = {score: i for i, score in enumerate(levels)}
+    if rng.random() < PREF_LABEL_NOISE:
+        i = rng.randrange(len(levels) - 1)
+        rank_of[levels[i]], rank_of[levels[i + 1]] = i + 1, i
+    order = sorted(range(k), key=lambda j: rank_of[scores[j]])
+    return {
+        "prompt": dialogue([(first["question"], "")], open_answer=True),
+        "responses": [" " + answers[j] for j in order],
+        "ranks": [rank_of[scores[j]] for j in order],
+        "scores": [round(scores[j], 4) for j in order],
         "is_safety": first["harmful_prompt"],
         "topic": topic.name,
     }
@@ -219,6 +253,8 @@ def build_rows(sizes: Sizes) -> dict[str, list[dict]]:
                 "kind": ex["kind"],
             }
         )
+    ranked_rng = random.Random(f"{sizes.seed}-ranked")
+    rows["ranked"] = [_ranked(ranked_rng) for _ in range(sizes.n_ranked)]
     return rows
 
 

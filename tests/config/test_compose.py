@@ -14,7 +14,7 @@ from tests.conftest import ROOT, alignlab
 register_configs()
 GROUPS = {
     g: sorted(p.stem for p in (ROOT / "conf" / g).glob("*.yaml"))
-    for g in ("model", "data", "launcher", "deepspeed", "logger", "experiment")
+    for g in ("model", "data", "launcher", "deepspeed", "logger", "experiment", "reward")
 }
 
 

@@ -8,18 +8,15 @@ from __future__ import annotations
 import pytest
 
 from alignlab.tracking import read_metrics
-from tests.conftest import alignlab
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("base")
-    alignlab(
-        "stage=pretrain", f"paths.runs={root / 'runs'}", f"paths.data={root / 'data'}", cwd=root, timeout=900
-    )
-    return {k: v for row in read_metrics(root / "runs" / "tinyhh" / "pretrain") for k, v in row.items()}
+def base(tinyhh_root):
+    return {
+        k: v for row in read_metrics(tinyhh_root / "runs" / "tinyhh" / "pretrain") for k, v in row.items()
+    }
 
 
 def test_base_model_is_unaligned_but_capable(base):

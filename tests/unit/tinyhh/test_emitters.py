@@ -22,7 +22,9 @@ from alignlab.tinyhh.emitters import (
 )
 from alignlab.tinyhh.oracle import judge
 
-SMALL = Sizes(seed=3, n_corpus=400, n_sft=50, n_pref=60, n_rl_prompts=30, n_eval=20, vocab_size=600)
+SMALL = Sizes(
+    seed=3, n_corpus=400, n_sft=50, n_pref=60, n_rl_prompts=30, n_eval=20, vocab_size=600, n_ranked=30
+)
 
 
 def digest(folder):
@@ -107,6 +109,39 @@ def test_preferences_have_ratings_and_noise():
         judge(r["prompt"], r["chosen"]).score < judge(r["prompt"], r["rejected"]).score for r in rows
     )
     assert 0.05 < flipped / len(rows) < 0.15  # ~10% label noise
+    # label_flipped marks exactly the pairs the oracle ranks the other way
+    assert flipped == sum(r["label_flipped"] for r in rows)
+
+
+def test_ranked_sets():
+    rows = build_rows(Sizes(seed=0, n_pref=10, n_ranked=400))["ranked"]
+    assert len(rows) == 400
+    swapped = 0
+    for r in rows:
+        k = len(r["responses"])
+        assert 4 <= k <= 9 and len(r["ranks"]) == len(r["scores"]) == k
+        assert (
+            r["ranks"] == sorted(r["ranks"]) and len(set(r["ranks"])) >= 2
+        )  # best first, something to learn
+        assert all(
+            judge(r["prompt"], x).score == sc for x, sc in zip(r["responses"], r["scores"], strict=True)
+        )
+        # ranks follow the oracle scores except for one swapped pair of adjacent levels (label noise)
+        by_rank = {}
+        for rank, score in zip(r["ranks"], r["scores"], strict=True):
+            by_rank.setdefault(rank, set()).add(score)
+        assert all(len(v) == 1 for v in by_rank.values())  # ties share a rank
+        levels = [by_rank[k].pop() for k in sorted(by_rank)]
+        swapped += levels != sorted(levels, reverse=True)
+    assert 0.04 < swapped / len(rows) < 0.16
+    assert {r["is_safety"] for r in rows} == {True, False}
+
+
+def test_ranked_sets_leave_the_other_files_unchanged():
+    a = build_rows(Sizes(seed=0, n_corpus=50, n_pref=20, n_ranked=0))
+    b = build_rows(Sizes(seed=0, n_corpus=50, n_pref=20, n_ranked=25))
+    assert len(b.pop("ranked")) == 25 and not a.pop("ranked")
+    assert a == b
 
 
 def test_tokenizer_special_tokens_and_round_trip(small_dir):

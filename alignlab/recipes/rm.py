@@ -1,0 +1,394 @@
+"""stage=rm: a pairwise ranking reward model on the shared DeepSpeed engine.
+
+pairwise: TRL's RewardTrainer, -log sigmoid(r_c - r_r - m) with Llama 2's margin m from the rating level and an
+optional centering term. kway: InstructGPT's ranked sets, all untied pairs of a prompt in one batch element
+weighted 1/C(K,2), each answer forwarded once (our collator and loss on transformers' Trainer).
+The backbone starts from the SFT model; the score is read at the last non-pad token (the answer's EOS).
+After training: held-out accuracy (overall, per rating level, against the oracle where known), mean margin,
+and the reward normalisation (gain/bias) stored with the model for PPO and rejection sampling.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+
+import torch
+from datasets import Dataset
+from omegaconf import DictConfig
+from transformers import Trainer, TrainingArguments
+from trl import RewardConfig, RewardTrainer
+
+from alignlab import models
+from alignlab.data.examples import LengthReport, sequence_ids
+from alignlab.data.formats import MalformedRowError, canonicalize
+from alignlab.data.loading import load_rows
+from alignlab.generation import sample
+from alignlab.recipes.common import (
+    TrackerCallback,
+    check_init_from,
+    save_trainer_model,
+    start_run,
+    steps_for,
+    tinyhh_dir,
+    trainer_arguments,
+)
+from alignlab.rl.ranking import kway_loss, margin_for, ranked_pairs
+from alignlab.rl.rewards import Normalization, pad_sequences, score_sequences
+
+log = logging.getLogger("alignlab.rm")
+SUBSETS = {"all": None, "helpful": False, "safety": True}  # subset -> required is_safety value
+
+
+def check_ranked(row: dict) -> str | None:
+    """The problem with one ranked-set row, or None."""
+    responses, ranks = row.get("responses"), row.get("ranks")
+    if not isinstance(responses, list) or not isinstance(ranks, list) or len(responses) != len(ranks):
+        return "responses and ranks must be lists of the same length"
+    if any(not isinstance(r, str) or not r.strip() for r in responses):
+        return "empty response"
+    if len(set(ranks)) < 2:
+        return "every response has the same rank (no comparison to learn from)"
+    return None
+
+
+def load_comparisons(cfg: DictConfig, data_dir, split: str) -> tuple[list[dict], str]:
+    """Preference rows ({prompt, chosen, rejected, rating?, is_safety?, ...}) or ranked sets ({prompt, responses,
+    ranks, ...}), filtered to stage.subset."""
+    s, d = cfg.stage, cfg.data
+    if s.ranking not in ("pairwise", "kway"):
+        raise ValueError(f"stage.ranking={s.ranking!r}; choose pairwise or kway")
+    if s.subset not in SUBSETS:
+        raise ValueError(f"stage.subset={s.subset!r}; choose one of {', '.join(SUBSETS)}")
+    kway = s.ranking == "kway"
+    if data_dir is not None:
+        source, fmt = str(data_dir / ("ranked.jsonl" if kway else "preferences.jsonl")), "preference"
+    else:
+        source, fmt = d.source, d.format
+    ds = load_rows(source, split)
+    if d.max_rows is not None and split == d.train_split:
+        ds = ds.select(range(min(d.max_rows, len(ds))))
+    if kway:
+        missing = [c for c in ("prompt", "responses", "ranks") if c not in ds.column_names]
+        if missing:
+            raise ValueError(
+                f"{source}: stage.ranking=kway needs column(s) {missing}; present: {ds.column_names}"
+            )
+        rows, skipped = [], 0
+        for i, row in enumerate(ds.to_list()):
+            problem = check_ranked(row)
+            if problem and d.on_malformed == "error":
+                raise MalformedRowError(source, i, problem)
+            skipped += problem is not None
+            if problem is None:
+                rows.append(row)
+        if skipped:
+            log.warning("%s: skipped %d malformed ranked sets", source, skipped)
+    else:
+        ds, report = canonicalize(ds, fmt, "preference", source=source, on_malformed=d.on_malformed)
+        if report.total:
+            log.warning(report.summary())
+        rows = ds.to_list()
+    wanted = SUBSETS[s.subset]
+    if wanted is not None:
+        if rows and "is_safety" not in rows[0]:
+            raise ValueError(f"{source}: stage.subset={s.subset} needs an is_safety column")
+        rows = [r for r in rows if bool(r["is_safety"]) == wanted]
+    return rows, source
+
+
+def split_held_out(rows: list[dict], n: int, seed: int) -> tuple[list[dict], list[dict]]:
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    n = min(n, max(1, len(rows) // 4))  # never more than a quarter of the data
+    return [rows[i] for i in order[n:]], [rows[i] for i in order[:n]]
+
+
+def pairwise_examples(rows, tokenizer, margin_table: str, report: LengthReport) -> Dataset:
+    """chosen_ids / rejected_ids (+ margin) for RewardTrainer; pairs longer than max_length are dropped, counted."""
+    out = []
+    for i, r in enumerate(rows):
+        chosen, rejected = (
+            sequence_ids(tokenizer, r["prompt"], r["chosen"]),
+            sequence_ids(tokenizer, r["prompt"], r["rejected"]),
+        )
+        if report.add(i, max(len(chosen), len(rejected))):
+            continue
+        ex = {"chosen_ids": chosen, "rejected_ids": rejected}
+        if margin_table != "none":
+            if "rating" not in r:
+                raise ValueError(
+                    f"stage.margin={margin_table} needs a rating column (or set stage.margin=none)"
+                )
+            ex["margin"] = margin_for(r["rating"], margin_table)
+        out.append(ex)
+    return Dataset.from_list(out)
+
+
+def kway_examples(rows, tokenizer, report: LengthReport) -> Dataset:
+    out = []
+    for i, r in enumerate(rows):
+        seqs = [sequence_ids(tokenizer, r["prompt"], x) for x in r["responses"]]
+        if report.add(i, max(len(x) for x in seqs)):
+            continue
+        out.append({"sequences": seqs, "ranks": list(r["ranks"])})
+    return Dataset.from_list(out)
+
+
+class KWayCollator:
+    """Ranked sets -> every answer once: input_ids/attention_mask [N, T]; labels [N, 2] = (set index, rank)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        seqs, labels = [], []
+        for g, ex in enumerate(examples):
+            seqs += ex["sequences"]
+            labels += [(g, rank) for rank in ex["ranks"]]
+        ids, mask = pad_sequences(seqs, self.pad_id)
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+def kway_trainer_loss(center_coef: float):
+    def loss(outputs, labels, num_items_in_batch=None):
+        return kway_loss(outputs.logits.squeeze(-1).float(), labels[:, 0], labels[:, 1], center_coef)
+
+    return loss
+
+
+@torch.no_grad()
+def score_pairs(
+    model, tokenizer, rows: list[dict], device, batch_size: int = 32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen, r_rejected) [len(rows)] for preference rows."""
+    seqs = [sequence_ids(tokenizer, r["prompt"], r[k]) for r in rows for k in ("chosen", "rejected")]
+    scores = []
+    for start in range(0, len(seqs), batch_size):
+        ids, mask = pad_sequences(seqs[start : start + batch_size], tokenizer.pad_token_id)
+        scores.append(score_sequences(model, ids.to(device), mask.to(device)).cpu())
+    flat = torch.cat(scores)
+    return flat[0::2], flat[1::2]
+
+
+def accuracy_metrics(rows: list[dict], r_c: torch.Tensor, r_r: torch.Tensor) -> dict[str, float]:
+    """rm/accuracy, rm/mean_margin, per rating level, and against the oracle where label noise is marked."""
+    right = (r_c > r_r).float()
+    m = {
+        "rm/accuracy": right.mean().item(),
+        "rm/mean_margin": (r_c - r_r).mean().item(),
+        "rm/eval_pairs": len(rows),
+    }
+    by_level = defaultdict(list)
+    for row, ok in zip(rows, right.tolist(), strict=True):
+        if "rating" in row:
+            by_level[row["rating"]].append(ok)
+    for level, oks in by_level.items():
+        m[f"rm/accuracy_{level.replace(' ', '_')}"] = sum(oks) / len(oks)
+    if rows and "label_flipped" in rows[0]:
+        flipped = torch.tensor([bool(r["label_flipped"]) for r in rows])
+        m["rm/accuracy_vs_oracle"] = torch.where(flipped, 1 - right, right).mean().item()
+    return m
+
+
+def run(cfg: DictConfig) -> None:
+    s = cfg.stage
+    run = start_run(cfg)
+    env, tracker = run.env, run.tracker
+    model_out = check_init_from(s.init_from, run.run_dir)
+    kway = s.ranking == "kway"
+
+    # 1. Comparisons: preference pairs (or ranked sets), held-out pairs for evaluation; overlong rows dropped.
+    data_dir = tinyhh_dir(cfg) if cfg.data.source == "tinyhh" else None
+    rows, source = load_comparisons(cfg, data_dir, cfg.data.train_split)
+    if cfg.data.eval_split:
+        held_out = load_comparisons(cfg, data_dir, cfg.data.eval_split)[0]
+    elif kway and data_dir is not None:  # TinyHH: ranked sets train, the pairwise preferences evaluate
+        held_out = split_held_out(tinyhh_pairs(data_dir, s.subset), s.eval_rows, cfg.seed)[1]
+    else:
+        rows, held_out = split_held_out(rows, s.eval_rows, cfg.seed)
+    held_out = as_pairs(held_out)[: s.eval_rows]
+    if not rows:
+        raise ValueError(f"{source}: no training comparisons left (stage.subset={s.subset})")
+    tokenizer = models.load_tokenizer(
+        cfg.model.tokenizer or s.init_from, trust_remote_code=cfg.model.trust_remote_code
+    )
+    lengths = LengthReport(s.max_length)
+    if kway:
+        train = kway_examples(rows, tokenizer, lengths)
+    else:
+        train = pairwise_examples(rows, tokenizer, s.margin, lengths)
+    if lengths.too_long:
+        log.warning(lengths.summary(source, "dropped"))
+    if len(train) == 0:
+        raise ValueError(f"{source}: every row is longer than stage.max_length={s.max_length}")
+    held_out = drop_long_pairs(held_out, tokenizer, s.max_length)
+
+    # 2. Derived sizes, computed once and logged.
+    steps = steps_for(s, len(train))
+    comparisons = sum(len(ranked_pairs(r)) for r in train["ranks"]) if kway else len(train)
+
+    # 3. Reward model (score head on the SFT backbone), LoRA optional, and the trainer on the DeepSpeed engine.
+    model = models.load_reward_model(
+        s.init_from,
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.config.use_cache = False
+    if cfg.model.lora.enabled:
+        lo = cfg.model.lora
+        model = models.apply_lora(
+            model,
+            r=lo.r,
+            alpha=lo.alpha,
+            dropout=lo.dropout,
+            target_modules=list(lo.target_modules),
+            task_type="SEQ_CLS",
+        )
+    dtype = next(model.parameters()).dtype
+    common = dict(
+        run=run,
+        ds_cfg=cfg.deepspeed,
+        stage=s,
+        steps=steps,
+        dtype=dtype,
+        seed=cfg.seed,
+        with_eval=False,
+        show_progress=cfg.logger.progress,
+    )
+    callback = TrackerCallback(tracker)
+    if kway:
+        args = trainer_arguments(TrainingArguments, remove_unused_columns=False, **common)
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train,
+            data_collator=KWayCollator(tokenizer.pad_token_id),
+            compute_loss_func=kway_trainer_loss(s.center_coef),
+            callbacks=[callback],
+        )
+    else:
+        args = trainer_arguments(
+            RewardConfig,
+            max_length=None,
+            center_rewards_coefficient=s.center_coef or None,
+            dataset_num_proc=None,
+            **common,
+        )
+        trainer = RewardTrainer(
+            model=model, args=args, train_dataset=train, processing_class=tokenizer, callbacks=[callback]
+        )
+    log.info(
+        "%d params | %s: %d training rows (%d comparisons, %d dropped as too long) from %s, subset=%s, margin=%s | "
+        "%d held-out pairs | %d steps of %d (%.2f epochs)",
+        models.count_parameters(model),
+        s.ranking,
+        len(train),
+        comparisons,
+        lengths.too_long,
+        source,
+        s.subset,
+        "none" if kway else s.margin,
+        len(held_out),
+        steps,
+        s.batch_size,
+        steps * s.batch_size / len(train),
+    )
+    tracker.log(
+        {
+            "data/train_rows": len(train),
+            "data/comparisons": comparisons,
+            "data/dropped_too_long": lengths.too_long,
+            "data/eval_pairs": len(held_out),
+            "data/epochs": steps * s.batch_size / len(train),
+        },
+        step=0,
+    )
+
+    # 4. Train.
+    trainer.train()
+
+    # 5. Save: resumable engine state, then the reward model (the PPO critic and scorers start from it).
+    save_trainer_model(trainer, tokenizer, model_out, env, steps)
+
+    # 6. Rank 0, on the reloaded model: held-out accuracy, then the normalisation PPO will apply.
+    if env.is_main:
+        rm = models.load_reward_model(str(model_out)).to(run.device).eval()
+        metrics = {}
+        if held_out:
+            r_c, r_r = score_pairs(rm, tokenizer, held_out, run.device)
+            metrics = accuracy_metrics(held_out, r_c, r_r)
+            log.info("held-out: %s", json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+        if s.normalize_samples:
+            norm = fit_normalization(cfg, rm, tokenizer, data_dir, rows, run.device)
+            norm.save(model_out)
+            metrics.update(
+                {
+                    "rm/norm_gain": norm.gain,
+                    "rm/norm_bias": norm.bias,
+                    "rm/raw_mean": norm.mean,
+                    "rm/raw_std": norm.std,
+                }
+            )
+            log.info(
+                "normalisation on %d SFT samples: raw mean %.3f std %.3f -> gain %.3f bias %.3f",
+                norm.fitted_on,
+                norm.mean,
+                norm.std,
+                norm.gain,
+                norm.bias,
+            )
+        tracker.log(metrics, step=steps)
+    tracker.close()
+
+
+def tinyhh_pairs(data_dir, subset: str) -> list[dict]:
+    rows = load_rows(str(data_dir / "preferences.jsonl")).to_list()
+    return [r for r in rows if SUBSETS[subset] is None or bool(r["is_safety"]) == SUBSETS[subset]]
+
+
+def as_pairs(rows: list[dict]) -> list[dict]:
+    """Preference rows as they are; ranked sets as their untied (better, worse) pairs."""
+    out = []
+    for r in rows:
+        if "responses" not in r:
+            out.append(r)
+            continue
+        for i, j in ranked_pairs(r["ranks"]):
+            out.append({"prompt": r["prompt"], "chosen": r["responses"][i], "rejected": r["responses"][j]})
+    return out
+
+
+def drop_long_pairs(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
+    report, kept = LengthReport(max_length), []
+    for i, r in enumerate(rows):
+        n = max(len(sequence_ids(tokenizer, r["prompt"], r[k])) for k in ("chosen", "rejected"))
+        if not report.add(i, n):
+            kept.append(r)
+    if report.too_long:
+        log.warning(report.summary("held-out pairs", "left out of the evaluation"))
+    return kept
+
+
+def fit_normalization(cfg, rm, tokenizer, data_dir, rows: list[dict], device) -> Normalization:
+    """Gain/bias so the starting (SFT) policy's own answers to RL prompts score mean 0, std 1."""
+    s = cfg.stage
+    if data_dir is not None:
+        prompt_rows = load_rows(str(data_dir / "rl_prompts.jsonl")).to_list()
+        wanted = SUBSETS[s.subset]
+        prompts = [r["prompt"] for r in prompt_rows if wanted is None or bool(r["is_safety"]) == wanted]
+    else:
+        prompts = list(dict.fromkeys(r["prompt"] for r in rows))
+    prompts = prompts[: s.normalize_samples]
+    policy = models.load_causal_lm(s.init_from).to(device)
+    torch.manual_seed(cfg.seed)
+    answers = sample(policy, tokenizer, prompts, max_new_tokens=s.max_new_tokens)
+    seqs = [
+        sequence_ids(tokenizer, p, a if a.strip() else " ") for p, a in zip(prompts, answers, strict=True)
+    ]
+    scores = []
+    for start in range(0, len(seqs), 32):
+        ids, mask = pad_sequences(seqs[start : start + 32], tokenizer.pad_token_id)
+        scores.append(score_sequences(rm, ids.to(device), mask.to(device)).cpu())
+    return Normalization.fit(torch.cat(scores))

@@ -1,0 +1,182 @@
+"""stage=sft: supervised fine-tuning with TRL's SFTTrainer on the shared DeepSpeed engine.
+
+Loss: mean NLL over answer tokens only. Prompts (and, by default, every earlier turn) are masked with -100; the
+EOS that ends an answer keeps its label even where pad == eos (labels come from masks built by position, see
+alignlab/data/examples.py). On TinyHH the run ends by judging the starting model and the fine-tuned one on the
+same held-out prompts with the oracle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+from datasets import Dataset
+from omegaconf import DictConfig
+from trl import SFTConfig, SFTTrainer
+
+from alignlab import models
+from alignlab.checkpoint import atomic_write_text
+from alignlab.data.examples import LengthReport, sft_example
+from alignlab.data.formats import canonicalize
+from alignlab.data.loading import load_rows
+from alignlab.evaluation.tinyhh import judge_model_dir
+from alignlab.recipes.common import (
+    TrackerCallback,
+    check_init_from,
+    save_trainer_model,
+    start_run,
+    steps_for,
+    tinyhh_dir,
+    trainer_arguments,
+)
+
+log = logging.getLogger("alignlab.sft")
+
+
+def load_demonstrations(cfg: DictConfig, data_dir) -> tuple[list[dict], list[dict], str]:
+    """(train rows, held-out rows, source) as canonical prompt/completion rows (HH, messages, ... converted)."""
+    s = cfg.data
+    if data_dir is not None:
+        source, fmt = str(data_dir / "sft.jsonl"), "prompt_completion"
+    else:
+        source, fmt = s.source, s.format
+
+    def rows_of(split: str) -> list[dict]:
+        ds = load_rows(source, split)
+        if s.max_rows is not None and split == s.train_split:
+            ds = ds.select(range(min(s.max_rows, len(ds))))
+        ds, skipped = canonicalize(ds, fmt, "prompt_completion", source=source, on_malformed=s.on_malformed)
+        if skipped.total:
+            log.warning(skipped.summary())
+        return ds.select_columns(["prompt", "completion"]).to_list()
+
+    rows = rows_of(s.train_split)
+    if s.eval_split:
+        return rows, rows_of(s.eval_split)[: cfg.stage.eval_rows], source
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    n_eval = min(cfg.stage.eval_rows, max(1, len(rows) // 5))  # never more than a fifth of the data
+    return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]], source
+
+
+def tokenize(rows: list[dict], tokenizer, train_on: str, report: LengthReport) -> Dataset:
+    examples = []
+    for i, row in enumerate(rows):
+        ex = sft_example(tokenizer, row["prompt"], row["completion"], train_on)
+        if report.add(i, len(ex["input_ids"])):
+            # Keep the start (the prompt and the beginning of the answer); TRL would cut it the same way.
+            ex = {k: v[: report.max_length] for k, v in ex.items()}
+        examples.append(ex)
+    return Dataset.from_list(examples)
+
+
+def run(cfg: DictConfig) -> None:
+    s = cfg.stage
+    run = start_run(cfg)
+    env, tracker = run.env, run.tracker
+    model_out = check_init_from(s.init_from, run.run_dir)
+
+    # 1. Demonstrations -> tokenized examples with their answer masks; overlong rows counted, logged, truncated.
+    data_dir = tinyhh_dir(cfg) if cfg.data.source == "tinyhh" else None
+    train_rows, eval_rows, source = load_demonstrations(cfg, data_dir)
+    tokenizer = models.load_tokenizer(
+        cfg.model.tokenizer or s.init_from, trust_remote_code=cfg.model.trust_remote_code
+    )
+    lengths = LengthReport(s.max_length)
+    train = tokenize(train_rows, tokenizer, s.train_on, lengths)
+    held_out = tokenize(eval_rows, tokenizer, s.train_on, LengthReport(s.max_length))
+    if lengths.too_long:
+        log.warning(lengths.summary(source, "truncated to their first max_length tokens"))
+
+    # 2. Derived sizes, computed once and logged.
+    steps = steps_for(s, len(train))
+    answer_tokens = sum(sum(m) for m in train["completion_mask"])
+    total_tokens = sum(len(x) for x in train["input_ids"])
+
+    # 3. Model (LoRA optional) and TRL's trainer on the DeepSpeed engine of the `deepspeed=` preset.
+    model = models.load_causal_lm(
+        s.init_from, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code
+    )
+    if cfg.model.lora.enabled:
+        lo = cfg.model.lora
+        model = models.apply_lora(
+            model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=list(lo.target_modules)
+        )
+    dtype = next(model.parameters()).dtype
+    args = trainer_arguments(
+        SFTConfig,
+        run=run,
+        ds_cfg=cfg.deepspeed,
+        stage=s,
+        steps=steps,
+        dtype=dtype,
+        seed=cfg.seed,
+        show_progress=cfg.logger.progress,
+        completion_only_loss=True,
+        max_length=s.max_length,
+        packing=s.packing,
+        eval_packing=False,  # held-out loss per example, comparable with and without packing
+        dataset_num_proc=None,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=held_out,
+        processing_class=tokenizer,
+        callbacks=[callback := TrackerCallback(tracker)],
+    )
+    log.info(
+        "%d params (%d trainable) | %d train / %d held-out demonstrations from %s | %d tokens, %.0f%% of them "
+        "trained | %d steps of %d sequences (%.2f epochs) | %d rows truncated",
+        models.count_parameters(model),
+        sum(p.numel() for p in model.parameters() if p.requires_grad),
+        len(train),
+        len(held_out),
+        source,
+        total_tokens,
+        100 * answer_tokens / total_tokens,
+        steps,
+        s.batch_size,
+        steps * s.batch_size / len(train),
+        lengths.too_long,
+    )
+    tracker.log(
+        {
+            "data/train_rows": len(train),
+            "data/eval_rows": len(held_out),
+            "data/answer_token_share": answer_tokens / total_tokens,
+            "data/truncated_rows": lengths.too_long,
+            "data/epochs": steps * s.batch_size / len(train),
+        },
+        step=0,
+    )
+
+    # 4. Train; the Trainer evaluates the held-out answer-token loss at step 0, every eval_every steps and at the end.
+    trainer.train()
+    before, after = (callback.evaluations[i][1]["eval_loss"] for i in (0, -1))
+    tracker.log({"eval/answer_loss_start": before, "eval/answer_loss": after}, step=steps)
+    log.info("held-out answer-token loss %.4f -> %.4f", before, after)
+
+    # 5. Save: resumable engine state, then the model the RM and PPO stages start from.
+    model_to_save = trainer.model_wrapped.module
+    model_to_save.config.use_cache = True
+    save_trainer_model(trainer, tokenizer, model_out, env, steps)
+
+    # 6. TinyHH: the starting and fine-tuned models judged on the same held-out prompts (rank 0; reloaded).
+    if data_dir is not None and s.sample_eval and env.is_main:
+        start, _ = judge_model_dir(
+            s.init_from, data_dir, s.sample_eval, s.max_new_tokens, run.device, cfg.seed
+        )
+        end, samples = judge_model_dir(
+            model_out, data_dir, s.sample_eval, s.max_new_tokens, run.device, cfg.seed
+        )
+        atomic_write_text(run.run_dir / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in samples))
+        tracker.log({**end, **{k.replace("eval/", "start/"): v for k, v in start.items()}}, step=steps)
+        show = ("eval/harmlessness", "eval/helpfulness", "eval/attack_success")
+        log.info(
+            "start -> sft on held-out prompts: %s",
+            ", ".join(f"{k[5:]} {start[k]:.3f} -> {end[k]:.3f}" for k in show),
+        )
+    tracker.close()

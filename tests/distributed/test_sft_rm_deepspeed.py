@@ -1,0 +1,83 @@
+"""stage=sft and stage=rm (TRL trainers on the shared DeepSpeed engine) on 2 CPU processes against 1 process."""
+
+from __future__ import annotations
+
+import pytest
+
+from alignlab.tracking import read_metrics
+from tests.conftest import alignlab
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+
+def last(rows, key):
+    return [r[key] for r in rows if key in r][-1]
+
+
+def run(root, data_cache, tmp, name, *overrides):
+    out = tmp / name
+    proc = alignlab(
+        *overrides, f"paths.runs={root / 'runs'}", f"paths.data={data_cache}", f"run_dir={out}", cwd=tmp
+    )
+    return out, proc
+
+
+SFT = [
+    "stage=sft",
+    "stage.steps=12",
+    "stage.batch_size=32",
+    "stage.micro_batch_size=16",
+    "stage.sample_eval=0",
+]
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_sft_two_processes_match_one(tinyhh_root, data_cache, tmp_path, zero):
+    one, _ = run(tinyhh_root, data_cache, tmp_path, "one", *SFT)
+    two, proc = run(
+        tinyhh_root,
+        data_cache,
+        tmp_path,
+        "two",
+        *SFT,
+        "launcher=deepspeed",
+        "launcher.nproc=2",
+        f"deepspeed={zero}",
+    )
+    assert "world_size=2" in proc.stderr
+    a, b = read_metrics(one), read_metrics(two)
+    assert [sorted(k for k in r if not k.startswith("perf/") and k != "train/grad_norm") for r in a] == [
+        sorted(k for k in r if not k.startswith("perf/") and k != "train/grad_norm") for r in b
+    ]  # rank 0 alone logs: the same rows once
+    assert last(b, "eval/answer_loss") < last(b, "eval/answer_loss_start")
+    assert abs(last(a, "eval/answer_loss") - last(b, "eval/answer_loss")) < 0.03 * last(a, "eval/answer_loss")
+    assert (two / "model" / "model.safetensors").stat().st_size == (
+        one / "model" / "model.safetensors"
+    ).stat().st_size
+
+
+def test_rm_two_processes_zero2(tinyhh_root, data_cache, tmp_path):
+    base = str(tinyhh_root / "runs" / "tinyhh" / "pretrain" / "model")
+    common = [
+        "stage=rm",
+        f"stage.init_from={base}",
+        "stage.steps=40",
+        "stage.normalize_samples=0",
+        "stage.lr=3e-4",
+    ]
+    one, _ = run(tinyhh_root, data_cache, tmp_path, "one", *common)
+    two, proc = run(
+        tinyhh_root,
+        data_cache,
+        tmp_path,
+        "two",
+        *common,
+        "launcher=deepspeed",
+        "launcher.nproc=2",
+        "deepspeed=zero2",
+    )
+    assert "world_size=2" in proc.stderr
+    a, b = read_metrics(one), read_metrics(two)
+    assert last(b, "rm/accuracy") > 0.7  # it learned
+    assert abs(last(a, "rm/accuracy") - last(b, "rm/accuracy")) <= 0.05
+    assert abs(last(a, "train/loss") - last(b, "train/loss")) < 0.1 * last(a, "train/loss") + 0.02
