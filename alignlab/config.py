@@ -159,9 +159,7 @@ class SFTConfig:
     batch_size: int = 32  # sequences per optimizer step, over all ranks
     micro_batch_size: int = 16  # sequences per forward per rank (grad accumulation fills the rest)
     max_length: int = 256  # longest tokenized prompt+answer; longer rows are truncated (counted and logged)
-    packing: bool = (
-        False  # pack whole examples into max_length rows (TRL "bfd", padding-free attention masks)
-    )
+    packing: bool = False  # TRL "bfd" padding-free packing; needs flash attention (GPU), refused on sdpa
     lr: float = 2e-5  # peak learning rate (Llama 2: 2e-5)
     lr_scheduler: str = "cosine_with_min_lr"  # transformers scheduler name
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr (InstructGPT: to 10%)

@@ -71,6 +71,20 @@ def tokenize(rows: list[dict], tokenizer, train_on: str, report: LengthReport) -
     return Dataset.from_list(examples)
 
 
+# Attention kernels that keep padding-free packed examples apart (varlen over position ids / cu_seq_lens).
+PACKING_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn2")
+
+
+def check_packing(packing: bool, attn_implementation: str | None) -> None:
+    """TRL's packing is padding-free: with sdpa/eager attention packed examples would attend to each other."""
+    if packing and attn_implementation not in PACKING_ATTENTION:
+        raise ValueError(
+            f"stage.packing=true needs a varlen attention kernel ({', '.join(PACKING_ATTENTION)}), but the model "
+            f"uses {attn_implementation!r}, with which packed examples would attend to each other; set "
+            "stage.packing=false (or load the model with flash attention on a GPU)"
+        )
+
+
 def run(cfg: DictConfig) -> None:
     s = cfg.stage
     run = start_run(cfg)
@@ -98,6 +112,7 @@ def run(cfg: DictConfig) -> None:
     model = models.load_causal_lm(
         s.init_from, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code
     )
+    check_packing(s.packing, model.config._attn_implementation)
     if cfg.model.lora.enabled:
         lo = cfg.model.lora
         model = models.apply_lora(
