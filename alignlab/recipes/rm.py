@@ -35,7 +35,7 @@ from alignlab.recipes.common import (
     trainer_arguments,
 )
 from alignlab.rl.ranking import kway_loss, margin_for, ranked_pairs
-from alignlab.rl.rewards import Normalization, pad_sequences, score_sequences
+from alignlab.rl.rewards import Normalization, pad_sequences, score_texts
 
 log = logging.getLogger("alignlab.rm")
 SUBSETS = {"all": None, "helpful": False, "safety": True}  # subset -> required is_safety value
@@ -162,12 +162,9 @@ def score_pairs(
     model, tokenizer, rows: list[dict], device, batch_size: int = 32
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(r_chosen, r_rejected) [len(rows)] for preference rows."""
-    seqs = [sequence_ids(tokenizer, r["prompt"], r[k]) for r in rows for k in ("chosen", "rejected")]
-    scores = []
-    for start in range(0, len(seqs), batch_size):
-        ids, mask = pad_sequences(seqs[start : start + batch_size], tokenizer.pad_token_id)
-        scores.append(score_sequences(model, ids.to(device), mask.to(device)).cpu())
-    flat = torch.cat(scores)
+    prompts = [r["prompt"] for r in rows for _ in range(2)]
+    responses = [r[k] for r in rows for k in ("chosen", "rejected")]
+    flat = score_texts(model, tokenizer, prompts, responses, device, batch_size)
     return flat[0::2], flat[1::2]
 
 
@@ -384,11 +381,5 @@ def fit_normalization(cfg, rm, tokenizer, data_dir, rows: list[dict], device) ->
     policy = models.load_causal_lm(s.init_from).to(device)
     torch.manual_seed(cfg.seed)
     answers = sample(policy, tokenizer, prompts, max_new_tokens=s.max_new_tokens)
-    seqs = [
-        sequence_ids(tokenizer, p, a if a.strip() else " ") for p, a in zip(prompts, answers, strict=True)
-    ]
-    scores = []
-    for start in range(0, len(seqs), 32):
-        ids, mask = pad_sequences(seqs[start : start + 32], tokenizer.pad_token_id)
-        scores.append(score_sequences(rm, ids.to(device), mask.to(device)).cpu())
-    return Normalization.fit(torch.cat(scores))
+    answers = [a if a.strip() else " " for a in answers]
+    return Normalization.fit(score_texts(rm, tokenizer, prompts, answers, device))

@@ -47,6 +47,20 @@ def pad_sequences(
     return ids, mask
 
 
+def score_texts(
+    model, tokenizer, prompts: list[str], responses: list[str], device, batch_size: int = 32
+) -> torch.Tensor:
+    """Reward-model scores [len(prompts)] of prompt + response + EOS, right-padded in batches, on the CPU."""
+    from alignlab.data.examples import sequence_ids
+
+    seqs = [sequence_ids(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
+    out = []
+    for start in range(0, len(seqs), batch_size):
+        ids, mask = pad_sequences(seqs[start : start + batch_size], tokenizer.pad_token_id)
+        out.append(score_sequences(model, ids.to(device), mask.to(device)).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
 def whiten(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """(x - mean) / std over the whole tensor; a batch of one (or all-equal values) is only centred."""
     centred = x - x.mean()
@@ -166,14 +180,9 @@ class RewardScorer:
         self.tokenizer = models.load_tokenizer(next(iter(paths.values())))
 
     def raw_scores(self, role: str, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        from alignlab.data.examples import sequence_ids
-
-        tok, model, out = self.tokenizer, self.models[role], []
-        seqs = [sequence_ids(tok, p, r) for p, r in zip(prompts, responses, strict=True)]
-        for start in range(0, len(seqs), self.batch_size):
-            ids, mask = pad_sequences(seqs[start : start + self.batch_size], tok.pad_token_id)
-            out.append(score_sequences(model, ids.to(self.device), mask.to(self.device)).cpu())
-        return torch.cat(out) if out else torch.zeros(0)
+        return score_texts(
+            self.models[role], self.tokenizer, prompts, responses, self.device, self.batch_size
+        )
 
     def __call__(
         self, prompts: list[str], responses: list[str], is_safety: list[bool] | None = None
