@@ -217,6 +217,79 @@ class RMConfig:
 
 
 @dataclass
+class PPOConfig:
+    """KL-penalised PPO (InstructGPT / Ziegler et al.) and PPO-ptx: actor from SFT, critic from the reward model."""
+
+    name: str = "ppo"  # run subdirectory name (stage=ppo_ptx writes ppo_ptx/)
+    init_from: str = (
+        "${paths.runs}/${experiment.name}/sft/model"  # policy and frozen reference: the SFT model
+    )
+    value_from: str = "${reward.reward_model}"  # critic initialisation: the reward model (InstructGPT)
+    iterations: int = 200  # PPO iterations: roll out rollout_batch_size episodes, then ppo_epochs of updates
+    rollout_batch_size: int = 64  # episodes per iteration, over all ranks (InstructGPT / Llama 2: 512)
+    minibatch_size: int = 32  # episodes per optimizer step, over all ranks (InstructGPT / Llama 2: 64)
+    micro_batch_size: int = 16  # episodes per forward per rank (gradient accumulation fills the minibatch)
+    ppo_epochs: int = 2  # passes over each rollout batch (InstructGPT: 1)
+    max_prompt_length: int = 128  # longer prompts are dropped (counted and logged)
+    max_new_tokens: int = 96  # response budget; an answer without EOS by then gets the missing-EOS treatment
+    temperature: float = 1.0  # rollout temperature (InstructGPT 1.0; TRL 0.7); logits / T in every log-prob
+    lr: float = 1e-5  # policy learning rate, constant (Llama 2: 1e-6 at 7B+; the tiny model wants more)
+    value_lr: float = 3e-5  # critic learning rate (its own optimizer; InstructGPT: 9e-6 at 175B)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas (Llama 2)
+    adam_eps: float = 1e-5  # AdamW epsilon (Llama 2)
+    weight_decay: float = 0.0  # AdamW weight decay (Llama 2: 0.1)
+    grad_clip: float = 1.0  # global gradient-norm clip, policy and critic (Llama 2: 1.0)
+    clip_range: float = 0.2  # PPO ratio clip eps
+    clip_range_value: float = 0.2  # value clip around the rollout's values
+    vf_coef: float = (
+        0.1  # value-loss weight (the critic has its own optimizer; kept for parity with shared trunks)
+    )
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE lambda
+    kl_coef: float = 0.05  # initial beta of the per-token KL penalty (InstructGPT 0.02; Llama 2 0.01 at 7B)
+    kl_estimator: str = "k1"  # k1 = log pi - log pi_ref | k3 = (rho - 1) - log rho (never negative)
+    kl_controller: str = "fixed"  # fixed | adaptive (Ziegler: beta follows kl_target)
+    kl_target: float = 6.0  # adaptive controller's target of the per-sequence summed KL (nats)
+    kl_horizon: int = 10000  # adaptive controller's horizon (episodes)
+    score_clip: float = 5.0  # clip the normalised RM score to [-score_clip, score_clip] (0 = off)
+    missing_eos: str = (
+        "replace"  # none | replace (score := -missing_eos_penalty) | subtract (score -= penalty)
+    )
+    missing_eos_penalty: float = 1.0  # penalty for an answer that did not end within max_new_tokens
+    whiten_rewards: bool = (
+        False  # whiten per-token rewards over the rollout batch (shift_mean=False; >= 8 per rank)
+    )
+    whiten_advantages: bool = True  # whiten advantages over the rollout batch's valid tokens (pads stay 0)
+    # PPO-ptx (InstructGPT): loss = ppo_loss + ptx_coef * lm_loss on a separate pretraining micro-batch per PPO
+    # micro-batch, one backward and one optimizer step. lm_loss is the mean NLL per token, the normalisation
+    # ptx_coef multiplies (InstructGPT used gamma = 27.8 with its own, unpublished, normalisation). 0 = plain PPO.
+    ptx_coef: float = 0.0
+    ptx_source: str | None = (
+        None  # pretraining text data (hub name or local file, `text` column); None = TinyHH's
+    )
+    ptx_micro_batch_size: int = (
+        16  # pretraining sequences per PPO micro-batch per rank (InstructGPT: 8x episodes)
+    )
+    ptx_seq_len: int = 256  # pretraining block length (documents packed whole, as in stage=pretrain)
+    log_every: int = 1  # iterations between metrics.jsonl lines
+    samples_every: int = (
+        20  # iterations between sample tables (prompt, response, score) in samples.jsonl (0 = off)
+    )
+    samples_per_table: int = 8  # rows per sample table
+    eval_every: int = 0  # iterations between held-out evaluations (0 = at the start and the end only)
+    eval_prompts: int = (
+        64  # held-out RL prompts for RM score and KL (TinyHH: eval prompts not used in training)
+    )
+    checkpoint_every: int = 0  # iterations between checkpoints in checkpoints/ (0 = only at the end)
+    # TinyHH: held-out prompts per set (benign, harmful, attack) judged by the oracle for the starting model and
+    # the PPO model on the same prompts (0 = off); the pretraining loss (alignment tax) is measured alongside
+    sample_eval: int = 200
+    eval_max_new_tokens: int = (
+        96  # generation budget for the oracle evaluation (TinyHH answers: up to ~95 tokens)
+    )
+
+
+@dataclass
 class RewardConfig:
     """How PPO and rejection sampling score a response: one reward model, or Llama 2's helpfulness + safety pair."""
 
@@ -248,7 +321,15 @@ class Config:
     run_dir: str = "${paths.runs}/${experiment.name}/${stage.name}"  # the ONE directory this stage writes
 
 
-STAGES: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "rm": RMConfig}
+# stage option -> its schema: a dataclass, or an instance for a preset of another stage's recipe (ppo_ptx runs
+# alignlab/recipes/ppo.py with the ptx term on; see alignlab/recipes/__init__.py)
+STAGES: dict[str, Any] = {
+    "pretrain": PretrainConfig,
+    "sft": SFTConfig,
+    "rm": RMConfig,
+    "ppo": PPOConfig,
+    "ppo_ptx": PPOConfig(name="ppo_ptx", ptx_coef=1.0),
+}
 
 
 def register_configs() -> None:

@@ -133,6 +133,21 @@ def mean_over_ranks(value: float) -> float:
     return t.item() / dist.get_world_size()
 
 
+def means_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Average every value of a dict over all ranks in one collective (every rank gets the same answer)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(values)
+    on = (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=on)
+    dist.all_reduce(t)
+    return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist(), strict=True)}
+
+
 def grad_accum_steps(batch_size: int, micro_batch_size: int, world_size: int) -> int:
     """Gradient accumulation so that micro_batch_size * steps * world_size == batch_size, or a clear error."""
     per_step = micro_batch_size * world_size

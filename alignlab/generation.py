@@ -77,3 +77,99 @@ def next_token_logprobs(
         logits = model(**batch).logits[:, -1, :].float()
         rows.append(torch.log_softmax(logits, dim=-1)[:, token_ids].cpu())
     return torch.cat(rows)
+
+
+# ------------------------------------------------------------------ token-level rollouts for RL (PPO, rejection sampling)
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask) [B, L] with every sequence right-aligned: prompts end where generation starts."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+def truncate_after_eos(response: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens after the first EOS become pad; returns (response [B, T], mask [B, T]: 1 up to and including EOS).
+
+    A row without EOS keeps all T tokens (it ran out of budget; the caller penalises it).
+    """
+    is_eos = response == eos_id
+    seen_before = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # an EOS strictly earlier in the row
+    mask = (~seen_before).long()
+    return response.masked_fill(seen_before, pad_id), mask
+
+
+@torch.no_grad()
+def generate_tokens(
+    model,
+    query: torch.Tensor,
+    query_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    eos_id: int,
+    pad_id: int,
+    synced_gpus: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample responses to left-padded queries [B, L] with the KV cache: pure ancestral sampling at `temperature`
+    (top_k=0, top_p=1; the model's own generation_config is ignored, so nothing else reshapes the distribution
+    that the log-probs are later computed from).
+
+    Returns (response [B, T] padded after the first EOS, mask [B, T], ended_with_eos [B]); T <= max_new_tokens.
+    synced_gpus: keep stepping until every rank is done (ZeRO-3, where each forward is collective).
+    """
+    from transformers import GenerationConfig
+
+    if temperature <= 0:
+        raise ValueError("RL rollouts sample; temperature must be > 0 (greedy rollouts do not explore)")
+    config = GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
+    # transformers fills every unset field of `config` from the model's own generation_config (a checkpoint's
+    # repetition_penalty, suppress_tokens, ...): hand it a blank one for this call.
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the HF model
+    saved, target.generation_config = target.generation_config, GenerationConfig()
+    try:
+        out = model.generate(
+            input_ids=query, attention_mask=query_mask, generation_config=config, synced_gpus=synced_gpus
+        )
+    finally:
+        target.generation_config = saved
+    response = out[:, query.shape[1] :]
+    if response.shape[1] == 0:
+        response = torch.full((len(query), 1), eos_id, dtype=torch.long, device=query.device)
+    response, mask = truncate_after_eos(response, eos_id, pad_id)
+    ended = ((response == eos_id) & mask.bool()).any(1)
+    return response, mask, ended
+
+
+def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_len: int):
+    """Logits [B, T, V] predicting each response token of query+response input_ids [B, L] (response starts at
+    context_len). Positions are counted over real tokens, so left padding of the query changes nothing."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).logits
+    return logits[:, context_len - 1 : -1]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T) at the sampled tokens: [B, T, V], [B, T] -> [B, T].
+
+    The temperature divides the logits identically in rollout, reference and training log-probs; a mismatch
+    makes the KL estimate biased (often negative) from the first step.
+    """
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

@@ -177,5 +177,56 @@ def apply_lora(
     return model
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off for good (RL: log-probs of the rollout, the reference and training must be the same function).
+
+    Zeroes every nn.Dropout and the config's *dropout / *_pdrop rates that attention kernels read functionally.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):  # rates copied from the config at init (attention)
+            if (name.endswith("dropout") or name.endswith("_pdrop")) and isinstance(value, float):
+                setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            for key, value in config.to_dict().items():
+                if (key.endswith("dropout") or key.endswith("_pdrop")) and isinstance(value, float):
+                    setattr(config, key, 0.0)
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def token_values(value_model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-position scalar outputs [B, L] of a sequence-classification model (the PPO critic, initialised from the
+    reward model): its score head applied to every hidden state instead of only the last non-pad one.
+
+    Works through a PEFT wrapper (LoRA layers live inside the modules called here).
+    """
+    inner = value_model
+    if hasattr(inner, "get_base_model"):  # PEFT -> the wrapped transformers model (adapters stay active)
+        inner = inner.get_base_model()
+    backbone = getattr(inner, inner.base_model_prefix)
+    head = getattr(inner, "score", None)
+    if head is None:
+        raise ValueError(
+            f"{type(inner).__name__} has no `score` head; the critic must be a reward-model class"
+        )
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    return head(hidden).squeeze(-1).float()
+
+
+class TokenValueModel(torch.nn.Module):
+    """The PPO critic as one module (so a DeepSpeed engine wraps its forward): forward -> token values [B, L]."""
+
+    def __init__(self, value_model):
+        super().__init__()
+        self.value_model = value_model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return token_values(self.value_model, input_ids, attention_mask)

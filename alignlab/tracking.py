@@ -94,6 +94,16 @@ class Tracker:
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in row.items() if k not in ("step", "time")}, step=step)
 
+    def log_table(self, name: str, rows: list[dict[str, Any]], step: int) -> None:
+        """A table of rows (e.g. prompt, response, score) to W&B when enabled; callers also keep it in a file."""
+        if self._wandb is None or not rows:
+            return
+        import wandb
+
+        columns = list(rows[0])
+        table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+        self._wandb.log({name: table}, step=step)
+
     def progress(self, total: int, desc: str, initial: int = 0) -> tqdm:
         """A tqdm bar (disabled off rank 0 or when logger.progress=false); set_postfix carries throughput."""
         return tqdm(

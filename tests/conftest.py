@@ -62,3 +62,26 @@ def tinyhh_root(tmp_path_factory, data_cache) -> Path:
         "stage=pretrain", f"paths.runs={root / 'runs'}", f"paths.data={data_cache}", cwd=root, timeout=900
     )
     return root
+
+
+def run_stage(
+    root: Path, data_cache: Path, *overrides: str, check: bool = True
+) -> subprocess.CompletedProcess:
+    """A stage with runs/ under root and the session's data cache (so default init_from chains resolve)."""
+    return alignlab(
+        *overrides, f"paths.runs={root / 'runs'}", f"paths.data={data_cache}", cwd=root, check=check
+    )
+
+
+@pytest.fixture(scope="session")
+def tinyhh_sft(tinyhh_root, data_cache) -> Path:
+    """The default SFT model on the session's base model (stage=sft, ~1 minute), trained once per session."""
+    run_stage(tinyhh_root, data_cache, "stage=sft", "stage.sample_eval=100")
+    return tinyhh_root / "runs" / "tinyhh" / "sft"
+
+
+@pytest.fixture(scope="session")
+def tinyhh_rm(tinyhh_sft, tinyhh_root, data_cache) -> tuple[Path, subprocess.CompletedProcess]:
+    """The default reward model on that SFT model (stage=rm, ~1.5 minutes), with its normalisation."""
+    proc = run_stage(tinyhh_root, data_cache, "stage=rm", "stage.normalize_samples=128")
+    return tinyhh_root / "runs" / "tinyhh" / "rm", proc

@@ -67,6 +67,11 @@ def sft_example(tokenizer, prompt: str, completion: str, train_on: str = "last_t
     return {"input_ids": input_ids, "completion_mask": mask}
 
 
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """A prompt's ids as every stage feeds it to the model (BOS where the tokenizer uses one, no EOS)."""
+    return _ids(tokenizer, prompt, first=True)
+
+
 def sequence_ids(tokenizer, prompt: str, response: str) -> list[int]:
     """prompt + response + EOS token ids: what a reward model scores (its score is read at the final EOS)."""
     return (

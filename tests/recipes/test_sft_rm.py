@@ -10,7 +10,7 @@ import torch
 from alignlab import models
 from alignlab.rl.rewards import NORMALIZATION_FILE, RewardScorer
 from alignlab.tracking import read_metrics
-from tests.conftest import alignlab
+from tests.conftest import run_stage
 
 pytestmark = pytest.mark.slow
 
@@ -19,22 +19,17 @@ def last(rows, key):
     return [r[key] for r in rows if key in r][-1]
 
 
-def stage(root, data_cache, *overrides, check=True):
-    return alignlab(
-        *overrides, f"paths.runs={root / 'runs'}", f"paths.data={data_cache}", cwd=root, check=check
-    )
+stage = run_stage
 
 
-@pytest.fixture(scope="module")
-def sft(tinyhh_root, data_cache):
-    stage(tinyhh_root, data_cache, "stage=sft", "stage.sample_eval=100")
-    return tinyhh_root / "runs" / "tinyhh" / "sft"
+@pytest.fixture
+def sft(tinyhh_sft):
+    return tinyhh_sft
 
 
-@pytest.fixture(scope="module")
-def rm(sft, tinyhh_root, data_cache):
-    proc = stage(tinyhh_root, data_cache, "stage=rm", "stage.normalize_samples=128")
-    return tinyhh_root / "runs" / "tinyhh" / "rm", proc
+@pytest.fixture
+def rm(tinyhh_rm):
+    return tinyhh_rm
 
 
 def test_sft_lowers_answer_loss_and_raises_harmlessness(sft):
