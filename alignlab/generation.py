@@ -104,6 +104,18 @@ def truncate_after_eos(response: torch.Tensor, eos_id: int, pad_id: int) -> tupl
     return response.masked_fill(seen_before, pad_id), mask
 
 
+def _all_done(done: torch.Tensor, synced: bool) -> bool:
+    """Every row has ended, here and (synced) on every rank: under ZeRO-3 a rank that stopped would hang the
+    others' collective forwards, so it keeps stepping until all are done."""
+    if not synced:
+        return bool(done.all())
+    import torch.distributed as dist
+
+    remaining = torch.tensor([float((~done).sum())], device=done.device)
+    dist.all_reduce(remaining)
+    return remaining.item() == 0
+
+
 @torch.no_grad()
 def generate_tokens(
     model,
@@ -116,43 +128,46 @@ def generate_tokens(
     pad_id: int,
     synced_gpus: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample responses to left-padded queries [B, L] with the KV cache: pure ancestral sampling at `temperature`
-    (top_k=0, top_p=1; the model's own generation_config is ignored, so nothing else reshapes the distribution
-    that the log-probs are later computed from).
+    """Sample responses to left-padded queries [B, L] with the KV cache: pure ancestral sampling from
+    softmax(logits / temperature) (top_k=0, top_p=1), the distribution the log-probs are later computed from.
 
+    A plain loop over the model's forward, not HF generate: no logits processors, so nothing from the model's
+    generation_config (repetition_penalty, suppress_tokens, ...) reshapes the distribution, and none of
+    generate's per-step bookkeeping (on a small model that overhead is most of the time; scripts/bench/).
     Returns (response [B, T] padded after the first EOS, mask [B, T], ended_with_eos [B]); T <= max_new_tokens.
     synced_gpus: keep stepping until every rank is done (ZeRO-3, where each forward is collective).
     """
-    from transformers import GenerationConfig
-
     if temperature <= 0:
         raise ValueError("RL rollouts sample; temperature must be > 0 (greedy rollouts do not explore)")
-    config = GenerationConfig(
-        do_sample=True,
-        temperature=temperature,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
-        use_cache=True,
-    )
-    # transformers fills every unset field of `config` from the model's own generation_config (a checkpoint's
-    # repetition_penalty, suppress_tokens, ...): hand it a blank one for this call.
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the HF model
-    saved, target.generation_config = target.generation_config, GenerationConfig()
-    try:
-        out = model.generate(
-            input_ids=query, attention_mask=query_mask, generation_config=config, synced_gpus=synced_gpus
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}; a rollout needs at least one new token")
+    batch, device = len(query), query.device
+    mask = query_mask.long()
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    input_ids, past = query, None
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens = []
+    for _ in range(max_new_tokens):
+        out = model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=past,
+            use_cache=True,
         )
-    finally:
-        target.generation_config = saved
-    response = out[:, query.shape[1] :]
-    if response.shape[1] == 0:
-        response = torch.full((len(query), 1), eos_id, dtype=torch.long, device=query.device)
-    response, mask = truncate_after_eos(response, eos_id, pad_id)
-    ended = ((response == eos_id) & mask.bool()).any(1)
-    return response, mask, ended
+        past = out.past_key_values
+        probs = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1)
+        token = torch.multinomial(probs, 1).squeeze(1).masked_fill(done, pad_id)
+        tokens.append(token)
+        done = done | (token == eos_id)
+        if _all_done(done, synced_gpus):
+            break
+        input_ids = token[:, None]
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+        position_ids = position_ids[:, -1:] + 1
+    response, response_mask = truncate_after_eos(torch.stack(tokens, dim=1), eos_id, pad_id)
+    ended = ((response == eos_id) & response_mask.bool()).any(1)
+    return response, response_mask, ended
 
 
 def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_len: int):

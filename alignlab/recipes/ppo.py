@@ -115,6 +115,26 @@ def trim(ids: torch.Tensor, mask: torch.Tensor, context_len: int, response_len: 
     return ids[:, lead:end], mask[:, lead:end], context_len - lead
 
 
+def micro_batch(batch: dict[str, torch.Tensor], idx: torch.Tensor, context_len: int) -> dict:
+    """Rows idx of the rollout batch ({input_ids, attention_mask} [B, L]; per-response-token tensors [B, T]),
+    trimmed to their own padding; "ctx" is where their responses start."""
+    response_len = int(batch["response_mask"][idx].sum(1).max())
+    ids, mask, ctx = trim(batch["input_ids"][idx], batch["attention_mask"][idx], context_len, response_len)
+    mb = {k: v[idx][:, :response_len] for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+    return {"ids": ids, "mask": mask, "ctx": ctx, **mb}
+
+
+def shaped_scores(
+    scorer, prompts: Prompts, ro: Rollout, s: DictConfig, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(raw, shaped) scores [B]: the reward scorer on the text, then the missing-EOS penalty and the clip."""
+    raw = scorer(prompts.texts, ro.texts, prompts.is_safety).to(device)
+    shaped = shape_scores(
+        raw, ro.ended, missing_eos=s.missing_eos, missing_eos_penalty=s.missing_eos_penalty, clip=s.score_clip
+    )
+    return raw, shaped
+
+
 @torch.no_grad()
 def forward_stats(policy, reference, critic, ro: Rollout, micro: int, temperature: float, lora: bool):
     """Old log-probs, reference log-probs and values [B, T] of a rollout, micro-batched, without gradients."""
@@ -320,13 +340,7 @@ def run(cfg: DictConfig) -> None:
         """RM score and KL on the held-out prompts (this rank's share), plus the pretraining loss."""
         mine = eval_prompts.take(range(env.rank, len(eval_prompts), env.world_size))
         ro = rollout(mine)
-        scores = shape_scores(
-            scorer(mine.texts, ro.texts, mine.is_safety).to(device),
-            ro.ended,
-            missing_eos=s.missing_eos,
-            missing_eos_penalty=s.missing_eos_penalty,
-            clip=s.score_clip,
-        )
+        _, scores = shaped_scores(scorer, mine, ro, s, device)
         old, ref, _ = forward_stats(policy, reference, critic, ro, s.micro_batch_size, s.temperature, lora)
         kl = kl_per_token(old, ref, ro.response_mask, s.kl_estimator).sum(1)
         row = distributed.means_over_ranks(
@@ -361,14 +375,7 @@ def run(cfg: DictConfig) -> None:
         t_gen = time.perf_counter()
 
         # 4.2 Score the text with the reward model(s): normalised, EOS-penalised, clipped.
-        raw = scorer(prompts.texts, ro.texts, prompts.is_safety).to(device)
-        scores = shape_scores(
-            raw,
-            ro.ended,
-            missing_eos=s.missing_eos,
-            missing_eos_penalty=s.missing_eos_penalty,
-            clip=s.score_clip,
-        )
+        raw, scores = shaped_scores(scorer, prompts, ro, s, device)
         t_score = time.perf_counter()
         check_finite(raw, "reward-model scores", it, policy, critic, run.run_dir, kl_ctl.value)
 
@@ -389,28 +396,29 @@ def run(cfg: DictConfig) -> None:
             advantages = masked_whiten(advantages, mask)
 
         # 4.5 ppo_epochs x shuffled minibatches x micro-batches; one optimizer step per minibatch and engine.
-        input_ids, attention_mask = ro.input_ids, ro.attention_mask
+        batch = {
+            "input_ids": ro.input_ids,
+            "attention_mask": ro.attention_mask,
+            "response": ro.response,
+            "response_mask": mask,
+            "old_logprobs": old_logprobs,
+            "advantages": advantages,
+            "old_values": old_values,
+            "returns": returns,
+        }
         stats: dict[str, list[float]] = {}
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
         for _epoch in range(s.ppo_epochs):
-            perm = torch.randperm(per_rank, generator=g)
+            perm = torch.randperm(per_rank, generator=g).to(device)
             for m in range(minibatches):
                 for a in range(accum):
-                    idx = perm[m * mb_local + a * s.micro_batch_size :][: s.micro_batch_size].to(device)
-                    response_len = int(mask[idx].sum(1).max())
-                    ids, amask, ctx = trim(input_ids[idx], attention_mask[idx], ro.context_len, response_len)
-                    cut = slice(0, response_len)
-                    mb = {
-                        "ids": ids,
-                        "mask": amask,
-                        "ctx": ctx,
-                        "response": ro.response[idx][:, cut],
-                        "response_mask": mask[idx][:, cut],
-                        "old_logprobs": old_logprobs[idx][:, cut],
-                        "advantages": advantages[idx][:, cut],
-                    }
+                    mb = micro_batch(
+                        batch,
+                        perm[m * mb_local + a * s.micro_batch_size :][: s.micro_batch_size],
+                        ro.context_len,
+                    )
                     ptx = None
-                    if ptx_order is not None:
+                    if ptx_order is not None:  # this micro-batch's share of the step's pretraining batch
                         pos = micro_batch_positions(
                             opt_step,
                             a,
@@ -426,13 +434,9 @@ def run(cfg: DictConfig) -> None:
                     check_finite(loss, "policy loss", it, policy, critic, run.run_dir, kl_ctl.value)
                     policy.backward(loss)
                     policy.step()
-                    values = critic(ids, amask)[:, ctx - 1 : -1]
+                    values = critic(mb["ids"], mb["mask"])[:, mb["ctx"] - 1 : -1]
                     vout = value_loss(
-                        values,
-                        old_values[idx][:, cut],
-                        returns[idx][:, cut],
-                        mb["response_mask"],
-                        s.clip_range_value,
+                        values, mb["old_values"], mb["returns"], mb["response_mask"], s.clip_range_value
                     )
                     check_finite(vout.loss, "value loss", it, policy, critic, run.run_dir, kl_ctl.value)
                     critic.backward(s.vf_coef * vout.loss)

@@ -63,3 +63,17 @@ def test_wandb_offline_run_has_metrics_and_config(tmp_path, monkeypatch):
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     assert read_metrics(tmp_path)[0]["train/loss"] == 2.0
+
+
+def test_wandb_sample_table_is_written_offline(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    t = Tracker(tmp_path, is_main=True, backend="wandb", wandb_mode="offline", show_progress=False)
+    rows = [{"prompt": "how do i bake bread?", "response": " Mix flour.", "score": 0.5}]
+    t.log_table("ppo/samples", rows, step=3)
+    t.close()
+    tables = list((tmp_path / "wandb").glob("offline-run-*/files/media/table/**/*.table.json"))
+    assert len(tables) == 1, list((tmp_path / "wandb").rglob("*"))
+    table = json.loads(tables[0].read_text())
+    assert table["columns"] == ["prompt", "response", "score"] and table["data"] == [list(rows[0].values())]
