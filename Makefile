@@ -8,7 +8,7 @@ PIP := $(PY) -m pip install -q -c constraints.txt
 # default index would resolve a CUDA build.
 TORCH_ARGS ?=
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint bench clean
 
 install: $(VENV)/.installed
 
@@ -25,9 +25,14 @@ demo: install
 	$(PY) -m alignlab stage=pretrain
 	$(PY) -m alignlab stage=sft
 	$(PY) -m alignlab stage=rm
+	$(PY) -m alignlab stage=ppo
 	$(PY) scripts/show_run.py runs/tinyhh/pretrain
 	$(PY) scripts/show_run.py runs/tinyhh/sft
 	$(PY) scripts/show_run.py runs/tinyhh/rm
+	$(PY) scripts/show_run.py runs/tinyhh/ppo
+
+bench: install
+	$(PY) scripts/bench/bench_rollout.py
 
 test: install
 	$(PY) -m pytest -q -ra

@@ -225,7 +225,7 @@ class PPOConfig:
         "${paths.runs}/${experiment.name}/sft/model"  # policy and frozen reference: the SFT model
     )
     value_from: str = "${reward.reward_model}"  # critic initialisation: the reward model (InstructGPT)
-    iterations: int = 200  # PPO iterations: roll out rollout_batch_size episodes, then ppo_epochs of updates
+    iterations: int = 100  # PPO iterations: roll out rollout_batch_size episodes, then ppo_epochs of updates
     rollout_batch_size: int = 64  # episodes per iteration, over all ranks (InstructGPT / Llama 2: 512)
     minibatch_size: int = 32  # episodes per optimizer step, over all ranks (InstructGPT / Llama 2: 64)
     micro_batch_size: int = 16  # episodes per forward per rank (gradient accumulation fills the minibatch)
@@ -246,7 +246,7 @@ class PPOConfig:
     )
     gamma: float = 1.0  # discount
     lam: float = 0.95  # GAE lambda
-    kl_coef: float = 0.05  # initial beta of the per-token KL penalty (InstructGPT 0.02; Llama 2 0.01 at 7B)
+    kl_coef: float = 0.2  # initial beta of the per-token KL penalty (InstructGPT 0.02; Llama 2 0.01 at 7B)
     kl_estimator: str = "k1"  # k1 = log pi - log pi_ref | k3 = (rho - 1) - log rho (never negative)
     kl_controller: str = "fixed"  # fixed | adaptive (Ziegler: beta follows kl_target)
     kl_target: float = 6.0  # adaptive controller's target of the per-sequence summed KL (nats)
@@ -264,12 +264,8 @@ class PPOConfig:
     # micro-batch, one backward and one optimizer step. lm_loss is the mean NLL per token, the normalisation
     # ptx_coef multiplies (InstructGPT used gamma = 27.8 with its own, unpublished, normalisation). 0 = plain PPO.
     ptx_coef: float = 0.0
-    ptx_source: str | None = (
-        None  # pretraining text data (hub name or local file, `text` column); None = TinyHH's
-    )
-    ptx_micro_batch_size: int = (
-        16  # pretraining sequences per PPO micro-batch per rank (InstructGPT: 8x episodes)
-    )
+    ptx_source: str | None = None  # pretraining text (hub name or local file, `text` column); None = TinyHH's
+    ptx_micro_batch_size: int = 8  # pretraining blocks (~4 TinyHH documents each) per PPO micro-batch
     ptx_seq_len: int = 256  # pretraining block length (documents packed whole, as in stage=pretrain)
     log_every: int = 1  # iterations between metrics.jsonl lines
     samples_every: int = (

@@ -224,13 +224,15 @@ def run(cfg: DictConfig) -> None:
             f"{len(train_prompts)} training prompts < stage.rollout_batch_size={s.rollout_batch_size}"
         )
     ptx_train, ptx_held_out = (
-        load_ptx_blocks(cfg, data_dir, tokenizer) if (s.ptx_coef or data_dir) else (None, None)
+        load_ptx_blocks(cfg, data_dir, tokenizer)
+        if (s.ptx_coef or s.ptx_source or data_dir)
+        else (None, None)
     )
 
     # 2. Models: actor and critic engines, frozen reference and reward scorer; dropout off in all of them.
     ds = cfg.deepspeed
 
-    def engine_for(model, lr: float, micro_batch: int):
+    def engine_for(model, lr: float):
         models.disable_dropout(model)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(
@@ -238,7 +240,7 @@ def run(cfg: DictConfig) -> None:
         )
         config = distributed.deepspeed_config(
             zero_stage=ds.zero_stage,
-            micro_batch_size=micro_batch,
+            micro_batch_size=s.micro_batch_size,
             grad_accum=accum,
             world_size=env.world_size,
             grad_clip=s.grad_clip,
@@ -270,8 +272,8 @@ def run(cfg: DictConfig) -> None:
         models.disable_dropout(reference)
         reference.to(device).eval().requires_grad_(False)
     n_params = models.count_parameters(policy_model)
-    policy = engine_for(policy_model, s.lr, s.micro_batch_size)
-    critic = engine_for(models.TokenValueModel(value_model), s.value_lr, s.micro_batch_size)
+    policy = engine_for(policy_model, s.lr)
+    critic = engine_for(models.TokenValueModel(value_model), s.value_lr)
     r = cfg.reward
     scorer = RewardScorer(
         kind=r.kind,
