@@ -69,6 +69,25 @@ def start_run(cfg: DictConfig) -> Run:
     return Run(env=env, device=distributed.device(env), run_dir=run_dir, tracker=tracker)
 
 
+def deepspeed_json(
+    ds_cfg: DictConfig, *, micro_batch_size: int, grad_accum: int, world_size: int, grad_clip: float, dtype
+) -> dict:
+    """The DeepSpeed JSON of one engine: the `deepspeed=` preset plus the stage's batch arithmetic."""
+    return distributed.deepspeed_config(
+        zero_stage=ds_cfg.zero_stage,
+        micro_batch_size=micro_batch_size,
+        grad_accum=grad_accum,
+        world_size=world_size,
+        grad_clip=grad_clip,
+        dtype=dtype,
+        offload_optimizer=ds_cfg.offload_optimizer,
+        offload_param=ds_cfg.offload_param,
+        overlap_comm=ds_cfg.overlap_comm,
+        reduce_bucket_size=ds_cfg.reduce_bucket_size,
+        extra=dict(ds_cfg.extra),
+    )
+
+
 def tinyhh_dir(cfg: DictConfig) -> Path:
     """The generated TinyHH data directory (rank 0 generates, the others wait and reuse it)."""
     from alignlab.tinyhh.emitters import Sizes, ensure
@@ -161,18 +180,13 @@ def trainer_arguments(
     and the schedule and hands them to DeepSpeed, as our own loops do.
     """
     accum = distributed.grad_accum_steps(stage.batch_size, stage.micro_batch_size, run.env.world_size)
-    ds_json = distributed.deepspeed_config(
-        zero_stage=ds_cfg.zero_stage,
+    ds_json = deepspeed_json(
+        ds_cfg,
         micro_batch_size=stage.micro_batch_size,
         grad_accum=accum,
         world_size=run.env.world_size,
         grad_clip=stage.grad_clip,
         dtype=dtype,
-        offload_optimizer=ds_cfg.offload_optimizer,
-        offload_param=ds_cfg.offload_param,
-        overlap_comm=ds_cfg.overlap_comm,
-        reduce_bucket_size=ds_cfg.reduce_bucket_size,
-        extra=dict(ds_cfg.extra),
     )
     scheduler_kwargs = (
         {"min_lr_rate": stage.min_lr_ratio} if stage.lr_scheduler == "cosine_with_min_lr" else {}

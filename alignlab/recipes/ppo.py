@@ -31,7 +31,7 @@ from alignlab.checkpoint import save_engine_checkpoint, save_pretrained
 from alignlab.data.packing import EpochOrder, Packed, lm_labels, micro_batch_positions
 from alignlab.evaluation.tinyhh import judge_model_dir
 from alignlab.generation import response_logits, token_logprobs
-from alignlab.recipes.common import check_init_from, start_run, tinyhh_dir
+from alignlab.recipes.common import check_init_from, deepspeed_json, start_run, tinyhh_dir
 from alignlab.rl.advantages import explained_variance, gae, masked_mean, masked_whiten
 from alignlab.rl.kl import ESTIMATORS, kl_controller, kl_per_token, shape_scores, token_rewards
 from alignlab.rl.losses import entropy_from_logits, lm_loss, policy_loss, value_loss
@@ -230,7 +230,6 @@ def run(cfg: DictConfig) -> None:
     )
 
     # 2. Models: actor and critic engines, frozen reference and reward scorer; dropout off in all of them.
-    ds = cfg.deepspeed
 
     def engine_for(model, lr: float):
         models.disable_dropout(model)
@@ -238,18 +237,13 @@ def run(cfg: DictConfig) -> None:
         opt = torch.optim.AdamW(
             params, lr=lr, betas=tuple(s.betas), eps=s.adam_eps, weight_decay=s.weight_decay
         )
-        config = distributed.deepspeed_config(
-            zero_stage=ds.zero_stage,
+        config = deepspeed_json(
+            cfg.deepspeed,
             micro_batch_size=s.micro_batch_size,
             grad_accum=accum,
             world_size=env.world_size,
             grad_clip=s.grad_clip,
             dtype=next(model.parameters()).dtype,
-            offload_optimizer=ds.offload_optimizer,
-            offload_param=ds.offload_param,
-            overlap_comm=ds.overlap_comm,
-            reduce_bucket_size=ds.reduce_bucket_size,
-            extra=dict(ds.extra),
         )
         return distributed.wrap(model, opt, None, config)[0]
 
@@ -288,7 +282,9 @@ def run(cfg: DictConfig) -> None:
         dtype=cfg.model.dtype,
     )
     kl_ctl = kl_controller(s.kl_controller, s.kl_coef, s.kl_target, s.kl_horizon)
-    synced = ds.zero_stage == 3 and env.world_size > 1  # every ZeRO-3 forward is collective: step together
+    synced = (
+        cfg.deepspeed.zero_stage == 3 and env.world_size > 1
+    )  # every ZeRO-3 forward is collective: step together
 
     # 3. Derived sizes, computed once and logged.
     updates = s.ppo_epochs * minibatches

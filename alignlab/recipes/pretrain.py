@@ -28,7 +28,7 @@ from alignlab.data.packing import (
     unigram_loss,
 )
 from alignlab.evaluation.tinyhh import judge_model_dir
-from alignlab.recipes.common import start_run, tinyhh_dir
+from alignlab.recipes.common import deepspeed_json, start_run, tinyhh_dir
 
 log = logging.getLogger("alignlab.pretrain")
 
@@ -200,19 +200,13 @@ def run(cfg: DictConfig) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(s.warmup_steps, s.steps, s.min_lr_ratio)
     )
-    ds = cfg.deepspeed
-    ds_config = distributed.deepspeed_config(
-        zero_stage=ds.zero_stage,
+    ds_config = deepspeed_json(
+        cfg.deepspeed,
         micro_batch_size=s.micro_batch_size,
         grad_accum=accum,
         world_size=env.world_size,
         grad_clip=s.grad_clip,
         dtype=next(model.parameters()).dtype,
-        offload_optimizer=ds.offload_optimizer,
-        offload_param=ds.offload_param,
-        overlap_comm=ds.overlap_comm,
-        reduce_bucket_size=ds.reduce_bucket_size,
-        extra=dict(ds.extra),
     )
     n_params = models.count_parameters(model)
     engine, optimizer, scheduler = distributed.wrap(model, optimizer, scheduler, ds_config)
