@@ -65,11 +65,16 @@ def tinyhh_root(tmp_path_factory, data_cache) -> Path:
 
 
 def run_stage(
-    root: Path, data_cache: Path, *overrides: str, check: bool = True
+    root: Path, data_cache: Path, *overrides: str, check: bool = True, timeout: int = 600
 ) -> subprocess.CompletedProcess:
     """A stage with runs/ under root and the session's data cache (so default init_from chains resolve)."""
     return alignlab(
-        *overrides, f"paths.runs={root / 'runs'}", f"paths.data={data_cache}", cwd=root, check=check
+        *overrides,
+        f"paths.runs={root / 'runs'}",
+        f"paths.data={data_cache}",
+        cwd=root,
+        check=check,
+        timeout=timeout,
     )
 
 
