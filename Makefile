@@ -33,6 +33,7 @@ demo: install
 
 bench: install
 	$(PY) scripts/bench/bench_rollout.py
+	$(PY) scripts/bench/bench_rain.py
 
 test: install
 	$(PY) -m pytest -q -ra

@@ -13,6 +13,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from alignlab.rain.stage_config import RainConfig
+
 
 @dataclass
 class LoraConfig:
@@ -325,6 +327,7 @@ STAGES: dict[str, Any] = {
     "rm": RMConfig,
     "ppo": PPOConfig,
     "ppo_ptx": PPOConfig(name="ppo_ptx", ptx_coef=1.0),
+    "rain": RainConfig,
 }
 
 

@@ -71,7 +71,8 @@ def main() -> None:
     rows = load_rows(str(ensure(ROOT / "data_cache", Sizes()) / "rl_prompts.jsonl")).to_list()[: args.batch]
     prompts = tokenize_prompts(tokenizer, rows, 256)
     ours_t, base_t, ours_n, base_n, same = 0.0, 0.0, 0, 0, 0
-    alignlab_rollout(model, tokenizer, prompts, 4), plain_generate(model, tokenizer, prompts.texts, 4)  # warm-up
+    alignlab_rollout(model, tokenizer, prompts, 4)  # warm-up
+    plain_generate(model, tokenizer, prompts.texts, 4)
     for r in range(args.repeats):  # interleaved, so drift in machine load hits both alike
         torch.manual_seed(r)
         base, t_base = plain_generate(model, tokenizer, prompts.texts, args.new)

@@ -1,0 +1,190 @@
+"""Cost of RAIN relative to vanilla decoding of the same prompts, and where RAIN's time goes.
+
+    python scripts/bench/bench_rain.py                       # TinyHH base model, 8 prompts per eval set
+    python scripts/bench/bench_rain.py --n 4 --reference 2   # + the plain reference search on 2 prompts
+    python scripts/bench/bench_rain.py --out /tmp/bench_rain.md
+
+Measured in one run, on one machine, the same prompts and max_new_tokens for every method:
+  vanilla   HF generate with the KV cache, temperature 1 (the baseline a user would write), one prompt at a time
+            and all prompts in one batch;
+  RAIN      alignlab.rain, one prompt at a time (lockstep group of 1) and --group prompts in lockstep;
+  reference (--reference N) the plain search of tests/unit/rain/reference.py on N prompts: the authors' code
+            structure (batch 1, every logit a full forward of the whole state, no cache), the same tree.
+Forward passes are model calls (batched or not), tokens are token positions run through the model; FLOP/s counts
+2 * parameters per token (attention excluded) against the machine's measured float32 matmul peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from alignlab import models  # noqa: E402
+from alignlab.generation import sample  # noqa: E402
+from alignlab.rain.embed import LMEmbedder  # noqa: E402
+from alignlab.rain.evaluator import judge_from_config  # noqa: E402
+from alignlab.rain.lm import ForwardCounter, HFBackend, HFCodec  # noqa: E402
+from alignlab.rain.lockstep import Timings, run_lockstep  # noqa: E402
+from alignlab.rain.search import RainParams, rain_search  # noqa: E402
+from alignlab.rain.stage_config import RainJudgeConfig  # noqa: E402
+
+
+def matmul_peak(n: int = 1024, reps: int = 20) -> float:
+    """Achieved float32 FLOP/s of an n x n matmul on this machine (the roofline the model runs against)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def measure(fn, counter: ForwardCounter) -> dict:
+    before, t0 = counter.snapshot(), time.perf_counter()
+    out = fn()
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, **{k: counter.snapshot()[k] - before[k] for k in before}, "out": out}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(ROOT / "runs/tinyhh/pretrain/model"))
+    ap.add_argument("--data", default=None, help="TinyHH data dir (default: the newest data_cache/tinyhh-*)")
+    ap.add_argument("--n", type=int, default=8, help="prompts per eval set (harmful, benign, attack)")
+    ap.add_argument("--group", type=int, default=16, help="prompts in lockstep for the batched RAIN run")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument(
+        "--reference", type=int, default=0, help="also run the plain reference search on N prompts"
+    )
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--out", default=None, help="also write the markdown here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = (
+        Path(args.data)
+        if args.data
+        else max((ROOT / "data_cache").glob("tinyhh-*"), key=lambda p: p.stat().st_mtime)
+    )
+    prompts = []
+    for name in ("harmful", "benign", "attack"):
+        rows = [json.loads(x) for x in (data / f"eval_{name}.jsonl").read_text().splitlines()]
+        prompts += [r["prompt"] for r in rows[: args.n]]
+
+    model = models.load_causal_lm(args.model).eval()
+    tokenizer = models.load_tokenizer(args.model)
+    n_params = models.count_parameters(model)
+    codec = HFCodec(tokenizer)
+    backend = HFBackend(model, codec.pad_id)
+    embedder = LMEmbedder(model, codec, codec.pad_id, tokenizer.bos_token_id)
+    judge = judge_from_config(RainJudgeConfig(), codec)
+    params = RainParams(max_new_tokens=args.max_new_tokens)
+    counter = ForwardCounter(model)
+    pre_ids = codec.encode(judge.preamble)
+    pre = backend.extend([((), pre_ids)])[0][0]
+
+    def rain(group_size: int, timings: Timings):
+        answers = []
+        for start in range(0, len(prompts), group_size):
+            gens = [
+                rain_search(
+                    p, params=params, codec=codec, judge=judge, judge_prefix=(pre,), judge_prefix_ids=pre_ids,
+                    rng=np.random.default_rng([0, start + i]),
+                )
+                for i, p in enumerate(prompts[start : start + group_size])
+            ]  # fmt: skip
+            answers += run_lockstep(gens, backend, embedder.embed, timings=timings)
+        return answers
+
+    def rain_one(prompt: str, i: int):
+        gen = rain_search(
+            prompt, params=params, codec=codec, judge=judge, judge_prefix=(pre,), judge_prefix_ids=pre_ids,
+            rng=np.random.default_rng([0, i]),
+        )  # fmt: skip
+        return run_lockstep([gen], backend, embedder.embed)[0]
+
+    def vanilla(batch: int):
+        torch.manual_seed(0)
+        return sample(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=batch)
+
+    results, timings = {}, {}
+    with torch.no_grad():
+        results["vanilla, 1 prompt at a time"] = measure(lambda: vanilla(1), counter)
+        results[f"vanilla, {len(prompts)} prompts batched"] = measure(lambda: vanilla(len(prompts)), counter)
+        timings["1"] = Timings()
+        results["RAIN, 1 prompt at a time"] = measure(lambda: rain(1, timings["1"]), counter)
+        timings["g"] = Timings()
+        results[f"RAIN, {args.group} prompts in lockstep"] = measure(
+            lambda: rain(args.group, timings["g"]), counter
+        )
+        if args.reference:
+            from tests.unit.rain.reference import ref_rain
+
+            full = lambda ids: model(input_ids=torch.tensor([ids])).logits[0, -1].float()  # noqa: E731
+            sub = prompts[: args.reference]
+
+            def reference():
+                for i, p in enumerate(sub):
+                    ref_rain(
+                        p, lm=full, embed=lambda t: embedder.embed([t])[0], codec=codec, judge=judge, P=params,
+                        rng=np.random.default_rng([0, i]),
+                    )  # fmt: skip
+
+            ref = measure(reference, counter)
+            ours = measure(lambda: [rain_one(p, i) for i, p in enumerate(sub)], counter)
+    peak = matmul_peak()
+
+    base_1 = results["vanilla, 1 prompt at a time"]
+    base_b = results[f"vanilla, {len(prompts)} prompts batched"]
+    lines = [
+        f"# RAIN vs vanilla decoding ({len(prompts)} TinyHH prompts: {args.n} harmful, {args.n} benign, "
+        f"{args.n} attack; max_new_tokens={args.max_new_tokens}; {n_params / 1e6:.2f}M-parameter model; "
+        f"torch threads {torch.get_num_threads()}; float32 matmul peak {peak / 1e9:.1f} GFLOP/s)",
+        "",
+        "| method | wall s | s / prompt | forward passes | tokens | GFLOP/s (2 x params x tokens) | % of peak "
+        "| wall vs vanilla (same batching) | forwards vs vanilla |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        base = base_1 if "at a time" in name else base_b
+        flops = 2 * n_params * r["tokens"] / r["wall_s"]
+        lines.append(
+            f"| {name} | {r['wall_s']:.2f} | {r['wall_s'] / len(prompts):.3f} | {r['calls']} | {r['tokens']} | "
+            f"{flops / 1e9:.2f} | {100 * flops / peak:.1f}% | {r['wall_s'] / base['wall_s']:.1f}x | "
+            f"{r['calls'] / base['calls']:.1f}x |"
+        )
+    for key, label in (("1", "1 prompt at a time"), ("g", f"{args.group} prompts in lockstep")):
+        t = timings[key].as_dict()
+        total = t["forward_s"] + t["embed_s"] + t["search_s"]
+        rows = timings[key].rows_by_purpose
+        lines.append(
+            f"\nRAIN, {label}: model forwards {100 * t['forward_s'] / total:.0f}% of the time, embeddings "
+            f"{100 * t['embed_s'] / total:.0f}%, search bookkeeping (tree, sampling, decoding, judge prompts) "
+            f"{100 * t['search_s'] / total:.0f}%; {t['forwards']} batched forwards in {t['rounds']} rounds; model "
+            "rows by purpose: " + ", ".join(f"{k} {v}" for k, v in sorted(rows.items()))
+        )
+    if args.reference:
+        lines.append(
+            f"\nSame tree, two implementations, {args.reference} prompt(s) one at a time: the plain reference "
+            f"(authors' structure: batch 1, a full forward per logit, no cache) {ref['wall_s']:.1f}s, "
+            f"{ref['calls']} forwards, {ref['tokens']} tokens; alignlab.rain {ours['wall_s']:.2f}s, "
+            f"{ours['calls']} forwards, {ours['tokens']} tokens ({ref['wall_s'] / ours['wall_s']:.1f}x faster, "
+            f"{ref['tokens'] / ours['tokens']:.1f}x fewer tokens)."
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
