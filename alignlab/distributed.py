@@ -120,17 +120,7 @@ def barrier() -> None:
 
 def mean_over_ranks(value: float) -> float:
     """Average a Python float over all ranks (every rank gets the same answer)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    # NCCL reduces device tensors only, gloo host tensors.
-    on = (
-        torch.device("cuda", torch.cuda.current_device())
-        if dist.get_backend() == "nccl"
-        else torch.device("cpu")
-    )
-    t = torch.tensor([value], dtype=torch.float64, device=on)
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
+    return means_over_ranks({"value": value})["value"]
 
 
 def means_over_ranks(values: dict[str, float]) -> dict[str, float]:

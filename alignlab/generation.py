@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from alignlab.rl.rewards import position_ids as real_positions
+
 # A model that keeps talking invents the next human turn; the answer ends where that begins.
 DEFAULT_STOP = ("\n\nHuman:",)
 
@@ -82,17 +84,6 @@ def next_token_logprobs(
 # ------------------------------------------------------------------ token-level rollouts for RL (PPO, rejection sampling)
 
 
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention_mask) [B, L] with every sequence right-aligned: prompts end where generation starts."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s) :] = 1
-    return ids, mask
-
-
 def truncate_after_eos(response: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens after the first EOS become pad; returns (response [B, T], mask [B, T]: 1 up to and including EOS).
 
@@ -133,7 +124,7 @@ def generate_tokens(
 
     A plain loop over the model's forward, not HF generate: no logits processors, so nothing from the model's
     generation_config (repetition_penalty, suppress_tokens, ...) reshapes the distribution, and none of
-    generate's per-step bookkeeping (on a small model that overhead is most of the time; scripts/bench/).
+    generate's per-step bookkeeping (same tokens from the same seed; scripts/bench/bench_rollout.py).
     Returns (response [B, T] padded after the first EOS, mask [B, T], ended_with_eos [B]); T <= max_new_tokens.
     synced_gpus: keep stepping until every rank is done (ZeRO-3, where each forward is collective).
     """
@@ -143,7 +134,7 @@ def generate_tokens(
         raise ValueError(f"max_new_tokens={max_new_tokens}; a rollout needs at least one new token")
     batch, device = len(query), query.device
     mask = query_mask.long()
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    position_ids = real_positions(mask)
     input_ids, past = query, None
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens = []
@@ -173,9 +164,11 @@ def generate_tokens(
 def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_len: int):
     """Logits [B, T, V] predicting each response token of query+response input_ids [B, L] (response starts at
     context_len). Positions are counted over real tokens, so left padding of the query changes nothing."""
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=real_positions(attention_mask),
+        use_cache=False,
     ).logits
     return logits[:, context_len - 1 : -1]
 

@@ -214,9 +214,13 @@ def token_values(value_model, input_ids: torch.Tensor, attention_mask: torch.Ten
         raise ValueError(
             f"{type(inner).__name__} has no `score` head; the critic must be a reward-model class"
         )
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    from alignlab.rl.rewards import position_ids
+
     hidden = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        use_cache=False,
     ).last_hidden_state
     return head(hidden).squeeze(-1).float()
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from alignlab.data.examples import prompt_ids
-from alignlab.generation import generate_tokens, left_pad
+from alignlab.generation import generate_tokens
+from alignlab.rl.rewards import pad_sequences
 
 
 @dataclass
@@ -87,7 +88,7 @@ def sample_rollout(
     synced_gpus: bool = False,
 ) -> Rollout:
     """Sample one answer per prompt (all of them as one batch) and decode it."""
-    query, query_mask = left_pad(prompts.ids, tokenizer.pad_token_id)
+    query, query_mask = pad_sequences(prompts.ids, tokenizer.pad_token_id, side="left")
     query, query_mask = query.to(device), query_mask.to(device)
     response, mask, ended = generate_tokens(
         model,

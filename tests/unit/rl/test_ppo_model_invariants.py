@@ -9,12 +9,13 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from alignlab.generation import generate_tokens, left_pad, response_logits, token_logprobs, truncate_after_eos
+from alignlab.generation import generate_tokens, response_logits, token_logprobs, truncate_after_eos
 from alignlab.models import TokenValueModel, disable_dropout, token_values
 from alignlab.recipes.ppo import actor_loss, forward_stats, trim
 from alignlab.rl.advantages import masked_mean
 from alignlab.rl.kl import kl_per_token, shape_scores
 from alignlab.rl.losses import lm_loss, policy_loss
+from alignlab.rl.rewards import pad_sequences
 from alignlab.rollout import sample_rollout, tokenize_prompts
 from tests.unit.conftest import tiny_config
 
@@ -180,7 +181,7 @@ def test_sample_rollout_truncation_ended_flags_and_eos_penalty(tiny_lm, tokenize
 
 
 def test_generate_tokens_rejects_greedy(tiny_lm, tokenizer):
-    q, m = left_pad([[4, 5, 6]], tokenizer.pad_token_id)
+    q, m = pad_sequences([[4, 5, 6]], tokenizer.pad_token_id, side="left")
     with pytest.raises(ValueError, match="temperature"):
         generate_tokens(
             tiny_lm, q, m, max_new_tokens=3, temperature=0.0, eos_id=tokenizer.eos_token_id, pad_id=0
@@ -191,7 +192,7 @@ def test_generate_tokens_ignores_the_models_generation_config(tiny_lm, tokenizer
     """generate_tokens' docstring: the model's own generation_config is ignored (pure ancestral sampling)."""
     hi = tokenizer.convert_tokens_to_ids("hi")
     tiny_lm.generation_config.suppress_tokens = [i for i in range(len(tokenizer)) if i != hi]
-    q, m = left_pad([[4, 5, 9, 11, 12]] * 8, tokenizer.pad_token_id)
+    q, m = pad_sequences([[4, 5, 9, 11, 12]] * 8, tokenizer.pad_token_id, side="left")
     torch.manual_seed(0)
     response, _, _ = generate_tokens(
         tiny_lm,
@@ -289,7 +290,7 @@ def test_token_values_match_the_reward_models_pooled_score(tiny_rm, tokenizer):
     last = torch.tensor([len(s) - 1 for s in seqs])
     assert torch.allclose(values[torch.arange(3), last], pooled, atol=1e-5)
     # the same values with left padding (position ids count real tokens only)
-    left_ids, left_mask = left_pad(seqs, pad)
+    left_ids, left_mask = pad_sequences(seqs, pad, side="left")
     left = token_values(tiny_rm, left_ids, left_mask)
     for b, s in enumerate(seqs):
         assert torch.allclose(left[b, width - len(s) :], values[b, : len(s)], atol=1e-5)
