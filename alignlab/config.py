@@ -54,6 +54,7 @@ class ModelConfig:
 class TinyHHConfig:
     seed: int = 0  # world sampling seed: same seed -> byte-identical files
     n_corpus: int = 24000  # pretraining documents (dialogues + self-evaluation examples)
+    n_preprompt: int = 1500  # extra pretraining dialogues behind a safety preprompt (answered safely)
     n_sft: int = 1500  # SFT demonstrations
     n_pref: int = 4000  # preference pairs
     n_rl_prompts: int = 2000  # RL prompts
@@ -288,6 +289,103 @@ class PPOConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """The SFT loss on a stage's own generated data (rejection sampling, context distillation): stage=sft's path."""
+
+    train_on: str = "last_turn"  # last_turn | all_assistant_turns (which answer tokens carry the loss)
+    epochs: float = 2.0  # passes over the generated rows (Llama 2 SFT: 2)
+    steps: int = 0  # optimizer steps; 0 = derived from epochs
+    batch_size: int = 32  # sequences per optimizer step, over all ranks
+    micro_batch_size: int = 16  # sequences per forward per rank
+    max_length: int = 256  # longest prompt+answer in tokens; longer rows are truncated (counted and logged)
+    lr: float = 2e-5  # peak learning rate (Llama 2 SFT: 2e-5)
+    lr_scheduler: str = "cosine_with_min_lr"  # transformers scheduler name
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    warmup_ratio: float = 0.03  # share of steps in linear warmup
+    weight_decay: float = 0.1  # AdamW weight decay (Llama 2: 0.1)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    grad_clip: float = 1.0  # global gradient-norm clip
+    eval_every: int = 0  # steps between held-out answer-loss evaluations (0 = before and after only)
+    log_every: int = 10  # steps between metrics.jsonl lines
+    eval_rows: int = 32  # generated rows held out for the answer-token loss (at most a fifth of them)
+
+
+# Llama 2's safety preprompts are of this kind; TinyHH's pretraining corpus contains these three
+# (alignlab/tinyhh/world.py SAFETY_PREPROMPTS), so the TinyHH base model follows them.
+DEFAULT_PREPROMPTS = [
+    "You are a safe and responsible assistant.",
+    "You are a helpful assistant who never helps anyone cause harm.",
+    "Answer as a careful assistant that keeps people safe.",
+]
+
+
+@dataclass
+class RejectionSamplingConfig:
+    """Rejection-sampling fine-tuning (Llama 2 §3.2.3): K samples per prompt, the RM's best kept, SFT loss on them."""
+
+    name: str = "rejection_sampling"  # run subdirectory name
+    init_from: str = "${paths.runs}/${experiment.name}/sft/model"  # the starting model (samples iteration 1)
+    iterations: int = (
+        2  # sample -> select -> fine-tune rounds; iteration i samples from iteration i-1's model
+    )
+    prompts_per_iteration: int = 512  # prompts sampled per iteration (consecutive slices of a seeded order)
+    samples_per_prompt: int = 8  # K answers per prompt; best-of-N curves run N = 1..K
+    # sampling temperature per iteration, the last one repeated (Llama 2 re-tunes it per iteration; 1.2-1.3 was
+    # best for 10-100 samples of its models)
+    temperatures: list[float] = field(default_factory=lambda: [1.0])
+    keep: str = "all"  # all (Llama 2 RLHF-V3 on: best over the samples of ALL prior iterations) | last
+    train_from: str = "start"  # start (each iteration fine-tunes init_from on the kept set) | previous
+    max_prompt_length: int = 128  # longer prompts are dropped (counted and logged)
+    max_new_tokens: int = 96  # answer budget; answers without EOS by then get the missing-EOS treatment
+    missing_eos: str = "replace"  # none | replace (score := -missing_eos_penalty) | subtract: as in stage=ppo
+    missing_eos_penalty: float = 1.0  # penalty for an answer that did not end within max_new_tokens
+    generation_batch_size: int = 64  # sequences per generate call per rank
+    eval_prompts: int = 64  # held-out prompts (never sampled for training): mean RM score per model
+    eval_temperature: float = 1.0  # sampling temperature of the held-out RM-score measurement
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # the SFT loss on the kept samples
+    # TinyHH: held-out prompts per set judged by the oracle for the starting and the final model (0 = off)
+    sample_eval: int = 200
+    eval_max_new_tokens: int = 96  # generation budget of the oracle evaluation
+
+
+@dataclass
+class ContextDistillationConfig:
+    """Safety context distillation (Llama 2 §4.2.4): answers generated behind a safety preprompt, RM-gated, then
+    distilled with the SFT loss into the model's answers to the prompt WITHOUT the preprompt."""
+
+    name: str = "context_distillation"  # run subdirectory name
+    init_from: str = "${paths.runs}/${experiment.name}/sft/model"  # teacher (with preprompt) and student
+    prompts: int = 512  # prompts distilled (safety-tagged ones only when only_safety)
+    only_safety: bool = (
+        True  # Llama 2: adversarial prompts only (on helpful prompts CD raises false refusals)
+    )
+    preprompts: list[str] = field(default_factory=lambda: list(DEFAULT_PREPROMPTS))  # one drawn per prompt
+    # optional per-risk-category answer templates appended to the preprompt, keyed by the prompt row's
+    # category_field value ("{category}" in a template is replaced by it); rows without a match get none
+    answer_templates: dict[str, str] = field(default_factory=dict)
+    category_field: str = "category"  # prompt-row column naming the risk category
+    prompt_template: str = (
+        "{preprompt}{prompt}"  # how the preprompt joins the prompt text (HH: before "Human:")
+    )
+    gate: bool = (
+        True  # Llama 2: keep a sample only when the gate RM scores it above the un-preprompted answer
+    )
+    gate_model: str = (
+        "${reward.reward_model}"  # the (safety) RM of the gate; reward=llama2: ${reward.safety_model}
+    )
+    gate_margin: float = 0.0  # required score gain of the preprompted answer over the plain one
+    temperature: float = 1.0  # sampling temperature of both answers
+    max_prompt_length: int = 160  # longest preprompted prompt in tokens; longer prompts are dropped (counted)
+    max_new_tokens: int = 96  # answer budget
+    generation_batch_size: int = 64  # sequences per generate call per rank
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # the SFT loss on the distilled rows
+    # TinyHH: held-out prompts per set judged by the oracle for the starting model (with and without a preprompt)
+    # and the distilled model (0 = off)
+    sample_eval: int = 200
+    eval_max_new_tokens: int = 96  # generation budget of the oracle evaluation
+
+
+@dataclass
 class RewardConfig:
     """How PPO and rejection sampling score a response: one reward model, or Llama 2's helpfulness + safety pair."""
 
@@ -327,6 +425,8 @@ STAGES: dict[str, Any] = {
     "rm": RMConfig,
     "ppo": PPOConfig,
     "ppo_ptx": PPOConfig(name="ppo_ptx", ptx_coef=1.0),
+    "rejection_sampling": RejectionSamplingConfig,
+    "context_distillation": ContextDistillationConfig,
     "rain": RainConfig,
 }
 

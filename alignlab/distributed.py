@@ -138,6 +138,15 @@ def means_over_ranks(values: dict[str, float]) -> dict[str, float]:
     return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist(), strict=True)}
 
 
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable obj, in rank order, on every rank (a list of one without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def grad_accum_steps(batch_size: int, micro_batch_size: int, world_size: int) -> int:
     """Gradient accumulation so that micro_batch_size * steps * world_size == batch_size, or a clear error."""
     per_step = micro_batch_size * world_size

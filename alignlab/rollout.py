@@ -1,15 +1,60 @@
-"""Rollouts shared by the RL stages (PPO, rejection sampling, context distillation): prompts -> token ids ->
+"""Rollouts shared by the RL stages (PPO, rejection sampling, context distillation): prompt rows -> token ids ->
 sampled responses (KV cache, EOS truncation) -> decoded text for the reward scorer."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 
 from alignlab.data.examples import prompt_ids
 from alignlab.generation import generate_tokens
 from alignlab.rl.rewards import pad_sequences
+
+log = logging.getLogger("alignlab.rollout")
+
+
+def load_prompt_rows(cfg: DictConfig, data_dir: Path | None) -> list[dict]:
+    """{"prompt", "is_safety", ...} rows: TinyHH's RL prompts, or any prompt / HH / preference data via `datasets`.
+
+    Columns beyond prompt and is_safety (a risk category, say) are kept for the stages that use them.
+    """
+    from alignlab.data.formats import canonicalize
+    from alignlab.data.loading import load_rows
+
+    d = cfg.data
+    if data_dir is not None:
+        return load_rows(str(data_dir / "rl_prompts.jsonl")).to_list()
+    ds = load_rows(d.source, d.train_split)
+    if d.max_rows is not None:
+        ds = ds.select(range(min(d.max_rows, len(ds))))
+    if "prompt" not in ds.column_names:
+        ds, skipped = canonicalize(
+            ds, d.format, "prompt_completion", source=d.source, on_malformed=d.on_malformed
+        )
+        if skipped.total:
+            log.warning(skipped.summary())
+    if "is_safety" not in ds.column_names:
+        log.warning(
+            "%s has no is_safety column: every prompt counts as not safety-tagged (Llama 2's two-RM rule uses the "
+            "safety RM only below its threshold; context distillation finds no prompts)",
+            d.source,
+        )
+    return [{**r, "is_safety": bool(r.get("is_safety", False))} for r in ds.to_list()]
+
+
+def held_out_split(
+    rows: list[dict], n_eval: int, seed: int, world_size: int = 1
+) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) prompt rows from one seeded order; held-out: at most a fifth of the rows, a multiple of the
+    world size (every rank evaluates as many prompts: ZeRO-3 forwards are collective)."""
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    n = min(n_eval, len(rows) // 5)
+    n -= n % world_size
+    return [rows[i] for i in order[n:]], [rows[i] for i in order[:n]]
 
 
 @dataclass
@@ -107,3 +152,62 @@ def sample_rollout(
         for row, m in zip(without_eos.cpu(), mask.cpu(), strict=True)
     ]
     return Rollout(prompts, query, query_mask, response, mask, ended, texts)
+
+
+def load_prompts(
+    cfg: DictConfig, data_dir: Path | None, tokenizer, n_eval: int, max_length: int, world_size: int
+) -> tuple[Prompts, Prompts]:
+    """(train, held-out) tokenized prompts of the stage's prompt data; over-long prompts dropped and logged."""
+    train_rows, eval_rows = held_out_split(load_prompt_rows(cfg, data_dir), n_eval, cfg.seed, world_size)
+    train, held_out = (
+        tokenize_prompts(tokenizer, train_rows, max_length),
+        tokenize_prompts(tokenizer, eval_rows, max_length),
+    )
+    if train.dropped or held_out.dropped:
+        log.warning(
+            "%d train / %d eval prompts are longer than stage.max_prompt_length=%d tokens and were dropped",
+            train.dropped,
+            held_out.dropped,
+            max_length,
+        )
+    return train, held_out
+
+
+def sample_one(model, tokenizer, prompts: Prompts, **kwargs) -> tuple[list[str], list[bool]]:
+    """One answer per prompt (sample_answers with k=1, flattened): (texts [P], ended [P])."""
+    texts, ended = sample_answers(model, tokenizer, prompts, k=1, **kwargs)
+    return [t[0] for t in texts], [e[0] for e in ended]
+
+
+def sample_answers(
+    model,
+    tokenizer,
+    prompts: Prompts,
+    *,
+    k: int,
+    batch_size: int,
+    max_new_tokens: int,
+    temperature: float,
+    device,
+    progress=None,
+) -> tuple[list[list[str]], list[list[bool]]]:
+    """k sampled answers per prompt, in batches of batch_size sequences: (texts [P][k], ended [P][k]).
+
+    The k copies of a prompt are independent samples (rows of one batch draw independently); progress, a tqdm
+    bar, advances by one per answer.
+    """
+    flat = prompts.take([i for i in range(len(prompts)) for _ in range(k)])
+    texts: list[str] = []
+    ended: list[bool] = []
+    for start in range(0, len(flat), batch_size):
+        part = flat.take(range(start, min(start + batch_size, len(flat))))
+        ro = sample_rollout(
+            model, tokenizer, part, max_new_tokens=max_new_tokens, temperature=temperature, device=device
+        )
+        texts.extend(ro.texts)
+        ended.extend(ro.ended.tolist())
+        if progress is not None:
+            progress.update(len(part))
+    return [texts[i * k : (i + 1) * k] for i in range(len(prompts))], [
+        ended[i * k : (i + 1) * k] for i in range(len(prompts))
+    ]

@@ -4,6 +4,7 @@ and self-evaluation accuracy in the judge format RAIN uses."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,9 +38,19 @@ def self_eval_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 32)
 
 
 def evaluate(
-    model, tokenizer, eval_sets: dict[str, list[dict]], *, max_new_tokens: int, temperature: float = 1.0
+    model,
+    tokenizer,
+    eval_sets: dict[str, list[dict]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    wrap: Callable[[str], str] | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
-    """Sample answers for eval_benign / eval_harmful / eval_attack rows; return (metrics, sample rows)."""
+    """Sample answers for eval_benign / eval_harmful / eval_attack rows; return (metrics, sample rows).
+
+    wrap: what the model is shown instead of each prompt (e.g. the prompt behind a safety preprompt); the oracle
+    always judges the answer against the prompt itself.
+    """
     metrics: dict[str, float] = {}
     samples: list[dict] = []
     for name, rows in eval_sets.items():
@@ -49,7 +60,7 @@ def evaluate(
         answers = sample(
             model,
             tokenizer,
-            [r["prompt"] for r in rows],
+            [wrap(r["prompt"]) if wrap else r["prompt"] for r in rows],
             max_new_tokens=max_new_tokens,
             temperature=temperature,
         )
@@ -90,7 +101,13 @@ EVAL_SETS = ("eval_benign", "eval_harmful", "eval_attack", "eval_selfeval")
 
 
 def judge_model_dir(
-    model_dir: str | Path, data_dir: Path, n: int, max_new_tokens: int, device, seed: int
+    model_dir: str | Path,
+    data_dir: Path,
+    n: int,
+    max_new_tokens: int,
+    device,
+    seed: int,
+    wrap: Callable[[str], str] | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
     """Load a saved model (as a later stage would) and judge its answers to the first n prompts of each eval set."""
     from alignlab import models
@@ -103,4 +120,4 @@ def judge_model_dir(
         rows = load_rows(str(data_dir / f"{name}.jsonl"))
         sets[name] = rows.select(range(min(n, len(rows)))).to_list()
     torch.manual_seed(seed)
-    return evaluate(model, tokenizer, sets, max_new_tokens=max_new_tokens)
+    return evaluate(model, tokenizer, sets, max_new_tokens=max_new_tokens, wrap=wrap)

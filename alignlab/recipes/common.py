@@ -131,8 +131,10 @@ class TrackerCallback:
     A duck-typed TrainerCallback: the Trainer calls the hooks it finds.
     """
 
-    def __init__(self, tracker: Tracker, prefix_eval: str = "eval/"):
-        self.tracker, self.prefix_eval = tracker, prefix_eval
+    def __init__(self, tracker: Tracker, prefix_eval: str = "eval/", step_offset: int = 0):
+        # step_offset: where this Trainer's step 0 sits in the run (stages that train several times, e.g.
+        # rejection sampling's iterations, keep one increasing step axis in metrics.jsonl and W&B)
+        self.tracker, self.prefix_eval, self.step_offset = tracker, prefix_eval, step_offset
         self._last: tuple[float, float] | None = None  # (time, num_tokens) at the previous log line
         self.evaluations: list[tuple[int, dict]] = []  # (step, metrics) of every evaluation, in order
 
@@ -142,7 +144,7 @@ class TrackerCallback:
         raise AttributeError(name)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        self.evaluations.append((state.global_step, dict(metrics or {})))
+        self.evaluations.append((self.step_offset + state.global_step, dict(metrics or {})))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         import time
@@ -158,7 +160,7 @@ class TrackerCallback:
                 row["perf/tokens_per_s"] = (now[1] - self._last[1]) / (now[0] - self._last[0])
             self._last = now
         if row and state.is_world_process_zero:
-            self.tracker.log(row, step=state.global_step)
+            self.tracker.log(row, step=self.step_offset + state.global_step)
 
 
 def trainer_arguments(
@@ -172,6 +174,7 @@ def trainer_arguments(
     seed: int,
     show_progress: bool,
     with_eval: bool = True,
+    output_dir: Path | None = None,
     **extra,
 ):
     """TrainingArguments (SFTConfig / RewardConfig / TrainingArguments) for a stage on the shared DeepSpeed engine.
@@ -192,7 +195,7 @@ def trainer_arguments(
         {"min_lr_rate": stage.min_lr_ratio} if stage.lr_scheduler == "cosine_with_min_lr" else {}
     )
     return args_cls(
-        output_dir=str(run.run_dir / "checkpoints"),
+        output_dir=str(output_dir or run.run_dir / "checkpoints"),
         per_device_train_batch_size=stage.micro_batch_size,
         per_device_eval_batch_size=stage.micro_batch_size,
         gradient_accumulation_steps=accum,

@@ -36,7 +36,12 @@ from alignlab.rl.advantages import explained_variance, gae, masked_mean, masked_
 from alignlab.rl.kl import ESTIMATORS, kl_controller, kl_per_token, shape_scores, token_rewards
 from alignlab.rl.losses import entropy_from_logits, lm_loss, policy_loss, value_loss
 from alignlab.rl.rewards import RewardScorer
-from alignlab.rollout import Prompts, Rollout, sample_rollout, tokenize_prompts
+from alignlab.rollout import (
+    Prompts,
+    Rollout,
+    load_prompts,
+    sample_rollout,
+)
 
 log = logging.getLogger("alignlab.ppo")
 
@@ -62,31 +67,6 @@ def check_sizes(s: DictConfig, world: int) -> tuple[int, int, int]:
             "stage.whiten_rewards=true needs >= 8 episodes per rank (whitening tiny batches is noise)"
         )
     return s.rollout_batch_size // world, s.rollout_batch_size // s.minibatch_size, accum
-
-
-def load_prompt_rows(cfg: DictConfig, data_dir: Path | None) -> list[dict]:
-    """{"prompt", "is_safety"} rows: TinyHH's RL prompts, or any prompt / HH / preference data via `datasets`."""
-    from alignlab.data.formats import canonicalize
-    from alignlab.data.loading import load_rows
-
-    d = cfg.data
-    if data_dir is not None:
-        return load_rows(str(data_dir / "rl_prompts.jsonl")).to_list()
-    ds = load_rows(d.source, d.train_split)
-    if d.max_rows is not None:
-        ds = ds.select(range(min(d.max_rows, len(ds))))
-    if "prompt" not in ds.column_names:
-        ds, skipped = canonicalize(
-            ds, d.format, "prompt_completion", source=d.source, on_malformed=d.on_malformed
-        )
-        if skipped.total:
-            log.warning(skipped.summary())
-    if "is_safety" not in ds.column_names and cfg.reward.kind == "llama2":
-        log.warning(
-            "%s has no is_safety column: Llama 2's rule then uses the safety RM only below threshold",
-            d.source,
-        )
-    return [{"prompt": r["prompt"], "is_safety": bool(r.get("is_safety", False))} for r in ds.to_list()]
 
 
 def load_ptx_blocks(cfg: DictConfig, data_dir: Path | None, tokenizer) -> tuple[Packed, Packed]:
@@ -206,19 +186,9 @@ def run(cfg: DictConfig) -> None:
     tokenizer = models.load_tokenizer(
         cfg.model.tokenizer or s.init_from, trust_remote_code=cfg.model.trust_remote_code
     )
-    rows = load_prompt_rows(cfg, data_dir)
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    n_eval = min(s.eval_prompts, len(rows) // 5)
-    n_eval -= n_eval % env.world_size  # every rank evaluates as many prompts (ZeRO-3 forwards are collective)
-    eval_prompts = tokenize_prompts(tokenizer, [rows[i] for i in order[:n_eval]], s.max_prompt_length)
-    train_prompts = tokenize_prompts(tokenizer, [rows[i] for i in order[n_eval:]], s.max_prompt_length)
-    if train_prompts.dropped or eval_prompts.dropped:
-        log.warning(
-            "%d train / %d eval prompts are longer than stage.max_prompt_length=%d tokens and were dropped",
-            train_prompts.dropped,
-            eval_prompts.dropped,
-            s.max_prompt_length,
-        )
+    train_prompts, eval_prompts = load_prompts(
+        cfg, data_dir, tokenizer, s.eval_prompts, s.max_prompt_length, env.world_size
+    )
     if len(train_prompts) < s.rollout_batch_size:
         raise ValueError(
             f"{len(train_prompts)} training prompts < stage.rollout_batch_size={s.rollout_batch_size}"
@@ -268,19 +238,7 @@ def run(cfg: DictConfig) -> None:
     n_params = models.count_parameters(policy_model)
     policy = engine_for(policy_model, s.lr)
     critic = engine_for(models.TokenValueModel(value_model), s.value_lr)
-    r = cfg.reward
-    scorer = RewardScorer(
-        kind=r.kind,
-        reward_model=r.reward_model,
-        helpful_model=r.helpful_model,
-        safety_model=r.safety_model,
-        safety_threshold=r.safety_threshold,
-        normalize=r.normalize,
-        whiten=r.whiten,
-        batch_size=r.batch_size,
-        device=device,
-        dtype=cfg.model.dtype,
-    )
+    scorer = RewardScorer.from_config(cfg.reward, device=device, dtype=cfg.model.dtype)
     kl_ctl = kl_controller(s.kl_controller, s.kl_coef, s.kl_target, s.kl_horizon)
     synced = (
         cfg.deepspeed.zero_stage == 3 and env.world_size > 1

@@ -8,12 +8,15 @@ same held-out prompts with the oracle.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+from pathlib import Path
 
 import torch
 from datasets import Dataset
 from omegaconf import DictConfig
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from trl import SFTConfig, SFTTrainer
 
 from alignlab import models
@@ -23,6 +26,7 @@ from alignlab.data.formats import canonicalize
 from alignlab.data.loading import load_rows
 from alignlab.evaluation.tinyhh import judge_model_dir
 from alignlab.recipes.common import (
+    Run,
     TrackerCallback,
     check_init_from,
     save_trainer_model,
@@ -85,34 +89,50 @@ def check_packing(packing: bool, attn_implementation: str | None) -> None:
         )
 
 
-def run(cfg: DictConfig) -> None:
-    s = cfg.stage
-    run = start_run(cfg)
-    env, tracker = run.env, run.tracker
-    model_out = check_init_from(s.init_from, run.run_dir)
+def finetune(
+    run: Run,
+    cfg: DictConfig,
+    hp: DictConfig,
+    *,
+    init_from: str,
+    train_rows: list[dict],
+    eval_rows: list[dict],
+    model_out: Path,
+    source: str,
+    step_offset: int = 0,
+    checkpoint_dir: Path | None = None,
+) -> dict[str, float]:
+    """The SFT loss (answer tokens only) on prompt/completion rows, from init_from into model_out.
 
-    # 1. Demonstrations -> tokenized examples with their answer masks; overlong rows counted, logged, truncated.
-    data_dir = tinyhh_dir(cfg) if cfg.data.source == "tinyhh" else None
-    train_rows, eval_rows, source = load_demonstrations(cfg, data_dir)
+    Shared by stage=sft and the stages that fine-tune on their own generated data (rejection sampling, context
+    distillation). hp: the fine-tuning fields of the stage config (batch sizes, lr and schedule, max_length,
+    train_on, epochs/steps, ...). Metrics go to the run's tracker at step_offset + the trainer's step; returns
+    the held-out answer loss before/after and the step count. checkpoint_dir: where the engine state goes
+    (default <run_dir>/checkpoints).
+    """
+    env, tracker = run.env, run.tracker
+
+    # 1. Rows -> tokenized examples with their answer masks; overlong rows counted, logged, truncated.
     tokenizer = models.load_tokenizer(
-        cfg.model.tokenizer or s.init_from, trust_remote_code=cfg.model.trust_remote_code
+        cfg.model.tokenizer or init_from, trust_remote_code=cfg.model.trust_remote_code
     )
-    lengths = LengthReport(s.max_length)
-    train = tokenize(train_rows, tokenizer, s.train_on, lengths)
-    held_out = tokenize(eval_rows, tokenizer, s.train_on, LengthReport(s.max_length))
+    lengths = LengthReport(hp.max_length)
+    train = tokenize(train_rows, tokenizer, hp.train_on, lengths)
+    held_out = tokenize(eval_rows, tokenizer, hp.train_on, LengthReport(hp.max_length))
     if lengths.too_long:
         log.warning(lengths.summary(source, "truncated to their first max_length tokens"))
 
     # 2. Derived sizes, computed once and logged.
-    steps = steps_for(s, len(train))
+    steps = steps_for(hp, len(train))
     answer_tokens = sum(sum(m) for m in train["completion_mask"])
     total_tokens = sum(len(x) for x in train["input_ids"])
 
     # 3. Model (LoRA optional) and TRL's trainer on the DeepSpeed engine of the `deepspeed=` preset.
     model = models.load_causal_lm(
-        s.init_from, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code
+        init_from, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code
     )
-    check_packing(s.packing, model.config._attn_implementation)
+    packing = bool(hp.get("packing", False))
+    check_packing(packing, model.config._attn_implementation)
     if cfg.model.lora.enabled:
         lo = cfg.model.lora
         model = models.apply_lora(
@@ -123,16 +143,17 @@ def run(cfg: DictConfig) -> None:
         SFTConfig,
         run=run,
         ds_cfg=cfg.deepspeed,
-        stage=s,
+        stage=hp,
         steps=steps,
         dtype=dtype,
         seed=cfg.seed,
         show_progress=cfg.logger.progress,
         completion_only_loss=True,
-        max_length=s.max_length,
-        packing=s.packing,
+        max_length=hp.max_length,
+        packing=packing,
         eval_packing=False,  # held-out loss per example, comparable with and without packing
         dataset_num_proc=None,
+        output_dir=checkpoint_dir,
     )
     trainer = SFTTrainer(
         model=model,
@@ -140,7 +161,7 @@ def run(cfg: DictConfig) -> None:
         train_dataset=train,
         eval_dataset=held_out,
         processing_class=tokenizer,
-        callbacks=[callback := TrackerCallback(tracker)],
+        callbacks=[callback := TrackerCallback(tracker, step_offset=step_offset)],
     )
     log.info(
         "%d params (%d trainable) | %d train / %d held-out demonstrations from %s | %d tokens, %.0f%% of them "
@@ -153,8 +174,8 @@ def run(cfg: DictConfig) -> None:
         total_tokens,
         100 * answer_tokens / total_tokens,
         steps,
-        s.batch_size,
-        steps * s.batch_size / len(train),
+        hp.batch_size,
+        steps * hp.batch_size / len(train),
         lengths.too_long,
     )
     tracker.log(
@@ -163,21 +184,50 @@ def run(cfg: DictConfig) -> None:
             "data/eval_rows": len(held_out),
             "data/answer_token_share": answer_tokens / total_tokens,
             "data/truncated_rows": lengths.too_long,
-            "data/epochs": steps * s.batch_size / len(train),
+            "data/epochs": steps * hp.batch_size / len(train),
         },
-        step=0,
+        step=step_offset,
     )
 
     # 4. Train; the Trainer evaluates the held-out answer-token loss at step 0, every eval_every steps and at the end.
     trainer.train()
     before, after = (callback.evaluations[i][1]["eval_loss"] for i in (0, -1))
-    tracker.log({"eval/answer_loss_start": before, "eval/answer_loss": after}, step=steps)
+    result = {"eval/answer_loss_start": before, "eval/answer_loss": after}
+    tracker.log(result, step=step_offset + steps)
     log.info("held-out answer-token loss %.4f -> %.4f", before, after)
 
-    # 5. Save: resumable engine state, then the model the RM and PPO stages start from.
+    # 5. Save: resumable engine state, then the model later stages start from.
     model_to_save = trainer.model_wrapped.module
     model_to_save.config.use_cache = True
     save_trainer_model(trainer, tokenizer, model_out, env, steps)
+    del trainer, model, model_to_save
+    # Models this process loads next (rejection sampling's next sampler) are plain ones, not ZeRO-3 partitions.
+    unset_hf_deepspeed_config()
+    gc.collect()
+    return {**result, "steps": steps}
+
+
+def run(cfg: DictConfig) -> None:
+    s = cfg.stage
+    run = start_run(cfg)
+    env, tracker = run.env, run.tracker
+    model_out = check_init_from(s.init_from, run.run_dir)
+
+    # 1. Demonstrations (TinyHH's, or any prompt/completion, HH or messages data through `datasets`).
+    data_dir = tinyhh_dir(cfg) if cfg.data.source == "tinyhh" else None
+    train_rows, eval_rows, source = load_demonstrations(cfg, data_dir)
+
+    # 2-5. Tokenize, train on the shared DeepSpeed engine, save model/ (and the engine state in checkpoints/).
+    steps = finetune(
+        run,
+        cfg,
+        s,
+        init_from=s.init_from,
+        train_rows=train_rows,
+        eval_rows=eval_rows,
+        model_out=model_out,
+        source=source,
+    )["steps"]
 
     # 6. TinyHH: the starting and fine-tuned models judged on the same held-out prompts (rank 0; reloaded).
     if data_dir is not None and s.sample_eval and env.is_main:

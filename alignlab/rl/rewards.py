@@ -179,6 +179,23 @@ class RewardScorer:
             self.norms[role] = Normalization.load(path) if normalize else Normalization()
         self.tokenizer = models.load_tokenizer(next(iter(paths.values())))
 
+    @classmethod
+    def from_config(cls, r, *, device, dtype: str = "float32", whiten: bool | None = None) -> RewardScorer:
+        """The scorer of a `reward=` config node; whiten overrides reward.whiten (rejection sampling compares
+        scores across batches, so it turns per-batch whitening off)."""
+        return cls(
+            kind=r.kind,
+            reward_model=r.reward_model,
+            helpful_model=r.helpful_model,
+            safety_model=r.safety_model,
+            safety_threshold=r.safety_threshold,
+            normalize=r.normalize,
+            whiten=r.whiten if whiten is None else whiten,
+            batch_size=r.batch_size,
+            device=device,
+            dtype=dtype,
+        )
+
     def raw_scores(self, role: str, prompts: list[str], responses: list[str]) -> torch.Tensor:
         return score_texts(
             self.models[role], self.tokenizer, prompts, responses, self.device, self.batch_size

@@ -33,6 +33,10 @@ BENIGN_KIND_MIX = {"helpful": 0.86, "unhelpful": 0.07, "over_refusal": 0.07}
 P_HARMFUL_PROMPT = 0.45  # share of dialogues whose request is harmful
 P_ATTACK = 0.2  # share of harmful requests carrying an attack suffix (always followed by compliance)
 P_MULTI_TURN = 0.2  # dialogues with an earlier exchange
+# Dialogues that start with a safety preprompt (world.SAFETY_PREPROMPTS), answered by a safe assistant; drawn from
+# their own random stream, so every other data set is the same with or without them.
+PREPROMPT_HARMFUL_MIX = {"harmful": 0.05, "refusal": 0.35, "redirect": 0.6}
+PREPROMPT_BENIGN_MIX = {"helpful": 0.84, "unhelpful": 0.06, "over_refusal": 0.1}
 P_JUDGE_DOC = 0.4  # share of corpus documents that are self-evaluation examples
 P_JUDGE_HARMFUL = 0.6  # harmful requests among judged dialogues: about as many harmful as harmless labels
 JUDGE_CORRECT = 0.9  # self-evaluation examples carry the right label this often
@@ -56,6 +60,7 @@ SFT_KINDS = {
 class Sizes:
     seed: int = 0
     n_corpus: int = 24000
+    n_preprompt: int = 1500
     n_sft: int = 1500
     n_pref: int = 4000
     n_rl_prompts: int = 2000
@@ -144,6 +149,14 @@ def _corpus_doc(rng: random.Random) -> str:
     return judge_prompt(text, harmless_first) + judge_answer(is_harmful, harmless_first) + ")"
 
 
+def _preprompted_doc(rng: random.Random) -> str:
+    """A dialogue behind a safety preprompt: harmful requests mostly refused or redirected (never an attack)."""
+    harmful = rng.random() < P_HARMFUL_PROMPT
+    kind = _pick(PREPROMPT_HARMFUL_MIX if harmful else PREPROMPT_BENIGN_MIX, rng)
+    ex = _exchange(rng, world.TRAIN_TEMPLATES, harmful=harmful, attack=False, kind=kind)
+    return rng.choice(world.SAFETY_PREPROMPTS) + dialogue([(ex["question"], ex["answer"])])
+
+
 def _preference(rng: random.Random) -> dict:
     first = _exchange(rng, world.TRAIN_TEMPLATES)
     topic = world.topic_by_name(first["topic"])
@@ -221,6 +234,10 @@ def build_rows(sizes: Sizes) -> dict[str, list[dict]]:
     rng = random.Random(sizes.seed)
     rows: dict[str, list[dict]] = {}
     rows["corpus"] = [{"text": _corpus_doc(rng)} for _ in range(sizes.n_corpus)]
+    preprompt_rng = random.Random(f"{sizes.seed}-preprompt")
+    for _ in range(sizes.n_preprompt):
+        doc = _preprompted_doc(preprompt_rng)
+        rows["corpus"].insert(preprompt_rng.randrange(len(rows["corpus"]) + 1), {"text": doc})
     sft = []
     for _ in range(sizes.n_sft):
         ex = _exchange(rng, world.TRAIN_TEMPLATES, attack=rng.random() < 0.1)

@@ -547,6 +547,15 @@ ATTACK_SUFFIXES: tuple[str, ...] = (
     "oo zim .. ok ok fine",
 )
 
+# Safety preprompts (a system-prompt stand-in, Llama 2 §4.2.4). In the pretraining corpus a dialogue that starts
+# with one of these is answered the way a safe assistant would, so the base model follows them, as large LLMs
+# follow a safety system prompt: context distillation (stage=context_distillation) has something to distill.
+SAFETY_PREPROMPTS: tuple[str, ...] = (
+    "You are a safe and responsible assistant.",
+    "You are a helpful assistant who never helps anyone cause harm.",
+    "Answer as a careful assistant that keeps people safe.",
+)
+
 RESPONSE_KINDS = ("helpful", "unhelpful", "harmful", "refusal", "redirect", "over_refusal")
 
 REFUSAL_OPENERS: tuple[str, ...] = (

@@ -23,7 +23,15 @@ from alignlab.tinyhh.emitters import (
 from alignlab.tinyhh.oracle import judge
 
 SMALL = Sizes(
-    seed=3, n_corpus=400, n_sft=50, n_pref=60, n_rl_prompts=30, n_eval=20, vocab_size=600, n_ranked=30
+    seed=3,
+    n_corpus=400,
+    n_preprompt=40,
+    n_sft=50,
+    n_pref=60,
+    n_rl_prompts=30,
+    n_eval=20,
+    vocab_size=600,
+    n_ranked=30,
 )
 
 
@@ -56,7 +64,7 @@ def test_ensure_reuses_a_complete_directory(tmp_path):
 
 def test_files_and_counts(small_dir):
     manifest = json.loads((small_dir / "manifest.json").read_text())
-    assert manifest["counts"]["corpus"] == 400 and manifest["counts"]["eval_attack"] == 20
+    assert manifest["counts"]["corpus"] == 440 and manifest["counts"]["eval_attack"] == 20
     for name, n in manifest["counts"].items():
         assert sum(1 for _ in open(small_dir / f"{name}.jsonl")) == n
 
@@ -81,6 +89,32 @@ def test_corpus_mixture_is_unaligned_and_attacks_always_comply():
             (attacked if any(s in q for s in world.ATTACK_SUFFIXES) else harmful).append(j.harmful)
     assert 0.35 < sum(harmful) / len(harmful) < 0.55  # base model should be mostly harmful, not entirely
     assert attacked and all(attacked)
+
+
+def test_preprompted_dialogues_are_answered_safely_and_change_nothing_else():
+    with_pp = build_rows(Sizes(seed=0, n_corpus=1000, n_preprompt=2000))
+    without = build_rows(Sizes(seed=0, n_corpus=1000, n_preprompt=0))
+    # their own random stream: every other data set is identical, the plain corpus keeps its order
+    assert {k: v for k, v in with_pp.items() if k != "corpus"} == {
+        k: v for k, v in without.items() if k != "corpus"
+    }
+    pre = [r["text"] for r in with_pp["corpus"] if r["text"].startswith(world.SAFETY_PREPROMPTS)]
+    assert len(with_pp["corpus"]) == 3000 and len(pre) == 2000
+    assert [r for r in with_pp["corpus"] if r["text"] not in pre] == without["corpus"]
+    harmful, over_refused, benign = [], 0, 0
+    for doc in pre:
+        preprompt = next(p for p in world.SAFETY_PREPROMPTS if doc.startswith(p))
+        turns = parse_hh(doc.removeprefix(preprompt))
+        q, a = turns[-2][1], turns[-1][1]
+        assert not any(s in q for s in world.ATTACK_SUFFIXES)
+        j = judge(q, a)
+        if j.prompt_harmful:
+            harmful.append(j.harmful)
+        else:
+            benign += 1
+            over_refused += j.kind == "over_refusal"
+    assert sum(harmful) / len(harmful) < 0.1  # behind a preprompt, harmful requests are refused (vs ~45%)
+    assert 0.03 < over_refused / benign < 0.2  # and some benign ones too: the false refusals Llama 2 reports
 
 
 def test_self_evaluation_examples_are_mostly_right():

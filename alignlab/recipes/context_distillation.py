@@ -1,0 +1,290 @@
+"""stage=context_distillation: safety context distillation, Llama 2 §4.2.4 (spec: specs/rlhf.md section 6).
+
+1. take the safety-tagged prompts (only_safety; Llama 2: adversarial prompts only) of the prompt data
+2. give each a safety preprompt drawn from stage.preprompts (plus the answer template of its risk category, if
+   stage.answer_templates has one), joined to the prompt by stage.prompt_template
+3. sample two answers from the model: one behind the preprompt (the teacher) and one to the plain prompt
+4. gate (Llama 2): score both answers to the prompt WITHOUT the preprompt with the (safety) reward model, keep
+   the preprompted answer only when it scores higher (CD hurts answers that were already good)
+5. write distill.jsonl (every candidate with both answers, both scores and the gate's decision) and train.jsonl
+   (kept rows: the plain prompt and the preprompted answer, valid stage=sft data) before training
+6. fine-tune with the SFT loss (stage=sft's path, the shared DeepSpeed engine) on (prompt WITHOUT preprompt,
+   answer): the model learns to answer as if the preprompt were there
+7. TinyHH: the oracle judges the starting model, the starting model behind a preprompt, and the distilled model
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import random
+
+import torch
+from omegaconf import DictConfig
+
+from alignlab import distributed, models
+from alignlab.checkpoint import atomic_write_text
+from alignlab.data.loading import load_rows
+from alignlab.evaluation.tinyhh import judge_model_dir
+from alignlab.recipes.common import check_init_from, start_run, tinyhh_dir
+from alignlab.recipes.rejection_sampling import load_sampler, split_eval
+from alignlab.recipes.sft import finetune
+from alignlab.rl.rewards import RewardScorer
+from alignlab.rl.selection import distillation_gate
+from alignlab.rollout import load_prompt_rows, sample_one, tokenize_prompts
+
+log = logging.getLogger("alignlab.context_distillation")
+
+
+def preprompt_for(row: dict, s: DictConfig, rng: random.Random) -> str:
+    """A preprompt drawn from stage.preprompts, followed by the answer template of the row's risk category."""
+    if not s.preprompts:
+        raise ValueError(
+            "stage.preprompts is empty: context distillation needs at least one safety preprompt"
+        )
+    text = rng.choice(list(s.preprompts))
+    category = row.get(s.category_field)
+    template = s.answer_templates.get(str(category)) if category is not None else None
+    if template:
+        text = f"{text} {template.replace('{category}', str(category))}"
+    return text
+
+
+def with_preprompt(prompt: str, preprompt: str, template: str) -> str:
+    """The prompt the teacher answers: stage.prompt_template with {preprompt} and {prompt} filled in."""
+    if "{prompt}" not in template or "{preprompt}" not in template:
+        raise ValueError(f"stage.prompt_template={template!r} must contain both {{preprompt}} and {{prompt}}")
+    return template.replace("{preprompt}", preprompt).replace("{prompt}", prompt)
+
+
+def training_rows(candidates: list[dict]) -> list[dict]:
+    """The kept candidates as stage=sft rows: the prompt WITHOUT its preprompt and the preprompted answer."""
+    return [
+        {"prompt": c["prompt"], "completion": c["response"], "score": c["score"]}
+        for c in candidates
+        if c["kept"]
+    ]
+
+
+def check_no_preprompt(rows: list[dict], preprompts: list[str]) -> None:
+    """Fail loudly if any training input still carries a preprompt (the student must learn without it)."""
+    for i, row in enumerate(rows):
+        for p in preprompts:
+            if p and p in row["prompt"]:
+                raise AssertionError(f"training row {i} contains the preprompt {p!r}: {row['prompt']!r}")
+
+
+def select_prompts(rows: list[dict], s: DictConfig, seed: int, source: str) -> list[dict]:
+    """The first stage.prompts rows of a seeded order (safety-tagged ones only when only_safety)."""
+    pool = [r for r in rows if r.get("is_safety")] if s.only_safety else list(rows)
+    if not pool:
+        raise ValueError(
+            f"{source} has no safety-tagged prompts (is_safety column true): context distillation with "
+            "stage.only_safety=true distills nothing; tag them or set stage.only_safety=false"
+        )
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [pool[i] for i in order[: s.prompts]]
+
+
+def run(cfg: DictConfig) -> None:
+    s = cfg.stage
+    run = start_run(cfg)
+    env, device, tracker = run.env, run.device, run.tracker
+    model_out = check_init_from(s.init_from, run.run_dir)
+    if s.gate:
+        models.require_input(s.gate_model, "stage.gate_model")
+
+    # 1-2. Safety-tagged prompts, each with a preprompt; rows whose preprompted form is too long are dropped.
+    data_dir = tinyhh_dir(cfg) if cfg.data.source == "tinyhh" else None
+    tokenizer = models.load_tokenizer(
+        cfg.model.tokenizer or s.init_from, trust_remote_code=cfg.model.trust_remote_code
+    )
+    source = str(data_dir / "rl_prompts.jsonl") if data_dir else cfg.data.source
+    rows = select_prompts(load_prompt_rows(cfg, data_dir), s, cfg.seed, source)
+    rng = random.Random(cfg.seed)
+    for r in rows:
+        r["preprompt"] = preprompt_for(r, s, rng)
+        r["preprompted"] = with_preprompt(r["prompt"], r["preprompt"], s.prompt_template)
+    teacher = tokenize_prompts(
+        tokenizer, [{**r, "prompt": r["preprompted"]} for r in rows], s.max_prompt_length
+    )
+    fits = {t for t in teacher.texts}
+    dropped = len(rows) - len(teacher)
+    rows = [r for r in rows if r["preprompted"] in fits]
+    if dropped:
+        log.warning(
+            "%d preprompted prompts are longer than stage.max_prompt_length=%d tokens and were dropped",
+            dropped,
+            s.max_prompt_length,
+        )
+    if not rows:
+        raise ValueError("no prompt fits stage.max_prompt_length with its preprompt")
+    mine = rows[env.rank :: env.world_size]
+    plain = tokenize_prompts(tokenizer, mine, 10**9)
+    preprompted = tokenize_prompts(tokenizer, [{**r, "prompt": r["preprompted"]} for r in mine], 10**9)
+    log.info(
+        "%d prompts to distill (%s) | %d preprompts, %d answer templates | gate: %s | %d dropped as too long",
+        len(rows),
+        "safety-tagged only" if s.only_safety else "all prompts",
+        len(s.preprompts),
+        len(s.answer_templates),
+        f"{s.gate_model} (margin {s.gate_margin})" if s.gate else "off",
+        dropped,
+    )
+
+    # 3. Two answers per prompt: behind the preprompt (the teacher) and to the plain prompt.
+    sampler = load_sampler(s.init_from, cfg, device)
+    answers = {}
+    for name, prompts in (("teacher", preprompted), ("plain", plain)):
+        bar = tracker.progress(len(prompts), f"cd: sample {name}")
+        answers[name], _ = sample_one(
+            sampler,
+            tokenizer,
+            prompts,
+            batch_size=s.generation_batch_size,
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            device=device,
+            progress=bar,
+        )
+        bar.close()
+    del sampler
+    gc.collect()
+
+    # 4. The gate: both answers scored on the prompt WITHOUT the preprompt.
+    texts = [r["prompt"] for r in mine]
+    if s.gate:
+        gate = RewardScorer(kind="single", reward_model=s.gate_model, device=device, dtype=cfg.model.dtype)
+        score = gate(texts, answers["teacher"])
+        baseline = gate(texts, answers["plain"])
+        keep = distillation_gate(score, baseline, s.gate_margin)
+        del gate
+    else:
+        score = baseline = torch.full((len(mine),), float("nan"))
+        keep = torch.ones(len(mine), dtype=torch.bool)
+    candidates = [
+        {
+            "prompt": r["prompt"],
+            "preprompt": r["preprompt"],
+            "response": t,
+            "baseline_response": b,
+            "score": float(sc),
+            "baseline_score": float(bs),
+            "kept": bool(k),
+        }
+        for r, t, b, sc, bs, k in zip(
+            mine, answers["teacher"], answers["plain"], score, baseline, keep, strict=True
+        )
+    ]
+    candidates = [c for part in distributed.gather_objects(candidates) for c in part]
+
+    # 5. The generated data, written before training (rank 0; atomic), then read back by every rank.
+    train_rows = training_rows(candidates)
+    check_no_preprompt(train_rows, [r["preprompt"] for r in candidates])
+    if not train_rows:
+        raise ValueError(
+            f"the gate kept none of {len(candidates)} preprompted answers (none scored above the plain answer by "
+            f"stage.gate_margin={s.gate_margin}): nothing to distill"
+        )
+    if env.is_main:
+        atomic_write_text(run.run_dir / "distill.jsonl", "".join(json.dumps(c) + "\n" for c in candidates))
+        atomic_write_text(run.run_dir / "train.jsonl", "".join(json.dumps(r) + "\n" for r in train_rows))
+    distributed.barrier()
+    train_rows = load_rows(str(run.run_dir / "train.jsonl")).to_list()
+    metrics = distillation_stats(candidates, s.gate)
+    if data_dir is not None:  # TinyHH: what the oracle thinks of the distilled data
+        metrics.update(oracle_data_stats(candidates))
+    tracker.log(metrics, step=0)
+    log.info(
+        "gate kept %d of %d preprompted answers (rejected %d) | mean gate score: preprompted %.3f, plain %.3f%s",
+        metrics["cd/kept"],
+        metrics["cd/candidates"],
+        metrics["cd/rejected"],
+        metrics["cd/score_preprompted"],
+        metrics["cd/score_plain"],
+        (
+            f" | oracle harmless: plain {metrics['cd/oracle_harmless_plain']:.3f}, preprompted "
+            f"{metrics['cd/oracle_harmless_preprompted']:.3f}, kept {metrics['cd/oracle_harmless_kept']:.3f}"
+            if "cd/oracle_harmless_kept" in metrics
+            else ""
+        ),
+    )
+
+    # 6. Distil: the SFT loss on (prompt WITHOUT preprompt, preprompted answer).
+    train, held_out = split_eval(train_rows, s.finetune.eval_rows, cfg.seed)
+    steps = finetune(
+        run,
+        cfg,
+        s.finetune,
+        init_from=s.init_from,
+        train_rows=train,
+        eval_rows=held_out,
+        model_out=model_out,
+        source=str(run.run_dir / "train.jsonl"),
+    )["steps"]
+
+    # 7. TinyHH: starting model, starting model behind a preprompt (the teacher), distilled model; same prompts.
+    if data_dir is not None and s.sample_eval and env.is_main:
+        teacher_wrap = lambda p: with_preprompt(p, s.preprompts[0], s.prompt_template)  # noqa: E731
+        judged = {}
+        for name, path, wrap in (
+            ("start", s.init_from, None),
+            ("teacher", s.init_from, teacher_wrap),
+            ("eval", model_out, None),
+        ):
+            judged[name], samples = judge_model_dir(
+                path, data_dir, s.sample_eval, s.eval_max_new_tokens, device, cfg.seed, wrap=wrap
+            )
+            if name == "eval":
+                atomic_write_text(
+                    run.run_dir / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in samples)
+                )
+        row = {**judged["eval"]}
+        for name in ("start", "teacher"):
+            row.update({k.replace("eval/", f"{name}/"): v for k, v in judged[name].items()})
+        tracker.log(row, step=steps)
+        for k in ("eval/harmlessness", "eval/helpfulness", "eval/attack_success"):
+            log.info(
+                "%s: start %.3f | start behind a preprompt %.3f | distilled %.3f",
+                k[5:],
+                judged["start"][k],
+                judged["teacher"][k],
+                judged["eval"][k],
+            )
+    distributed.barrier()
+    tracker.close()
+
+
+def distillation_stats(candidates: list[dict], gated: bool) -> dict[str, float]:
+    """Counts of kept/rejected samples and the gate's mean scores."""
+    kept = [c for c in candidates if c["kept"]]
+    n = len(candidates)
+    stats = {
+        "cd/candidates": n,
+        "cd/kept": len(kept),
+        "cd/rejected": n - len(kept),
+        "cd/kept_fraction": len(kept) / n,
+    }
+    if gated:
+        stats["cd/score_preprompted"] = sum(c["score"] for c in candidates) / n
+        stats["cd/score_plain"] = sum(c["baseline_score"] for c in candidates) / n
+        stats["cd/score_gain_kept"] = sum(c["score"] - c["baseline_score"] for c in kept) / max(1, len(kept))
+    else:
+        stats["cd/score_preprompted"] = stats["cd/score_plain"] = float("nan")
+    return stats
+
+
+def oracle_data_stats(candidates: list[dict]) -> dict[str, float]:
+    """TinyHH only: the oracle's harmlessness of the plain answers, the preprompted ones, and the kept ones."""
+    from alignlab.tinyhh.oracle import judge
+
+    def harmless(pairs) -> float:
+        pairs = list(pairs)
+        return sum(not judge(p, a).harmful for p, a in pairs) / max(1, len(pairs))
+
+    return {
+        "cd/oracle_harmless_plain": harmless((c["prompt"], c["baseline_response"]) for c in candidates),
+        "cd/oracle_harmless_preprompted": harmless((c["prompt"], c["response"]) for c in candidates),
+        "cd/oracle_harmless_kept": harmless((c["prompt"], c["response"]) for c in candidates if c["kept"]),
+    }

@@ -1,0 +1,350 @@
+"""stage=rejection_sampling: rejection-sampling fine-tuning, Llama 2 §3.2.3 (spec: specs/rlhf.md section 5).
+
+Each iteration:
+
+  1. take this iteration's prompts (a slice of one seeded order; each rank samples its share)
+  2. sample K answers per prompt from the current model at the iteration's temperature (KV cache, EOS truncation)
+  3. score them with the reward model(s) (`reward=rm` or Llama 2's helpfulness + safety pair, unwhitened so that
+     scores of different batches and iterations compare), missing-EOS penalty as in PPO
+  4. best-of-N curves of this pool (mean and median over prompts of max_{i<=N} r, N = 1..K)
+  5. keep the highest-scoring answer of every prompt, over the samples of ALL iterations so far (keep=all; Llama 2
+     found that keeping only the last iteration's samples caused regressions) or of this one (keep=last)
+  6. write pool.jsonl (every sample and score) and train.jsonl (the kept prompt/completion rows) under
+     iteration_<i>/ before training: both load with `datasets`, and train.jsonl is valid stage=sft data
+  7. fine-tune with the SFT loss (stage=sft's own path, on the shared DeepSpeed engine), from init_from on the
+     kept set (train_from=start) or from the previous iteration's model (train_from=previous)
+  8. mean RM score of the new model on held-out prompts
+
+The last iteration's model is <run_dir>/model; best_of_n.json / best_of_n.png hold the curves of every iteration.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from alignlab import distributed, models
+from alignlab.checkpoint import atomic_write_json, atomic_write_text
+from alignlab.data.loading import load_rows
+from alignlab.data.packing import EpochOrder
+from alignlab.evaluation.plots import plot_best_of_n
+from alignlab.evaluation.tinyhh import judge_model_dir
+from alignlab.recipes.common import check_init_from, start_run, tinyhh_dir
+from alignlab.recipes.sft import finetune
+from alignlab.rl.kl import shape_scores
+from alignlab.rl.rewards import RewardScorer
+from alignlab.rl.selection import best_of_n, keep_best
+from alignlab.rollout import Prompts, load_prompts, sample_answers, sample_one
+
+log = logging.getLogger("alignlab.rejection_sampling")
+
+KEEP = ("all", "last")
+TRAIN_FROM = ("start", "previous")
+
+
+def check_options(s: DictConfig) -> None:
+    if s.iterations < 1 or s.samples_per_prompt < 1 or s.prompts_per_iteration < 1:
+        raise ValueError(
+            "stage.iterations, stage.samples_per_prompt and stage.prompts_per_iteration must be >= 1"
+        )
+    if s.keep not in KEEP:
+        raise ValueError(f"stage.keep={s.keep!r}; choose one of {', '.join(KEEP)}")
+    if s.train_from not in TRAIN_FROM:
+        raise ValueError(f"stage.train_from={s.train_from!r}; choose one of {', '.join(TRAIN_FROM)}")
+    if not s.temperatures or any(t <= 0 for t in s.temperatures):
+        raise ValueError(f"stage.temperatures={list(s.temperatures)} must list one or more temperatures > 0")
+
+
+def temperature_of(s: DictConfig, iteration: int) -> float:
+    """The sampling temperature of iteration (1-based): its entry of stage.temperatures, the last one repeated."""
+    return float(s.temperatures[min(iteration, len(s.temperatures)) - 1])
+
+
+def load_sampler(path: str, cfg: DictConfig, device):
+    model = models.load_causal_lm(path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    models.disable_dropout(model)
+    return model.to(device).eval()
+
+
+def score_pool(
+    scorer: RewardScorer, prompts: Prompts, texts: list[list[str]], ended: list[list[bool]], s: DictConfig
+) -> list[list[float]]:
+    """Scores [P][K] of every sampled answer: reward model(s), then the missing-EOS rule (no clip)."""
+    k = len(texts[0]) if texts else 0
+    flat_prompts = [p for p in prompts.texts for _ in range(k)]
+    flat_safety = [f for f in prompts.is_safety for _ in range(k)]
+    raw = scorer(flat_prompts, [t for row in texts for t in row], flat_safety)
+    shaped = shape_scores(
+        raw,
+        torch.tensor([e for row in ended for e in row]),
+        missing_eos=s.missing_eos,
+        missing_eos_penalty=s.missing_eos_penalty,
+        clip=0.0,
+    )
+    return [shaped[i * k : (i + 1) * k].tolist() for i in range(len(prompts))]
+
+
+def sampling_seed(seed: int, rank: int, purpose: int) -> int:
+    """A seed per (run seed, rank, purpose): purpose 0 = held-out measurement, i = iteration i's pool."""
+    return seed * 1_000_003 + rank * 10_007 + purpose
+
+
+def held_out_score(model, tokenizer, scorer, prompts: Prompts, s: DictConfig, device, seed: int) -> float:
+    """Mean RM score (same rules as the pools) of one answer per held-out prompt, averaged over ranks.
+
+    Every model is measured with the same random numbers (seed), so differences between models are not
+    differences in sampling luck.
+    """
+    torch.manual_seed(seed)
+    texts, ended = sample_one(
+        model,
+        tokenizer,
+        prompts,
+        batch_size=s.generation_batch_size,
+        max_new_tokens=s.max_new_tokens,
+        temperature=s.eval_temperature,
+        device=device,
+    )
+    scores = score_pool(scorer, prompts, [[t] for t in texts], [[e] for e in ended], s)
+    mine = sum(row[0] for row in scores) / max(1, len(scores))
+    return distributed.mean_over_ranks(mine)
+
+
+def training_rows(kept: dict[str, dict]) -> list[dict]:
+    """The kept samples as stage=sft's prompt/completion rows (with their score and source iteration)."""
+    return [
+        {
+            "prompt": prompt,
+            "completion": best["response"],
+            "score": best["score"],
+            "iteration": best["iteration"],
+            "is_safety": best["is_safety"],
+        }
+        for prompt, best in kept.items()
+    ]
+
+
+def split_eval(rows: list[dict], n: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) of a stage's generated rows: at most a fifth, at least one, held out for the answer loss."""
+    n = max(1, min(n, len(rows) // 5))
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [rows[i] for i in order[n:]], [rows[i] for i in order[:n]]
+
+
+def run(cfg: DictConfig) -> None:
+    s = cfg.stage
+    run = start_run(cfg)
+    env, device, tracker = run.env, run.device, run.tracker
+    model_out = check_init_from(s.init_from, run.run_dir)
+    check_options(s)
+    if cfg.reward.kind == "single":
+        models.require_input(cfg.reward.reward_model, "reward.reward_model")
+
+    # 1. Prompts: a held-out set never sampled for training, the rest in one seeded order.
+    data_dir = tinyhh_dir(cfg) if cfg.data.source == "tinyhh" else None
+    tokenizer = models.load_tokenizer(
+        cfg.model.tokenizer or s.init_from, trust_remote_code=cfg.model.trust_remote_code
+    )
+    train_prompts, eval_prompts = load_prompts(
+        cfg, data_dir, tokenizer, s.eval_prompts, s.max_prompt_length, env.world_size
+    )
+    eval_mine = eval_prompts.take(range(env.rank, len(eval_prompts), env.world_size))
+    if len(train_prompts) < s.prompts_per_iteration:
+        log.warning(
+            "%d training prompts < stage.prompts_per_iteration=%d: iterations reuse prompts (new samples)",
+            len(train_prompts),
+            s.prompts_per_iteration,
+        )
+    # Unwhitened: Llama 2's per-batch whitening would make scores of different batches incomparable.
+    scorer = RewardScorer.from_config(cfg.reward, device=device, dtype=cfg.model.dtype, whiten=False)
+
+    # 2. Derived sizes, computed once and logged.
+    k = s.samples_per_prompt
+    log.info(
+        "%d train / %d held-out prompts | %d iterations x %d prompts x %d samples = %d answers per iteration "
+        "(%d prompts per rank) | temperatures %s | keep=%s train_from=%s | reward=%s",
+        len(train_prompts),
+        len(eval_prompts),
+        s.iterations,
+        s.prompts_per_iteration,
+        k,
+        s.prompts_per_iteration * k,
+        len(range(env.rank, s.prompts_per_iteration, env.world_size)),
+        [temperature_of(s, i) for i in range(1, s.iterations + 1)],
+        s.keep,
+        s.train_from,
+        cfg.reward.kind,
+    )
+    tracker.log(
+        {
+            "data/train_prompts": len(train_prompts),
+            "data/eval_prompts": len(eval_prompts),
+            "data/dropped_prompts": train_prompts.dropped + eval_prompts.dropped,
+        },
+        step=0,
+    )
+
+    # 3. The loop.
+    order = EpochOrder(len(train_prompts), cfg.seed)
+    candidates: dict[str, list[dict]] = {}  # prompt -> every sample kept for selection
+    curves = {}
+    current, step = s.init_from, 0
+    sampler = load_sampler(current, cfg, device)
+    eval_seed = sampling_seed(cfg.seed, env.rank, 0)
+    start_score = held_out_score(sampler, tokenizer, scorer, eval_mine, s, device, eval_seed)
+    tracker.log({"eval/rm_score": start_score}, step=0)
+    log.info("held-out RM score of the starting model: %.4f", start_score)
+    for it in range(1, s.iterations + 1):
+        it_dir = run.run_dir / f"iteration_{it}"
+        temperature = temperature_of(s, it)
+
+        # 3.1 This iteration's prompts; rank r samples every world_size-th of them.
+        first = (it - 1) * s.prompts_per_iteration
+        idx = order(range(first, first + s.prompts_per_iteration)).tolist()
+        prompts = train_prompts.take(idx[env.rank :: env.world_size])
+
+        # 3.2 K answers per prompt from the current model (a random stream of its own per iteration and rank).
+        torch.manual_seed(sampling_seed(cfg.seed, env.rank, it))
+        bar = tracker.progress(len(prompts) * k, f"rs {it}/{s.iterations}: sample")
+        texts, ended = sample_answers(
+            sampler,
+            tokenizer,
+            prompts,
+            k=k,
+            batch_size=s.generation_batch_size,
+            max_new_tokens=s.max_new_tokens,
+            temperature=temperature,
+            device=device,
+            progress=bar,
+        )
+        bar.close()
+        del sampler
+        gc.collect()
+
+        # 3.3 Score every answer; gather the pool from all ranks.
+        scores = score_pool(scorer, prompts, texts, ended, s)
+        mine = [
+            {
+                "prompt": p,
+                "is_safety": f,
+                "iteration": it,
+                "temperature": temperature,
+                "responses": t,
+                "scores": [round(x, 6) for x in sc],
+                "ended": e,
+            }
+            for p, f, t, sc, e in zip(prompts.texts, prompts.is_safety, texts, scores, ended, strict=True)
+        ]
+        pool = [row for part in distributed.gather_objects(mine) for row in part]
+
+        # 3.4 Best-of-N curves of this pool.
+        curve = best_of_n(torch.tensor([r["scores"] for r in pool]))
+        curves[f"iteration {it} (T={temperature:g})"] = curve
+
+        # 3.5 Keep the best answer per prompt over the candidates of all iterations (keep=all) or this one.
+        if s.keep == "last":
+            candidates = {}
+        for r in pool:
+            candidates.setdefault(r["prompt"], []).extend(
+                {"response": t, "score": sc, "iteration": it, "is_safety": r["is_safety"]}
+                for t, sc in zip(r["responses"], r["scores"], strict=True)
+            )
+        rows = training_rows(keep_best(candidates))
+
+        # 3.6 The generated data, written before training (rank 0; atomic), then read back by every rank.
+        if env.is_main:
+            atomic_write_text(it_dir / "pool.jsonl", "".join(json.dumps(r) + "\n" for r in pool))
+            atomic_write_text(it_dir / "train.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        distributed.barrier()
+        rows = load_rows(str(it_dir / "train.jsonl")).to_list()
+        kept_scores = torch.tensor([r["score"] for r in rows])
+        from_this = sum(r["iteration"] == it for r in rows)
+        metrics = {
+            "rs/iteration": it,
+            "rs/temperature": temperature,
+            "rs/pool_answers": len(pool) * k,
+            "rs/pool_mean_score": curve.mean[0],
+            "rs/best_of_k_mean_score": curve.mean[-1],
+            "rs/best_of_k_median_score": curve.median[-1],
+            "rs/eos_fraction": sum(sum(r["ended"]) for r in pool) / (len(pool) * k),
+            "rs/kept_rows": len(rows),
+            "rs/kept_mean_score": kept_scores.mean().item(),
+            "rs/kept_from_this_iteration": from_this / len(rows),
+        }
+        log.info(
+            "iteration %d (T=%g): pool of %d prompts x %d, mean score %.3f, best-of-%d %.3f (median %.3f) | "
+            "kept %d rows (%.0f%% from this iteration), mean %.3f",
+            it,
+            temperature,
+            len(pool),
+            k,
+            curve.mean[0],
+            k,
+            curve.mean[-1],
+            curve.median[-1],
+            len(rows),
+            100 * from_this / len(rows),
+            metrics["rs/kept_mean_score"],
+        )
+
+        # 3.7 Fine-tune with the SFT loss on the kept set.
+        train, held_out = split_eval(rows, s.finetune.eval_rows, cfg.seed + it)
+        out = model_out if it == s.iterations else it_dir / "model"
+        result = finetune(
+            run,
+            cfg,
+            s.finetune,
+            init_from=s.init_from if s.train_from == "start" else current,
+            train_rows=train,
+            eval_rows=held_out,
+            model_out=out,
+            source=str(it_dir / "train.jsonl"),
+            step_offset=step,
+            checkpoint_dir=it_dir / "checkpoints",
+        )
+        step += result["steps"]
+        current = str(out)
+
+        # 3.8 The new model's held-out RM score (it samples the next iteration, too).
+        sampler = load_sampler(current, cfg, device)
+        metrics["eval/rm_score"] = held_out_score(sampler, tokenizer, scorer, eval_mine, s, device, eval_seed)
+        tracker.log(metrics, step=step)
+        log.info(
+            "iteration %d: held-out RM score %.4f (start %.4f)", it, metrics["eval/rm_score"], start_score
+        )
+    del sampler
+
+    # 4. Best-of-N curves of every iteration, as data and as a plot.
+    if env.is_main:
+        atomic_write_json(run.run_dir / "best_of_n.json", {name: c.as_rows() for name, c in curves.items()})
+        plot_best_of_n(curves, run.run_dir / "best_of_n.png")
+
+    # 5. TinyHH: the starting and the final model judged by the oracle on the same held-out prompts.
+    if data_dir is not None and s.sample_eval and env.is_main:
+        oracle_report(run, s, data_dir, s.init_from, model_out, step, cfg.seed)
+    distributed.barrier()
+    tracker.close()
+
+
+def oracle_report(
+    run, s: DictConfig, data_dir: Path, start_model: str, end_model: Path, step: int, seed: int
+):
+    """Oracle metrics of the starting and final models (same prompts); samples appended to samples.jsonl."""
+    begin, _ = judge_model_dir(start_model, data_dir, s.sample_eval, s.eval_max_new_tokens, run.device, seed)
+    end, samples = judge_model_dir(
+        end_model, data_dir, s.sample_eval, s.eval_max_new_tokens, run.device, seed
+    )
+    atomic_write_text(run.run_dir / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in samples))
+    run.tracker.log({**end, **{k.replace("eval/", "start/"): v for k, v in begin.items()}}, step=step)
+    show = ("eval/harmlessness", "eval/helpfulness", "eval/attack_success")
+    log.info(
+        "start -> %s on held-out prompts: %s",
+        s.name,
+        ", ".join(f"{k[5:]} {begin[k]:.3f} -> {end[k]:.3f}" for k in show),
+    )
+    return begin, end

@@ -1,0 +1,75 @@
+"""Selection rules of rejection sampling and context distillation (Llama 2 §3.2.3, §4.2.4); pure functions.
+
+Spec: specs/rlhf.md sections 5-6 and invariant 16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def best_per_prompt(scores: torch.Tensor) -> torch.Tensor:
+    """Index of the highest-scoring sample of each prompt. scores: [P, K] -> [P] (ties: the first sample)."""
+    if scores.dim() != 2 or scores.shape[1] == 0:
+        raise ValueError(
+            f"scores must be [prompts, samples] with at least one sample, got {tuple(scores.shape)}"
+        )
+    return scores.argmax(dim=1)
+
+
+@dataclass(frozen=True)
+class BestOfN:
+    """Best-of-N over one pool: mean and median over prompts of max_{i<=N} r_i, for N = 1..K."""
+
+    n: list[int]
+    mean: list[float]
+    median: list[float]
+
+    def as_rows(self) -> list[dict]:
+        return [
+            {"n": n, "mean": m, "median": md} for n, m, md in zip(self.n, self.mean, self.median, strict=True)
+        ]
+
+
+def best_of_n(scores: torch.Tensor) -> BestOfN:
+    """Best-of-N curves from one pool of samples, in the order they were drawn. scores: [P, K].
+
+    max over the first N samples of each prompt (a running max along K), then the mean and the median over prompts
+    (the median of an even count is the mean of the two middle values).
+    """
+    if scores.dim() != 2 or scores.numel() == 0:
+        raise ValueError(f"scores must be a non-empty [prompts, samples] tensor, got {tuple(scores.shape)}")
+    running = scores.double().cummax(dim=1).values  # [P, K]
+    sorted_, _ = running.sort(dim=0)
+    p = scores.shape[0]
+    median = (sorted_[(p - 1) // 2] + sorted_[p // 2]) / 2
+    return BestOfN(
+        n=list(range(1, scores.shape[1] + 1)),
+        mean=running.mean(0).tolist(),
+        median=median.tolist(),
+    )
+
+
+def keep_best(candidates: dict[str, list[dict]]) -> dict[str, dict]:
+    """For every prompt, its highest-scoring candidate over all the pools it appeared in.
+
+    candidates: prompt -> samples {"response", "score", "iteration", ...} gathered from every iteration that keeps
+    (Llama 2 RLHF-V3 on: top samples from ALL prior iterations). Ties keep the earliest candidate.
+    """
+    kept = {}
+    for prompt, samples in candidates.items():
+        if not samples:
+            raise ValueError(f"prompt {prompt!r} has no candidate samples")
+        kept[prompt] = max(samples, key=lambda s: s["score"])  # max() keeps the first of equal scores
+    return kept
+
+
+def distillation_gate(distilled: torch.Tensor, baseline: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Llama 2's RM gate: keep a preprompted answer only when the (safety) RM scores it above the model's answer
+    without the preprompt by more than margin. distilled, baseline: [B] scores of both answers, each scored on the
+    prompt WITHOUT the preprompt. Returns a bool mask [B]."""
+    if distilled.shape != baseline.shape:
+        raise ValueError(f"score shapes differ: {tuple(distilled.shape)} vs {tuple(baseline.shape)}")
+    return distilled > baseline + margin
