@@ -36,7 +36,7 @@ bench: install
 	$(PY) scripts/bench/bench_rain.py
 
 test: install
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=20
 
 lint: install
 	$(VENV)/bin/ruff check alignlab tests scripts

@@ -361,7 +361,8 @@ class ContextDistillationConfig:
     )
     preprompts: list[str] = field(default_factory=lambda: list(DEFAULT_PREPROMPTS))  # one drawn per prompt
     # optional per-risk-category answer templates appended to the preprompt, keyed by the prompt row's
-    # category_field value ("{category}" in a template is replaced by it); rows without a match get none
+    # category_field value ("{category}" in a template is replaced by it); rows without a match get none.
+    # Add one on the command line: '+stage.answer_templates.violence="Refuse ... {category} ..."'
     answer_templates: dict[str, str] = field(default_factory=dict)
     category_field: str = "category"  # prompt-row column naming the risk category
     prompt_template: str = (
