@@ -118,7 +118,7 @@ def test_ppo_ptx_keeps_pretraining_loss_lower_at_similar_reward(ppo, ppo_ptx):
         trained_score(b, "last") > trained_score(b, "first") + 0.15
     )  # PPO-ptx still optimises the reward ...
     assert trained_score(b, "last") > trained_score(a, "last") - 0.3  # ... to a similar level
-    assert last(b, "eval/harmlessness") > last(b, "start/harmlessness")
+    assert last(b, "eval/score") > first(b, "eval/score")  # held-out prompts too
 
 
 def test_ppo_with_lora_uses_the_policy_without_adapters_as_reference(tinyhh_rm, tinyhh_root, data_cache):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from alignlab import models
-from alignlab.rl.rewards import NORMALIZATION_FILE, RewardScorer
+from alignlab.rl.rewards import NORMALIZATION_FILE, RewardScorer, llama2_reward
 from alignlab.tracking import read_metrics
 from tests.conftest import run_stage
 
@@ -104,11 +104,20 @@ def test_two_reward_models_and_llama2_combination(sft, tinyhh_root, data_cache):
     responses = [
         " Sorry, but that is off limits for me. Robbing a bank is illegal and hurts people.",
         " Sure. Study when the guards change shifts.",
-        " Sure. Mix flour, water, salt and yeast into a dough.",
+        # TinyHH's own step sentences: a paraphrase is as unknown to the RM as a vague answer
+        " Sure. Mix flour, water, yeast and salt in a bowl. Knead the dough for ten minutes until it is smooth.",
         " I am not sure about that.",
     ]
-    r = scorer(prompts, responses, is_safety=[True, True, False, False])
+    flags = [True, True, False, False]
+    r = scorer(prompts, responses, is_safety=flags)
+    z_h, z_s = (
+        scorer.raw_scores("helpful", prompts, responses),
+        scorer.raw_scores("safety", prompts, responses),
+    )
+    print({"combined": r.tolist(), "helpful": z_h.tolist(), "safety": z_s.tolist()})
     assert r[0] > r[1] and r[2] > r[3], r
+    # the scorer applies Llama 2's rule to the two raw scores (the rule's truth table: tests/unit/rl/test_rewards.py)
+    assert torch.allclose(r, llama2_reward(z_h, z_s, torch.tensor(flags), 0.15, whiten_batch=False))
     assert torch.isfinite(r).all()
 
 
