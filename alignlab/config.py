@@ -7,13 +7,13 @@ at composition time with Hydra's own message. YAML files under conf/ only set va
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from alignlab.rain.stage_config import RainConfig
+from alignlab.rain.stage_config import TINYHH_JUDGE_TEMPLATE, RainConfig
 
 
 @dataclass
@@ -387,6 +387,74 @@ class ContextDistillationConfig:
 
 
 @dataclass
+class SystemConfig:
+    """One system of stage=eval: a model with a decoding, or the answers another stage already wrote."""
+
+    model: str | None = None  # model directory or hub name (None: answers= gives the answers)
+    decoding: str = "sample"  # sample (temperature) | greedy | best_of_n (n samples, the reward model's best)
+    temperature: float = 1.0  # sampling temperature of sample / best_of_n
+    n: int = 8  # best_of_n: samples per prompt
+    preprompt: str = ""  # text shown before every prompt (a prompting baseline); the judge never sees it
+    answers: str | None = (
+        None  # a samples.jsonl with {set, prompt, <answers_field>} rows for the same prompts
+    )
+    answers_field: str = "response"  # the field holding the answer (stage=rain's samples.jsonl: rain)
+
+
+def _default_systems() -> dict[str, Any]:
+    runs = "${paths.runs}/${experiment.name}"
+    systems = {
+        "base": SystemConfig(model=f"{runs}/pretrain/model"),
+        "sft": SystemConfig(model=f"{runs}/sft/model"),
+        "sft_preprompt": SystemConfig(model=f"{runs}/sft/model", preprompt=DEFAULT_PREPROMPTS[0]),
+        "sft_best_of_8": SystemConfig(model=f"{runs}/sft/model", decoding="best_of_n", n=8),
+        "ppo": SystemConfig(model=f"{runs}/ppo/model"),
+        "ppo_ptx": SystemConfig(model=f"{runs}/ppo_ptx/model"),
+        "rejection_sampling": SystemConfig(model=f"{runs}/rejection_sampling/model"),
+        "context_distillation": SystemConfig(model=f"{runs}/context_distillation/model"),
+        "rain": SystemConfig(answers=f"{runs}/rain/samples.jsonl", answers_field="rain"),
+    }
+    return {
+        name: asdict(c) for name, c in systems.items()
+    }  # every field present: stage.systems.x.n=4 overrides
+
+
+@dataclass
+class EvalConfig:
+    """Side-by-side evaluation: every system answers the same prompts, one judge, one report (results.json,
+    report.md, PNG plots)."""
+
+    name: str = "eval"  # run subdirectory name
+    # name -> system (SystemConfig fields; unset ones take its defaults, checked when the stage starts); add one
+    # with +stage.systems.<name>.model=..., drop one with ~stage.systems.<name>
+    systems: dict[str, Any] = field(default_factory=_default_systems)
+    skip_missing: bool = True  # skip (and list) systems whose model or answers file does not exist yet
+    baseline: str = "sft"  # the system every other one is compared with first (win rates, report order)
+    judge: str = "oracle"  # oracle (TinyHH) | rm (the reward= model's score) | template (model-as-judge)
+    judge_model: str = "${paths.runs}/${experiment.name}/pretrain/model"  # judge=template: the judging model
+    judge_template: str = (
+        TINYHH_JUDGE_TEMPLATE  # judge=template: {dialogue} {option_a} {option_b} (RAIN's format)
+    )
+    prompt_sets: list[str] = field(
+        default_factory=lambda: ["benign", "harmful", "attack"]
+    )  # TinyHH eval sets
+    prompts: str = "tinyhh"  # tinyhh, or a file / hub dataset with `prompt` (and `set`) columns
+    n_prompts: int = 200  # prompts per set (0 = all)
+    max_new_tokens: int = 96  # answer budget
+    batch_size: int = 32  # prompts per generate call
+    reference: str = "${paths.runs}/${experiment.name}/sft/model"  # KL reference for sampled systems
+    rm_score: bool = True  # also score every answer with the reward= model (when it exists)
+    ptx_blocks: int = 32  # held-out pretraining blocks for the alignment tax (0 = off; TinyHH's ptx data)
+    # training curves to plot (reward and KL per iteration): run directories with ppo/* metrics
+    curves: list[str] = field(
+        default_factory=lambda: [
+            "${paths.runs}/${experiment.name}/ppo",
+            "${paths.runs}/${experiment.name}/ppo_ptx",
+        ]
+    )
+
+
+@dataclass
 class RewardConfig:
     """How PPO and rejection sampling score a response: one reward model, or Llama 2's helpfulness + safety pair."""
 
@@ -429,6 +497,7 @@ STAGES: dict[str, Any] = {
     "rejection_sampling": RejectionSamplingConfig,
     "context_distillation": ContextDistillationConfig,
     "rain": RainConfig,
+    "eval": EvalConfig,
 }
 
 

@@ -98,6 +98,22 @@ def evaluate(
 
 
 EVAL_SETS = ("eval_benign", "eval_harmful", "eval_attack", "eval_selfeval")
+PROMPT_SETS = ("harmful", "benign", "attack")  # the answered sets: eval_<name>.jsonl
+
+
+def tinyhh_prompts(data_dir: Path, sets, n: int) -> list[dict]:
+    """[{set, prompt}]: the first n (0 = all) prompts of each named TinyHH eval set, in the order named."""
+    from alignlab.data.loading import load_rows
+
+    out = []
+    for name in sets:
+        if name not in PROMPT_SETS:
+            raise ValueError(
+                f"stage.prompt_sets: {name!r} is not a TinyHH eval set; choose from {list(PROMPT_SETS)}"
+            )
+        rows = load_rows(str(data_dir / f"eval_{name}.jsonl")).to_list()
+        out += [{"set": name, "prompt": r["prompt"]} for r in (rows if n <= 0 else rows[:n])]
+    return out
 
 
 def judge_model_dir(

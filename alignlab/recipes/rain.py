@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from alignlab import distributed, models
 from alignlab.checkpoint import atomic_write_text
-from alignlab.evaluation.tinyhh import self_eval_accuracy, wilson_interval
+from alignlab.evaluation.tinyhh import self_eval_accuracy, tinyhh_prompts, wilson_interval
 from alignlab.generation import cut_at_stop, sample
 from alignlab.rain.embed import LMEmbedder, SentenceTransformerEmbedder
 from alignlab.rain.evaluator import judge_from_config
@@ -46,16 +46,7 @@ def load_prompts(cfg: DictConfig) -> list[dict]:
     s = cfg.stage
     take = (lambda rows: rows) if s.n_prompts <= 0 else (lambda rows: rows[: s.n_prompts])
     if s.prompts == "tinyhh":
-        data_dir = tinyhh_dir(cfg)
-        out = []
-        for name in s.prompt_sets:
-            if name not in SET_METRICS:
-                raise ValueError(
-                    f"stage.prompt_sets: {name!r} is not a TinyHH eval set; choose from {list(SET_METRICS)}"
-                )
-            rows = load_rows(str(data_dir / f"eval_{name}.jsonl")).to_list()
-            out += [{"set": name, "prompt": r["prompt"]} for r in take(rows)]
-        return out
+        return tinyhh_prompts(tinyhh_dir(cfg), s.prompt_sets, s.n_prompts)
     rows = load_rows(s.prompts, s.prompt_split).to_list()
     if s.prompt_format == "prompt":
         if rows and "prompt" not in rows[0]:

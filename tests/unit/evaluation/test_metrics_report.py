@@ -1,0 +1,111 @@
+"""The evaluation harness's metrics (rates, win rates) and its report: the numbers in report.md are results.json's."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from alignlab.evaluation.metrics import Rate, win_rate
+from alignlab.evaluation.report import RATES, pct, smooth, write_report
+from alignlab.evaluation.tinyhh import wilson_interval
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_win_rate_counts_wins_losses_and_ties():
+    a = [1.0, 0.5, 0.2, 0.9, 0.3]
+    b = [0.5, 0.5, 0.4, 0.1, 0.3]
+    w = win_rate(a, b)
+    assert (w.wins, w.losses, w.ties) == (2, 1, 2)
+    assert w.rate == pytest.approx(2 / 3)
+    assert (w.ci_low, w.ci_high) == pytest.approx(wilson_interval(2, 3))
+    mirror = win_rate(b, a)
+    assert (mirror.wins, mirror.losses, mirror.ties) == (1, 2, 2) and mirror.rate == pytest.approx(1 / 3)
+
+
+def test_win_rate_without_decided_prompts_is_a_half_and_needs_equal_lengths():
+    assert win_rate([0.5, 0.5], [0.5, 0.5]).rate == 0.5
+    with pytest.raises(ValueError, match="same prompts"):
+        win_rate([1.0], [1.0, 2.0])
+
+
+def test_rate_is_the_share_with_its_wilson_interval():
+    r = Rate.of(166, 200)
+    assert r.value == pytest.approx(0.83) and r.n == 200
+    assert r.ci_low == pytest.approx(0.7719, abs=1e-3) and r.ci_high == pytest.approx(0.8755, abs=1e-3)
+
+
+def test_smooth_is_a_trailing_mean():
+    assert smooth([1, 2, 3, 4], window=2) == [1, 1.5, 2.5, 3.5]
+
+
+def fake_results():
+    systems = {}
+    for name, (h, u, a) in {"base": (74, 160, 195), "sft": (166, 147, 184), "ppo": (197, 162, 31)}.items():
+        systems[name] = {
+            "harmlessness": Rate.of(h, 200).as_dict(),
+            "helpfulness": Rate.of(u, 200).as_dict(),
+            "attack_success": Rate.of(a, 200).as_dict(),
+            "rm_score": {"base": -0.9, "sft": -0.1, "ppo": 0.66}[name],
+            "kl": {"base": 1.7, "sft": 0.0, "ppo": 0.7}[name],
+            "ptx_loss": 0.14,
+        }
+    scores = {"base": [0.1, 0.2, 0.9], "sft": [0.5, 0.2, 0.3], "ppo": [0.9, 0.9, 0.9]}
+    win = {a: {b: win_rate(scores[a], scores[b]).as_dict() for b in scores if b != a} for a in scores}
+    return {
+        "systems": systems,
+        "prompts": 600,
+        "judge": "oracle",
+        "skipped": ["rain"],
+        "win_rates": win,
+        "baseline": "sft",
+    }
+
+
+def test_report_numbers_are_the_results_and_plots_render(tmp_path):
+    results = fake_results()
+    written = write_report(results, tmp_path)
+    names = {p.name for p in written}
+    assert names == {"report.md", "rates.png", "tradeoff.png", "win_rates.png", "reward_kl.png"}
+    for p in written:
+        if p.suffix == ".png":
+            assert p.read_bytes()[:8] == PNG and p.stat().st_size > 5000
+    text = (tmp_path / "report.md").read_text()
+    for name, m in results["systems"].items():
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1 : 1 + len(RATES)] == [pct(m[k]) for k, _ in RATES]
+        assert float(cells[-3]) == pytest.approx(m["rm_score"], abs=5e-4)
+        assert float(cells[-2]) == pytest.approx(m["kl"], abs=5e-4)
+        wr = results["win_rates"].get(name, {}).get("sft")
+        if wr:
+            assert cells[1 + len(RATES)].startswith(f"{100 * wr['rate']:.1f}%")
+    # every percentage printed is one of results.json's numbers
+    printed = {float(x) for x in re.findall(r"(\d+\.\d)%", text)}
+    known = set()
+    for m in results["systems"].values():
+        for k, _ in RATES:
+            known |= {round(100 * m[k][f], 1) for f in ("value", "ci_low", "ci_high")}
+    for row in results["win_rates"].values():
+        for w in row.values():
+            known |= {round(100 * w[f], 1) for f in ("rate", "ci_low", "ci_high")}
+    assert printed <= known
+    assert "Skipped (model or answers missing): rain." in text
+    assert "![rates](rates.png)" in text
+
+
+def test_report_without_rates_or_kl_skips_those_plots(tmp_path):
+    results = {
+        "systems": {"a": {"rm_score": 0.1, "kl": None}, "b": {"rm_score": 0.2, "kl": None}},
+        "prompts": 2,
+        "judge": "rm",
+        "skipped": [],
+        "win_rates": {
+            "a": {"b": win_rate([0.1], [0.2]).as_dict()},
+            "b": {"a": win_rate([0.2], [0.1]).as_dict()},
+        },
+        "baseline": "a",
+    }
+    names = {p.name for p in write_report(results, tmp_path)}
+    assert names == {"report.md", "win_rates.png"}
