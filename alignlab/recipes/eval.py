@@ -158,12 +158,12 @@ def generate(sys_cfg: DictConfig, prompts: list[dict], s: DictConfig, scorer, de
 
 @torch.no_grad()
 def kl_to_reference(
-    sys_cfg: DictConfig, reference: str, prompts: list[dict], s: DictConfig, device, seed: int
+    sys_cfg: DictConfig, ref, prompts: list[dict], s: DictConfig, device, seed: int
 ) -> float | None:
     """KL(pi || pi_ref) per answer, estimated as PPO's eval/kl is: answers sampled from the system's model at
     T = 1 by the rollout sampler, sum over their tokens of log pi - log pi_ref on exactly the sampled tokens.
     None for systems whose answers do not come from sampling one model at T = 1 (greedy, best-of-N, preprompt,
-    answer files)."""
+    answer files). ref: the loaded reference model."""
     from alignlab.generation import response_logits, token_logprobs
     from alignlab.rollout import sample_rollout, tokenize_prompts
 
@@ -176,7 +176,6 @@ def kl_to_reference(
         return None
     tokenizer = models.load_tokenizer(sys_cfg.model)
     policy = models.load_causal_lm(sys_cfg.model).to(device).eval()
-    ref = models.load_causal_lm(reference).to(device).eval()
     batch = tokenize_prompts(tokenizer, prompts, 10**9)
     torch.manual_seed(seed)
     kls = []
@@ -245,7 +244,8 @@ def run(cfg: DictConfig) -> None:
             models.load_tokenizer(s.judge_model),
             s.judge_template,
         )
-    reference = s.reference if Path(s.reference).exists() or not models.looks_local(s.reference) else None
+    reference = None  # the KL reference model, loaded once (for the first system that needs it)
+    has_reference = Path(s.reference).exists() or not models.looks_local(s.reference)
     ptx = ptx_blocks(cfg, data_dir) if s.ptx_blocks and data_dir is not None else None
     log.info(
         "%d systems (%s) x %d prompts (%s) | judge=%s | skipped: %s",
@@ -279,6 +279,8 @@ def run(cfg: DictConfig) -> None:
         verdicts[name] = judge(texts, answers)
         rm = scorer(texts, answers).tolist() if scorer is not None and s.rm_score else None
         m = system_metrics(prompts, verdicts[name], rm)
+        if has_reference and reference is None and sys_cfg.model is not None:
+            reference = models.load_causal_lm(s.reference).to(device).eval()
         m["kl"] = kl_to_reference(sys_cfg, reference, prompts, s, device, cfg.seed) if reference else None
         if ptx is not None and sys_cfg.model and sys_cfg.model not in tax:
             tax[sys_cfg.model] = ptx_loss(sys_cfg.model, ptx, device)  # once per model, not per decoding
