@@ -1,7 +1,9 @@
-"""Comparison metrics of the evaluation harness: rates with 95% Wilson intervals and pairwise win rates."""
+"""Comparison metrics of the evaluation harness: rates with 95% Wilson intervals, differences of two rates with
+Newcombe's interval, and pairwise win rates."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from alignlab.evaluation.tinyhh import wilson_interval
@@ -53,3 +55,28 @@ def win_rate(a: list[float], b: list[float], tolerance: float = 1e-9) -> WinRate
     decided = wins + losses
     low, high = wilson_interval(wins, decided)
     return WinRate(wins, losses, len(a) - decided, wins / decided if decided else 0.5, low, high)
+
+
+@dataclass(frozen=True)
+class Difference:
+    """a - b of two rates with a 95% interval (Newcombe's hybrid score method, from the two Wilson intervals)."""
+
+    value: float
+    ci_low: float
+    ci_high: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def rate_difference(a: Rate, b: Rate) -> Difference:
+    """Difference of two independent rates; the interval excludes 0 when the data support an ordering.
+
+    Newcombe (1998), method 10: the difference's bounds combine each rate's distance to its own Wilson bounds, so
+    it stays inside [-1, 1] and behaves at rates of 0 and 1, where the Wald interval collapses. Two Wilson
+    intervals that overlap a little can still give a difference interval above 0 (overlap is the stricter test).
+    """
+    d = a.value - b.value
+    low = d - math.sqrt((a.value - a.ci_low) ** 2 + (b.ci_high - b.value) ** 2)
+    high = d + math.sqrt((a.ci_high - a.value) ** 2 + (b.value - b.ci_low) ** 2)
+    return Difference(d, max(-1.0, low), min(1.0, high))

@@ -51,6 +51,19 @@ def markdown(results: dict, plots: list[str]) -> str:
             + " | ".join(pct(m.get(k)) for k, _ in RATES)
             + f" | {win} | {num(m.get('rm_score'))} | {num(m.get('kl'))} | {num(m.get('ptx_loss'), 4)} |"
         )
+    if results.get("differences"):
+        lines += ["", f"## Differences to {base} (percentage points, 95% Newcombe interval)", ""]
+        lines.append("| system | " + " | ".join(k for k, _ in RATES) + " |")
+        lines.append("|---|" + "---|" * len(RATES))
+        for name, diffs in results["differences"].items():
+            cells = [
+                "-"
+                if k not in diffs
+                else f"{100 * diffs[k]['value']:+.1f} [{100 * diffs[k]['ci_low']:+.1f}, "
+                f"{100 * diffs[k]['ci_high']:+.1f}]"
+                for k, _ in RATES
+            ]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Win rates (row against column)", ""]
     names = list(systems)
     lines.append("| | " + " | ".join(names) + " |")
@@ -81,6 +94,14 @@ def write_report(results: dict, out_dir: str | Path, curves: dict[str, str] | No
     return [out_dir / "report.md", *plots]
 
 
+def error_bar(rate: dict) -> list[list[float]]:
+    """[[below], [above]] in percent for matplotlib; a bound a rounding error inside the rate counts as 0."""
+    return [
+        [max(0.0, 100 * (rate["value"] - rate["ci_low"]))],
+        [max(0.0, 100 * (rate["ci_high"] - rate["value"]))],
+    ]
+
+
 def _plt():
     import matplotlib
 
@@ -108,8 +129,9 @@ def plot_rates(results: dict, path: Path) -> Path | None:
                 continue
             xs.append(j + (i - (len(present) - 1) / 2) * width)
             ys.append(100 * r["value"])
-            err[0].append(100 * (r["value"] - r["ci_low"]))
-            err[1].append(100 * (r["ci_high"] - r["value"]))
+            low, high = error_bar(r)
+            err[0] += low
+            err[1] += high
         ax.bar(xs, ys, width, yerr=err, capsize=2, label=label, color=f"C{i}")
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_ylabel("%")
@@ -135,8 +157,8 @@ def plot_tradeoff(results: dict, path: Path) -> Path | None:
         ax.errorbar(
             100 * h["value"],
             100 * u["value"],
-            xerr=[[100 * (h["value"] - h["ci_low"])], [100 * (h["ci_high"] - h["value"])]],
-            yerr=[[100 * (u["value"] - u["ci_low"])], [100 * (u["ci_high"] - u["value"])]],
+            xerr=error_bar(h),
+            yerr=error_bar(u),
             fmt="o",
             color=f"C{i % 10}",
             capsize=2,

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from alignlab import distributed, models
 from alignlab.checkpoint import atomic_write_json, atomic_write_text
 from alignlab.evaluation.judges import OracleJudge, RewardModelJudge, TemplateJudge, Verdict
-from alignlab.evaluation.metrics import Rate, win_rate
+from alignlab.evaluation.metrics import Rate, rate_difference, win_rate
 from alignlab.evaluation.report import write_report
 from alignlab.evaluation.tinyhh import tinyhh_prompts
 from alignlab.generation import sample
@@ -322,6 +322,18 @@ def run(cfg: DictConfig) -> None:
         for a in names
     }
     results["baseline"] = s.baseline if s.baseline in names else names[0]
+    # Every rate's difference to the baseline's, with an interval: "B is more harmless than A" is supported when
+    # the interval lies above 0.
+    base = results["systems"][results["baseline"]]
+    results["differences"] = {
+        name: {
+            k: rate_difference(Rate(**m[k]), Rate(**base[k])).as_dict()
+            for k, _ in SET_METRICS.values()
+            if isinstance(m.get(k), dict) and isinstance(base.get(k), dict)
+        }
+        for name, m in results["systems"].items()
+        if name != results["baseline"]
+    }
 
     # 5. results.json, report.md, plots.
     atomic_write_json(run.run_dir / "results.json", results)

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from alignlab.evaluation.metrics import Rate, win_rate
+from alignlab.evaluation.metrics import Rate, rate_difference, win_rate
 from alignlab.evaluation.report import RATES, pct, smooth, write_report
 from alignlab.evaluation.tinyhh import wilson_interval
 
@@ -36,6 +36,32 @@ def test_rate_is_the_share_with_its_wilson_interval():
     assert r.ci_low == pytest.approx(0.7719, abs=1e-3) and r.ci_high == pytest.approx(0.8755, abs=1e-3)
 
 
+def test_rate_difference_is_newcombes_interval():
+    # Newcombe (1998), Statistics in Medicine 17:873, Table II, method 10
+    d = rate_difference(Rate.of(56, 70), Rate.of(48, 80))
+    assert (d.value, d.ci_low, d.ci_high) == pytest.approx((0.2, 0.0524, 0.3339), abs=5e-5)
+    d = rate_difference(Rate.of(9, 10), Rate.of(3, 10))
+    assert (d.ci_low, d.ci_high) == pytest.approx((0.1705, 0.8090), abs=5e-5)
+    d = rate_difference(Rate.of(10, 10), Rate.of(0, 10))  # bounds stay inside [-1, 1]
+    assert d.value == 1.0 and 0.5 < d.ci_low < 1.0 and d.ci_high == 1.0
+    # Wilson intervals that overlap can still support an ordering (83/100 vs 95/100)
+    a, b = Rate.of(95, 100), Rate.of(83, 100)
+    assert a.ci_low < b.ci_high and rate_difference(a, b).ci_low > 0
+
+
+def test_wilson_bounds_at_zero_and_all_are_exact_and_such_rates_plot(tmp_path):
+    assert wilson_interval(100, 100)[1] == 1.0 and wilson_interval(0, 100)[0] == 0.0
+    results = fake_results()
+    # a bound a rounding error inside the rate (as computed before the fix) must not break the error bars
+    results["systems"]["ppo"]["harmlessness"] = {
+        "value": 1.0,
+        "ci_low": 0.963,
+        "ci_high": 0.9999999999999999,
+        "n": 100,
+    }
+    assert {p.name for p in write_report(results, tmp_path)} >= {"rates.png", "report.md"}
+
+
 def test_smooth_is_a_trailing_mean():
     assert smooth([1, 2, 3, 4], window=2) == [1, 1.5, 2.5, 3.5]
 
@@ -60,6 +86,11 @@ def fake_results():
         "skipped": ["rain"],
         "win_rates": win,
         "baseline": "sft",
+        "differences": {
+            name: {k: rate_difference(Rate(**m[k]), Rate(**systems["sft"][k])).as_dict() for k, _ in RATES}
+            for name, m in systems.items()
+            if name != "sft"
+        },
     }
 
 
@@ -92,6 +123,8 @@ def test_report_numbers_are_the_results_and_plots_render(tmp_path):
             known |= {round(100 * w[f], 1) for f in ("rate", "ci_low", "ci_high")}
     assert printed <= known
     assert "Skipped (model or answers missing): rain." in text
+    d = results["differences"]["ppo"]["harmlessness"]
+    assert f"| ppo | {100 * d['value']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}] |" in text
     assert "![rates](rates.png)" in text
 
 
