@@ -22,14 +22,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: install
-	$(PY) -m alignlab stage=pretrain
-	$(PY) -m alignlab stage=sft
-	$(PY) -m alignlab stage=rm
-	$(PY) -m alignlab stage=ppo
-	$(PY) scripts/show_run.py runs/tinyhh/pretrain
-	$(PY) scripts/show_run.py runs/tinyhh/sft
-	$(PY) scripts/show_run.py runs/tinyhh/rm
-	$(PY) scripts/show_run.py runs/tinyhh/ppo
+	# every stage on TinyHH (finished ones are skipped), then the side-by-side report: runs/tinyhh/eval/report.md
+	$(PY) -m alignlab stage=pipeline
 
 bench: install
 	$(PY) scripts/bench/bench_rollout.py

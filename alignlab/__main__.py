@@ -19,17 +19,17 @@ def main(cfg: DictConfig) -> int:
     from hydra.core.hydra_config import HydraConfig
 
     from alignlab import launch
+    from alignlab.recipes import ORCHESTRATORS, run_stage
 
-    if launch.needs_relaunch(cfg.launcher.name):
+    stage = HydraConfig.get().runtime.choices["stage"]
+    if stage not in ORCHESTRATORS and launch.needs_relaunch(cfg.launcher.name):
         # This job's own overrides (not sys.argv, which under -m or submitit is the whole sweep or another
         # program), with run_dir resolved once so every rank writes the same directory.
         overrides = list(HydraConfig.get().overrides.task)
         return launch.relaunch(
             cfg.launcher, launch.child_args(overrides, run_dir=os.path.abspath(cfg.run_dir))
         )
-    from alignlab.recipes import run_stage
-
-    run_stage(cfg, HydraConfig.get().runtime.choices["stage"])
+    run_stage(cfg, stage)
     return 0
 
 

@@ -454,6 +454,60 @@ class EvalConfig:
     )
 
 
+# stage=pipeline's stages in the order a user reads them; stage=pipeline runs them in dependency order
+# (alignlab/recipes/pipeline.py DEPENDS), independent ones at the same time.
+PIPELINE_STAGES = [
+    "pretrain",
+    "sft",
+    "rm",
+    "ppo",
+    "ppo_ptx",
+    "rejection_sampling",
+    "context_distillation",
+    "rain",
+    "eval",
+]
+
+
+def _demo_budget() -> dict[str, list[str]]:
+    # stage=eval judges every system once, so the training stages skip their own before/after oracle evaluation;
+    # RAIN's search (the costliest stage per prompt) and eval answer 100 prompts per set, the same prompts;
+    # PPO-ptx mixes 4 pretraining blocks (not 8) into each PPO micro-batch; rejection sampling samples 256 prompts
+    # per iteration (not 512). Measured: docs/results.md, "The pipeline".
+    budget = {s: [] for s in PIPELINE_STAGES}
+    for s in ("sft", "ppo", "ppo_ptx", "rejection_sampling", "context_distillation"):
+        budget[s] = ["stage.sample_eval=0"]
+    budget["ppo_ptx"].append("stage.ptx_micro_batch_size=4")
+    budget["rejection_sampling"].append("stage.prompts_per_iteration=256")
+    budget["rain"] = ["stage.n_prompts=100"]
+    budget["eval"] = ["stage.n_prompts=100"]
+    return budget
+
+
+@dataclass
+class PipelineConfig:
+    """Every stage in its own run directory, in dependency order, skipping finished ones; ends with stage=eval's
+    report. Each stage runs as `python -m alignlab stage=<s>` with this command line's other overrides."""
+
+    name: str = "pipeline"  # run subdirectory name (the pipeline's log, per-stage logs and pipeline.json)
+    stages: list[str] = field(
+        default_factory=lambda: list(PIPELINE_STAGES)
+    )  # stages to run (a subset is fine)
+    # stage -> extra overrides for that stage only, e.g. 'stage.overrides.ppo=["stage.kl_coef=0.05"]' (replaces
+    # that stage's list). The defaults fit `make demo` into 20 minutes on 2 CPU cores (docs/pipeline.md).
+    overrides: dict[str, list[str]] = field(default_factory=_demo_budget)
+    rerun: list[str] = field(
+        default_factory=list
+    )  # stages to run again although finished with the same config
+    jobs: int = (
+        0  # stages run at once when their inputs are ready (0 = auto: 1 with a GPU, else min(4, cores))
+    )
+    # CPU threads per stage (OMP_NUM_THREADS; 0 = the cores shared among the stages that can run when it starts,
+    # so a stage alone gets them all); an exported OMP_NUM_THREADS wins
+    threads: int = 0
+    refresh_s: float = 1.0  # seconds between progress updates
+
+
 @dataclass
 class RewardConfig:
     """How PPO and rejection sampling score a response: one reward model, or Llama 2's helpfulness + safety pair."""
@@ -498,6 +552,7 @@ STAGES: dict[str, Any] = {
     "context_distillation": ContextDistillationConfig,
     "rain": RainConfig,
     "eval": EvalConfig,
+    "pipeline": PipelineConfig,
 }
 
 

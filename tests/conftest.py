@@ -78,15 +78,24 @@ def run_stage(
     )
 
 
+# The session's SFT and RM runs; stage=pipeline in tests/science passes the same overrides, so it finds them
+# finished (same resolved config in their done.json) and skips them.
+SFT_OVERRIDES = ["stage.sample_eval=100"]
+RM_OVERRIDES = ["stage.normalize_samples=128"]
+# The recipe tests' PPO and PPO-ptx runs (tests/recipes/test_ppo.py), fewer iterations than the default; the
+# pipeline science test reuses the PPO one.
+PPO_SHORT = ["stage.iterations=50", "stage.sample_eval=100", "stage.samples_every=10"]
+
+
 @pytest.fixture(scope="session")
 def tinyhh_sft(tinyhh_root, data_cache) -> Path:
     """The default SFT model on the session's base model (stage=sft, ~1 minute), trained once per session."""
-    run_stage(tinyhh_root, data_cache, "stage=sft", "stage.sample_eval=100")
+    run_stage(tinyhh_root, data_cache, "stage=sft", *SFT_OVERRIDES)
     return tinyhh_root / "runs" / "tinyhh" / "sft"
 
 
 @pytest.fixture(scope="session")
 def tinyhh_rm(tinyhh_sft, tinyhh_root, data_cache) -> tuple[Path, subprocess.CompletedProcess]:
     """The default reward model on that SFT model (stage=rm, ~1.5 minutes), with its normalisation."""
-    proc = run_stage(tinyhh_root, data_cache, "stage=rm", "stage.normalize_samples=128")
+    proc = run_stage(tinyhh_root, data_cache, "stage=rm", *RM_OVERRIDES)
     return tinyhh_root / "runs" / "tinyhh" / "rm", proc

@@ -3,13 +3,43 @@
 from __future__ import annotations
 
 import importlib
+import json
+import os
+import time
+from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from alignlab.checkpoint import atomic_write_text
 
 # Stage presets that run another stage's recipe with different defaults (see STAGES in alignlab/config.py).
 RECIPE_OF = {"ppo_ptx": "ppo"}
+# Stages that only start other stages: they run in one process whatever launcher= says (their stages relaunch).
+ORCHESTRATORS = {"pipeline"}
+# Written last, by rank 0, when a stage returns: its resolved config and when it finished. stage=pipeline skips a
+# stage whose marker matches the config it would run; a stage removes its marker first, so an interrupted
+# re-run is never mistaken for a finished one.
+DONE = "done.json"
 
 
 def run_stage(cfg: DictConfig, stage: str) -> None:
     """Run the recipe of the chosen `stage=` option (cfg.stage.name only names the run directory)."""
+    done = Path(cfg.run_dir) / DONE
+    main = _is_rank0()
+    if main:
+        done.unlink(missing_ok=True)
+    start = time.time()
     importlib.import_module(f"alignlab.recipes.{RECIPE_OF.get(stage, stage)}").run(cfg)
+    if main:
+        marker = {
+            "stage": stage,
+            "finished": time.time(),
+            "wall_s": round(time.time() - start, 3),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        }
+        atomic_write_text(done, json.dumps(marker, indent=1) + "\n")
+
+
+def _is_rank0() -> bool:
+    # Before and after the recipe the process group may not exist: the launcher's variables say who we are.
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0

@@ -76,9 +76,21 @@ def test_cli_errors_are_readable(tmp_path):
 
 def test_help_and_cfg_job(tmp_path):
     out = alignlab("--help", cwd=tmp_path).stdout
-    stages = "stage: context_distillation, eval, ppo, ppo_ptx, pretrain, rain, rejection_sampling, rm, sft"
+    stages = "stage: context_distillation, eval, pipeline, ppo, ppo_ptx, pretrain, rain, rejection_sampling, rm, sft"
     assert stages in out and "deepspeed: zero0, zero2, zero3" in out
     out = alignlab("stage=pretrain", "stage.lr=0.01", "--cfg", "job", cwd=tmp_path).stdout
     cfg = OmegaConf.create(out)
     assert cfg.stage.lr == 0.01 and cfg.deepspeed.name == "zero0"
     assert not (tmp_path / "runs").exists()  # printing the config runs nothing
+
+
+@pytest.mark.parametrize("experiment", ["tinyhh", "quick"])
+def test_pipeline_overrides_compose_and_keep_rain_and_eval_on_the_same_prompts(experiment):
+    overrides = compose_cfg("stage=pipeline", f"experiment={experiment}").stage.overrides
+    n = {
+        s: compose_cfg(f"stage={s}", f"experiment={experiment}", *overrides[s]).stage.n_prompts
+        for s in ("rain", "eval")
+    }
+    assert n["rain"] == n["eval"], n  # eval's rain system answers exactly RAIN's prompts
+    for stage, extra in overrides.items():
+        compose_cfg(f"stage={stage}", f"experiment={experiment}", *extra)  # every budget key exists

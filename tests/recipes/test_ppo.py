@@ -13,12 +13,12 @@ import pytest
 
 from alignlab import models
 from alignlab.tracking import read_metrics
-from tests.conftest import run_stage
+from tests.conftest import PPO_SHORT, run_stage
 
 pytestmark = pytest.mark.slow
 
 # The recipe-test run: fewer iterations than the default (docs/results.md has the full run), same code paths.
-SHORT = ["stage.iterations=50", "stage.sample_eval=100", "stage.samples_every=10"]
+SHORT = PPO_SHORT
 
 
 def last(rows, key):

@@ -1,0 +1,397 @@
+"""stage=pipeline: every stage in its own run directory, in dependency order, finished ones skipped, then the report.
+
+Each stage runs as its own `python -m alignlab stage=<s>` process with this command line's overrides (minus the
+pipeline's own stage.* keys) plus stage.overrides.<s>, so a stage run by the pipeline is exactly the run a user
+would start by hand, and launcher=deepspeed, logger=wandb, experiment=... pass through. Stages whose inputs are
+ready run at the same time (stage.jobs). On CPU the cores are shared out among the stages that can run now: a
+stage alone (pretraining) gets them all, two stages side by side one each. On TinyHH's model that does 1.3x (PPO)
+to 2.2x (SFT) the work of running them one after the other on two threads: small matmuls scale poorly across
+threads.
+
+A stage is skipped when its run directory holds the done.json marker (alignlab/recipes/__init__.py) with the
+same config as the one composed now and no input stage runs again or finished after it: make's rule, with the
+resolved config standing in for the file's contents.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from alignlab.checkpoint import atomic_write_json
+from alignlab.recipes import DONE
+from alignlab.recipes.common import start_run, tinyhh_dir
+
+log = logging.getLogger("alignlab.pipeline")
+
+# stage -> the stages whose outputs it reads under the default paths (eval reads every other stage's outputs).
+DEPENDS = {
+    "pretrain": [],
+    "sft": ["pretrain"],
+    "rm": ["sft"],
+    "ppo": ["sft", "rm"],
+    "ppo_ptx": ["sft", "rm"],
+    "rejection_sampling": ["sft", "rm"],
+    "context_distillation": ["sft", "rm"],
+    "rain": ["pretrain"],
+    "eval": ["pretrain", "sft", "rm", "ppo", "ppo_ptx", "rejection_sampling", "context_distillation", "rain"],
+}
+# Minutes each stage takes with its defaults on TinyHH, 2 CPU cores: only to start the longest chain first.
+COST = {
+    "pretrain": 4,
+    "sft": 1,
+    "rm": 1,
+    "ppo": 6,
+    "ppo_ptx": 10,
+    "rejection_sampling": 3,
+    "context_distillation": 1,
+    "rain": 6,
+    "eval": 2,
+}
+# The config groups that decide a stage's outputs (launcher, deepspeed and logger decide only how it runs).
+COMPARED = ("stage", "model", "data", "seed")
+USES_REWARD = {"ppo", "ppo_ptx", "rejection_sampling", "eval"}
+IGNORED = {"data.cache_dir"}  # where the generated data lives, not what it is
+BAR = re.compile(r"([^\r\n:|]*):\s+\d+%\|[^|\r\n]*\|\s*(\d+)/(\d+) \[")
+LIBRARY_BARS = ("Loading", "Writing", "Saving", "Map", "Filter", "Generating", "Creating", "Tokenizing")
+RANK_VARIABLES = {
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+}
+
+
+@dataclass
+class Step:
+    stage: str
+    args: list[str]  # the stage's command line after `python -m alignlab`
+    config: dict  # its resolved config, composed before anything runs
+    run_dir: Path
+    deps: list[str]
+    reason: str | None = None  # why it runs; None: finished already, skipped
+    state: str = "pending"  # pending | running | done | skipped | failed | cancelled
+    wall_s: float = 0.0
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+    started: float = 0.0
+    log_path: Path | None = None
+    log_file: object = field(default=None, repr=False)
+
+
+def common_overrides(task_overrides: list[str]) -> list[str]:
+    """The pipeline's command line minus what belongs to the pipeline itself (stage=, stage.*, run_dir=)."""
+    keep = []
+    for o in task_overrides:
+        key = o.lstrip("+~").split("=", 1)[0]
+        if key in ("stage", "run_dir") or key.startswith("stage."):
+            continue
+        keep.append(o)
+    return keep
+
+
+def check_stages(p: DictConfig) -> list[str]:
+    stages = list(p.stages)
+    unknown = [s for s in [*stages, *p.rerun, *p.overrides] if s not in DEPENDS]
+    if unknown:
+        raise ValueError(
+            f"stage.stages / stage.rerun / stage.overrides name unknown stages {unknown}; the pipeline's stages "
+            f"are {list(DEPENDS)}"
+        )
+    if len(set(stages)) != len(stages) or not stages:
+        raise ValueError(f"stage.stages={stages} must list each stage once (and at least one)")
+    bad_rerun = [s for s in p.rerun if s not in stages]
+    if bad_rerun:
+        raise ValueError(
+            f"stage.rerun={list(p.rerun)} names stages that are not in stage.stages: {bad_rerun}"
+        )
+    for s, extra in p.overrides.items():
+        for o in extra:
+            key = o.lstrip("+~").split("=", 1)[0]
+            if key in ("stage", "run_dir"):
+                raise ValueError(f"stage.overrides.{s} may not set {key}= ({o!r}); the pipeline sets it")
+    return stages
+
+
+def compared(stage: str, config: dict) -> dict:
+    """The part of a resolved config that decides the stage's outputs."""
+    groups = COMPARED + (("reward",) if stage in USES_REWARD else ())
+    out = {g: config.get(g) for g in groups}
+    for dotted in IGNORED:
+        group, key = dotted.split(".", 1)
+        if isinstance(out.get(group), dict):
+            out[group] = {k: v for k, v in out[group].items() if k != key}
+    return out
+
+
+def differences(a, b, prefix: str = "") -> list[str]:
+    """'key: old -> new', 'key: added' or 'key: removed' for every leaf or subtree that differs."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [] if a == b else [f"{prefix}: {a} -> {b}"]
+    out = []
+    for k in sorted(a.keys() | b.keys(), key=str):
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in a:
+            out.append(f"{key}: added")
+        elif k not in b:
+            out.append(f"{key}: removed")
+        else:
+            out += differences(a[k], b[k], key)
+    return out
+
+
+def config_changes(stage: str, old: dict, new: dict, limit: int = 3) -> list[str]:
+    """How the config a stage finished with differs from the one composed now (at most limit lines, then a count)."""
+    diffs = differences(compared(stage, old), compared(stage, new))
+    return diffs if len(diffs) <= limit else diffs[:limit] + [f"{len(diffs) - limit} more"]
+
+
+def read_done(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / DONE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def decide(steps: dict[str, Step], rerun: set[str]) -> None:
+    """Set each step's reason to run (None: skip), in dependency order: make's rule on resolved configs."""
+    for s, step in steps.items():  # steps are in topological order
+        done = read_done(step.run_dir)
+        runs_again = [d for d in step.deps if steps[d].reason is not None]
+        if s in rerun:
+            step.reason = "asked (stage.rerun)"
+        elif done is None:
+            step.reason = "unfinished (no done.json)" if step.run_dir.exists() else "not run yet"
+        elif changes := config_changes(s, done["config"], step.config):
+            step.reason = "config changed: " + "; ".join(changes)
+        elif runs_again:
+            step.reason = f"its input {runs_again[0]} runs again"
+        elif newer := [
+            d for d in step.deps if (read_done(steps[d].run_dir) or {}).get("finished", 0) > done["finished"]
+        ]:
+            step.reason = f"its input {newer[0]} finished after it"
+        else:
+            step.reason = None
+            step.state = "skipped"
+            step.wall_s = done.get("wall_s", 0.0)
+
+
+def topological(stages: list[str]) -> list[str]:
+    """The chosen stages in DEPENDS' order, which lists every stage after its inputs."""
+    return [s for s in DEPENDS if s in stages]
+
+
+def priority(stage: str, stages: list[str]) -> float:
+    """Minutes from this stage's start to the end of the longest chain through it (longest first)."""
+    after = [t for t in stages if stage in DEPENDS[t]]
+    return COST[stage] + max((priority(t, stages) for t in after), default=0)
+
+
+def auto_jobs(cores: int) -> int:
+    import torch
+
+    return 1 if torch.cuda.is_available() else max(1, min(4, cores))
+
+
+def progress_of(log_path: Path | None) -> str:
+    """The last 'n/total' a stage's progress bar wrote to its log (tqdm redraws with carriage returns)."""
+    if log_path is None or not log_path.exists():
+        return ""
+    with open(log_path, "rb") as f:
+        f.seek(max(0, log_path.stat().st_size - 4096))
+        tail = f.read().decode("utf-8", "replace")
+    # "<desc>:  45%|####      | 45/100 [..."; the libraries' own bars (loading weights, writing shards, datasets'
+    # map) are not the stage's progress
+    found = [m for m in BAR.findall(tail) if not m[0].strip().startswith(LIBRARY_BARS)]
+    return f" {found[-1][1]}/{found[-1][2]}" if found else ""
+
+
+def minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def run(cfg: DictConfig) -> None:
+    run = start_run(cfg)
+    p = cfg.stage
+    stages = check_stages(p)
+    cores = os.cpu_count() or 1
+    jobs = p.jobs or auto_jobs(cores)
+    common = common_overrides(list(HydraConfig.get().overrides.task))
+
+    # 1. Compose every stage's config before anything runs: a typo in an override fails now, not 15 minutes in.
+    steps: dict[str, Step] = {}
+    for s in topological(stages):
+        args = [f"stage={s}", *common, *p.overrides.get(s, [])]
+        try:
+            composed = compose(config_name="config", overrides=args)
+            config = OmegaConf.to_container(composed, resolve=True)
+        except Exception as e:  # Hydra's own message names the override; add which stage it came from
+            raise ValueError(f"stage {s} of the pipeline does not compose with {args}: {e}") from e
+        steps[s] = Step(s, args, config, Path(config["run_dir"]), [d for d in DEPENDS[s] if d in stages])
+
+    # 2. Which stages run, and why.
+    decide(steps, set(p.rerun))
+    order = sorted((s for s in steps if steps[s].reason), key=lambda s: -priority(s, stages))
+    log.info(
+        "pipeline: %d stages, %d to run, up to %d at once on %d cores; logs in %s/logs",
+        len(steps), len(order), jobs, cores, run.run_dir,
+    )  # fmt: skip
+    for s, step in steps.items():
+        log.info("  %-22s %s", s, f"runs: {step.reason}" if step.reason else f"finished ({step.run_dir})")
+
+    # 3. TinyHH's data once, before stages that read it start together.
+    if any(step.config["data"]["name"] == "tinyhh" for step in steps.values() if step.reason):
+        tinyhh_dir(cfg)
+
+    # The pipeline's own (one-process) rank layout must not leak: each stage sets up its own, on a free port.
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
+
+    def env_for(n_sharing: int) -> dict[str, str]:
+        threads = p.threads or max(1, cores // max(1, min(jobs, n_sharing)))
+        # a thread count the user exported wins over ours
+        return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **env}
+
+    log_dir = run.run_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    bar = run.tracker.progress(total=len(order), desc="pipeline")
+    start, failed = time.time(), []
+    interactive, last_line = sys.stderr.isatty(), 0.0
+
+    def save_status() -> None:
+        atomic_write_json(
+            run.run_dir / "pipeline.json",
+            {
+                s: {"state": st.state, "reason": st.reason, "wall_s": round(st.wall_s, 1), "run_dir": str(st.run_dir),
+                    "log": str(st.log_path) if st.log_path else None, "command": ["python", "-m", "alignlab", *st.args]}
+                for s, st in steps.items()
+            },
+        )  # fmt: skip
+
+    def stop_all(signum=None, _frame=None) -> None:
+        # Every stage is its own process group (a DeepSpeed stage is several processes): signal them all.
+        alive = [st for st in steps.values() if st.state == "running" and st.proc.poll() is None]
+        for st in alive:
+            os.killpg(st.proc.pid, signum or signal.SIGTERM)
+            st.state = "cancelled"
+        for st in alive:
+            try:
+                st.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(st.proc.pid, signal.SIGKILL)
+        if signum is not None:
+            raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop_all) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        # 4. Start every stage whose inputs are ready (longest chain first), up to `jobs` at once; poll.
+        while True:
+            running = [st for st in steps.values() if st.state == "running"]
+            for st in running:
+                code = st.proc.poll()
+                if code is None:
+                    continue
+                st.wall_s = time.time() - st.started
+                st.log_file.close()
+                if code == 0 and read_done(st.run_dir) is not None:
+                    st.state = "done"
+                    log.info("%s finished in %s", st.stage, minutes(st.wall_s))
+                else:
+                    st.state = "failed"
+                    failed.append(st.stage)
+                    log.error(
+                        "%s failed (exit code %d) after %s; its log: %s",
+                        st.stage,
+                        code,
+                        minutes(st.wall_s),
+                        st.log_path,
+                    )
+                bar.update(1)
+                finished = sum(x.state in ("done", "failed") for x in steps.values())
+                run.tracker.log(
+                    {
+                        f"pipeline/{st.stage}_wall_s": st.wall_s,
+                        f"pipeline/{st.stage}_ok": int(st.state == "done"),
+                    },
+                    step=finished,
+                )
+                save_status()
+            running = [st for st in steps.values() if st.state == "running"]
+            waiting = [s for s in order if steps[s].state == "pending"]
+            if failed:
+                for s in waiting:
+                    steps[s].state = "cancelled"
+                waiting = []
+            ready = [s for s in waiting if all(steps[d].state in ("done", "skipped") for d in steps[s].deps)]
+            for s in ready:
+                st = steps[s]
+                if len(running) >= jobs:
+                    break
+                st.log_path = log_dir / f"{s}.log"
+                out = open(st.log_path, "w")
+                stage_env = env_for(len(running) + len(ready) - ready.index(s))
+                log.info(
+                    "starting %s (%s threads): python -m alignlab %s",
+                    s,
+                    stage_env["OMP_NUM_THREADS"],
+                    " ".join(st.args),
+                )
+                st.proc = subprocess.Popen(
+                    [sys.executable, "-m", "alignlab", *st.args], stdout=out, stderr=subprocess.STDOUT,
+                    env=stage_env,
+                    start_new_session=True,
+                )  # fmt: skip
+                st.log_file = out
+                st.state, st.started = "running", time.time()
+                running.append(st)
+                save_status()
+            if not running:
+                break
+            now = time.time()
+            # on a terminal the bar redraws every refresh_s; into a file (CI, sbatch) one line every 30 s
+            redraw = interactive or now - last_line >= 30
+            last_line = now if redraw else last_line
+            bar.set_postfix_str(
+                ", ".join(
+                    f"{st.stage}{progress_of(st.log_path)} {minutes(now - st.started)}" for st in running
+                )
+                + f" | total {minutes(now - start)}",
+                refresh=redraw,
+            )
+            time.sleep(p.refresh_s)
+    finally:
+        stop_all()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        bar.close()
+        save_status()
+
+    # 5. Summary: every stage's status and time, then the evaluation report's table.
+    total = time.time() - start
+    run.tracker.log({"pipeline/wall_s": total, "pipeline/failed": len(failed)}, step=len(order))
+    run.tracker.close()
+    lines = [f"pipeline finished in {minutes(total)}" + (f"; FAILED: {', '.join(failed)}" if failed else "")]
+    for s, st in steps.items():
+        lines.append(f"  {s:<22} {st.state:<9} {minutes(st.wall_s) if st.wall_s else '':>7}  {st.run_dir}")
+    log.info("\n".join(lines))
+    if failed:
+        tail = steps[failed[0]].log_path.read_text(errors="replace").splitlines()[-25:]
+        raise RuntimeError(
+            f"stage {failed[0]} failed; the last lines of {steps[failed[0]].log_path}:\n" + "\n".join(tail)
+        )
+    if "eval" in steps and (steps["eval"].run_dir / "report.md").exists():
+        report = steps["eval"].run_dir / "report.md"
+        table = report.read_text().split("## ")[0]
+        log.info("%s\nfull report with plots: %s", table.strip(), report)
