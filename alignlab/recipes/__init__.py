@@ -10,6 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from alignlab import distributed
 from alignlab.checkpoint import atomic_write_text
 
 # Stage presets that run another stage's recipe with different defaults (see STAGES in alignlab/config.py).
@@ -25,7 +26,8 @@ DONE = "done.json"
 def run_stage(cfg: DictConfig, stage: str) -> None:
     """Run the recipe of the chosen `stage=` option (cfg.stage.name only names the run directory)."""
     done = Path(cfg.run_dir) / DONE
-    main = _is_rank0()
+    # before and after the recipe the process group may not exist: the launcher's variables say who we are
+    main = distributed.env_from(dict(os.environ)).is_main
     if main:
         done.unlink(missing_ok=True)
     start = time.time()
@@ -38,8 +40,3 @@ def run_stage(cfg: DictConfig, stage: str) -> None:
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
         atomic_write_text(done, json.dumps(marker, indent=1) + "\n")
-
-
-def _is_rank0() -> bool:
-    # Before and after the recipe the process group may not exist: the launcher's variables say who we are.
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
