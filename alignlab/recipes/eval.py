@@ -340,6 +340,8 @@ def run(cfg: DictConfig) -> None:
     atomic_write_text(run.run_dir / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in samples))
     curves = {Path(c).name: c for c in s.curves if (Path(c) / "metrics.jsonl").exists()}
     written = write_report(results, run.run_dir, curves=curves)
+    tracker.log_images({f"eval/{p.stem}": p for p in written if p.suffix == ".png"}, step=0)
+    tracker.log_table("eval/samples", samples, step=0)
     log.info("wrote %s and %s", run.run_dir / "results.json", ", ".join(str(p.name) for p in written))
     for name, m in results["systems"].items():
         log.info(

@@ -48,32 +48,4 @@ def test_wandb_mode_resolution():
     assert resolve_wandb_mode("online", {"WANDB_MODE": "offline"}) == "online"
 
 
-def test_wandb_offline_run_has_metrics_and_config(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    t = Tracker(
-        tmp_path,
-        is_main=True,
-        backend="wandb",
-        config={"stage": {"lr": 0.1}},
-        wandb_mode="offline",
-        show_progress=False,
-    )
-    t.log({"train/loss": 2.0}, step=1)
-    t.close()
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
-    assert read_metrics(tmp_path)[0]["train/loss"] == 2.0
-
-
-def test_wandb_sample_table_is_written_offline(tmp_path, monkeypatch):
-    import json
-
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    t = Tracker(tmp_path, is_main=True, backend="wandb", wandb_mode="offline", show_progress=False)
-    rows = [{"prompt": "how do i bake bread?", "response": " Mix flour.", "score": 0.5}]
-    t.log_table("ppo/samples", rows, step=3)
-    t.close()
-    tables = list((tmp_path / "wandb").glob("offline-run-*/files/media/table/**/*.table.json"))
-    assert len(tables) == 1, list((tmp_path / "wandb").rglob("*"))
-    table = json.loads(tables[0].read_text())
-    assert table["columns"] == ["prompt", "response", "score"] and table["data"] == [list(rows[0].values())]
+# W&B through Tracker (read back from the offline run, media, resume, the sync hint): test_tracking_wandb.py
