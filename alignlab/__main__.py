@@ -26,9 +26,13 @@ def main(cfg: DictConfig) -> int:
         # This job's own overrides (not sys.argv, which under -m or submitit is the whole sweep or another
         # program), with run_dir resolved once so every rank writes the same directory.
         overrides = list(HydraConfig.get().overrides.task)
-        return launch.relaunch(
+        code = launch.relaunch(
             cfg.launcher, launch.child_args(overrides, run_dir=os.path.abspath(cfg.run_dir))
         )
+        if code:
+            # Hydra drops a task's return value: the ranks' exit code (75: preempted) must still reach the shell
+            raise SystemExit(code)
+        return 0
     run_stage(cfg, stage)
     return 0
 

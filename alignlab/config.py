@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from alignlab.rain.stage_config import TINYHH_JUDGE_TEMPLATE, RainConfig
 
@@ -103,7 +103,8 @@ class LoggerConfig:
     name: str = "jsonl"  # jsonl (metrics.jsonl only) | wandb (metrics.jsonl + W&B)
     project: str = "alignlab"  # W&B project
     entity: str | None = None  # W&B entity (team or user)
-    group: str | None = "${experiment.name}"  # W&B run group
+    group: str | None = "${experiment.name}"  # W&B run group (the stages of one experiment side by side)
+    job_type: str | None = "${stage.name}"  # W&B job type (filter one stage across experiments)
     mode: str | None = None  # online | offline | disabled; None = WANDB_MODE or offline when no API key
     tags: list[str] = field(default_factory=list)  # W&B tags
     progress: bool = True  # tqdm progress bars with throughput
@@ -172,6 +173,7 @@ class SFTConfig:
     grad_clip: float = 1.0  # global gradient-norm clip
     eval_every: int = 0  # steps between held-out answer-loss evaluations (0 = before and after training only)
     log_every: int = 10  # steps between metrics.jsonl lines
+    checkpoint_every: int = 0  # steps between checkpoints in checkpoints/ (0 = only at the end)
     eval_rows: int = (
         200  # held-out demonstrations for the answer-token loss (TinyHH: eval_fraction of sft rows)
     )
@@ -210,6 +212,7 @@ class RMConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
     grad_clip: float = 1.0  # global gradient-norm clip
     log_every: int = 10  # steps between metrics.jsonl lines
+    checkpoint_every: int = 0  # steps between checkpoints in checkpoints/ (0 = only at the end)
     eval_rows: int = (
         400  # held-out pairs for accuracy (at most a quarter of the data when data.eval_split is unset)
     )
@@ -307,6 +310,7 @@ class FinetuneConfig:
     grad_clip: float = 1.0  # global gradient-norm clip
     eval_every: int = 0  # steps between held-out answer-loss evaluations (0 = before and after only)
     log_every: int = 10  # steps between metrics.jsonl lines
+    checkpoint_every: int = 0  # steps between checkpoints in checkpoints/ (0 = only at the end)
     eval_rows: int = 32  # generated rows held out for the answer-token loss (at most a fifth of them)
 
 
@@ -537,7 +541,12 @@ class Config:
     reward: RewardConfig = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0  # global seed (torch, numpy, python; data shuffling)
-    run_dir: str = "${paths.runs}/${experiment.name}/${stage.name}"  # the ONE directory this stage writes
+    # the ONE directory this stage writes; in a -m sweep each job's own <hydra.sweep.dir>/<hydra.sweep.subdir>
+    run_dir: str = "${alignlab_run_dir:${paths.runs}/${experiment.name}/${stage.name}}"
+    # never: start fresh | auto: continue a training stage from the newest intact checkpoint in
+    # <run_dir>/checkpoints whose config matches (else start fresh, saying why); the sbatch templates set auto
+    resume: str = "never"
+    keep_checkpoints: int = 2  # resumable checkpoints kept per run (older ones are deleted after a save)
 
 
 # stage option -> its schema: a dataclass, or an instance for a preset of another stage's recipe (ppo_ptx runs
@@ -556,8 +565,22 @@ STAGES: dict[str, Any] = {
 }
 
 
+def sweep_aware_run_dir(default: str) -> str:
+    """run_dir's default: `default` (<runs>/<experiment>/<stage>) in a single run; in a -m sweep (basic launcher or
+    submitit) the job's <hydra.sweep.dir>/<hydra.sweep.subdir>, so sweep points never share a run directory."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized():
+        hydra = HydraConfig.get()
+        if hydra.mode == RunMode.MULTIRUN:
+            return f"{hydra.sweep.dir}/{hydra.sweep.subdir}"
+    return default
+
+
 def register_configs() -> None:
-    """Register the schema and every stage in Hydra's ConfigStore (idempotent)."""
+    """Register the schema, every stage and the run_dir resolver (idempotent)."""
+    OmegaConf.register_new_resolver("alignlab_run_dir", sweep_aware_run_dir, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="alignlab_schema", node=Config)
     for name, node in STAGES.items():

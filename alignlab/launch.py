@@ -76,7 +76,8 @@ def relaunch(launcher_cfg, args: list[str]) -> int:
         # A scheduler's SIGTERM (or Ctrl-C) must reach every rank, not only this parent.
         os.killpg(proc.pid, signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # SIGUSR1/SIGUSR2: a scheduler's warning before a time limit; the ranks checkpoint and exit 75 (preempted)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, forward)
     code = proc.wait()
     if code != 0:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from alignlab import distributed
+from alignlab import checkpoint, distributed
 from alignlab.checkpoint import atomic_write_text
+
+log = logging.getLogger("alignlab")
 
 # Stage presets that run another stage's recipe with different defaults (see STAGES in alignlab/config.py).
 RECIPE_OF = {"ppo_ptx": "ppo"}
@@ -31,7 +34,14 @@ def run_stage(cfg: DictConfig, stage: str) -> None:
     if main:
         done.unlink(missing_ok=True)
     start = time.time()
-    importlib.import_module(f"alignlab.recipes.{RECIPE_OF.get(stage, stage)}").run(cfg)
+    try:
+        importlib.import_module(f"alignlab.recipes.{RECIPE_OF.get(stage, stage)}").run(cfg)
+    except checkpoint.Preempted as e:
+        # No done.json: the stage is not finished. The sbatch templates requeue on this exit code and the
+        # requeued job continues with resume=auto; under submitit its own handler requeues (chain()).
+        log.warning("preempted (%s); continue with resume=auto", e)
+        checkpoint.preemption().chain()
+        raise SystemExit(checkpoint.PREEMPTED_EXIT) from None
     if main:
         marker = {
             "stage": stage,

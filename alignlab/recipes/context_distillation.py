@@ -89,7 +89,7 @@ def select_prompts(rows: list[dict], s: DictConfig, seed: int, source: str) -> l
 
 def run(cfg: DictConfig) -> None:
     s = cfg.stage
-    run = start_run(cfg)
+    run = start_run(cfg, resumable=True)
     env, device, tracker = run.env, run.device, run.tracker
     model_out = check_init_from(s.init_from, run.run_dir)
     if s.gate:
@@ -222,6 +222,7 @@ def run(cfg: DictConfig) -> None:
         eval_rows=held_out,
         model_out=model_out,
         source=str(run.run_dir / "train.jsonl"),
+        resume_from=run.resume,  # the generation above is seeded: a resumed run distils the same rows
     )["steps"]
 
     # 7. TinyHH: starting model, starting model behind a preprompt (the teacher), distilled model; same prompts.

@@ -30,7 +30,7 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from alignlab.checkpoint import atomic_write_json
+from alignlab.checkpoint import PREEMPTED_EXIT, atomic_write_json
 from alignlab.recipes import DONE
 from alignlab.recipes.common import start_run, tinyhh_dir
 
@@ -175,6 +175,9 @@ def decide(steps: dict[str, Step], rerun: set[str]) -> None:
             step.reason = "asked (stage.rerun)"
         elif done is None:
             step.reason = "unfinished (no done.json)" if step.run_dir.exists() else "not run yet"
+            if continues(step, steps, runs_again):
+                step.args.append("resume=auto")
+                step.reason += "; continues from its newest checkpoint (resume=auto)"
         elif changes := config_changes(s, done["config"], step.config):
             step.reason = "config changed: " + "; ".join(changes)
         elif runs_again:
@@ -187,6 +190,19 @@ def decide(steps: dict[str, Step], rerun: set[str]) -> None:
             step.reason = None
             step.state = "skipped"
             step.wall_s = done.get("wall_s", 0.0)
+
+
+def continues(step: Step, steps: dict[str, Step], runs_again: list[str]) -> bool:
+    """An interrupted stage resumes (resume=auto) when its inputs are the ones it started from.
+
+    That is: none of them runs again and each finished before the stage started (its config.yaml). The stage
+    itself still checks its checkpoint against its config; a user's own resume= override is left alone.
+    """
+    started = step.run_dir / "config.yaml"
+    if runs_again or not started.exists() or any(a.startswith("resume=") for a in step.args):
+        return False
+    finished = [(read_done(steps[d].run_dir) or {}).get("finished", float("inf")) for d in step.deps]
+    return all(f < started.stat().st_mtime for f in finished)
 
 
 def topological(stages: list[str]) -> list[str]:
@@ -292,9 +308,11 @@ def run(cfg: DictConfig) -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(st.proc.pid, signal.SIGKILL)
         if signum is not None:
-            raise SystemExit(128 + signum)
+            # a scheduler's signal: the stages checkpointed (exit 75), so the requeued pipeline continues them
+            raise SystemExit(PREEMPTED_EXIT if signum != signal.SIGINT else 128 + signum)
 
-    previous = {sig: signal.signal(sig, stop_all) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+    previous = {sig: signal.signal(sig, stop_all) for sig in signals}
     try:
         # 4. Start every stage whose inputs are ready (longest chain first), up to `jobs` at once; poll.
         while True:

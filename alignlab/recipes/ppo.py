@@ -27,11 +27,11 @@ import torch
 from omegaconf import DictConfig
 
 from alignlab import distributed, models
-from alignlab.checkpoint import save_engine_checkpoint, save_pretrained
+from alignlab.checkpoint import atomic_write_text, load_resumable, save_pretrained, save_resumable
 from alignlab.data.packing import EpochOrder, Packed, lm_labels, micro_batch_positions
 from alignlab.evaluation.tinyhh import judge_model_dir
 from alignlab.generation import response_logits, token_logprobs
-from alignlab.recipes.common import check_init_from, deepspeed_json, start_run, tinyhh_dir
+from alignlab.recipes.common import check_init_from, deepspeed_json, start_run, step_boundary, tinyhh_dir
 from alignlab.rl.advantages import explained_variance, gae, masked_mean, masked_whiten
 from alignlab.rl.kl import ESTIMATORS, kl_controller, kl_per_token, shape_scores, token_rewards
 from alignlab.rl.losses import entropy_from_logits, lm_loss, policy_loss, value_loss
@@ -173,7 +173,7 @@ def ptx_eval_loss(policy, blocks: Packed, micro: int, device) -> float:
 
 def run(cfg: DictConfig) -> None:
     s = cfg.stage
-    run = start_run(cfg)
+    run = start_run(cfg, resumable=True)
     env, device, tracker = run.env, run.device, run.tracker
     model_out = check_init_from(s.init_from, run.run_dir)
     models.require_input(s.value_from, "stage.value_from")
@@ -311,17 +311,33 @@ def run(cfg: DictConfig) -> None:
         tracker.log(row, step=step)
         log.info("held-out at iteration %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
 
-    evaluate(0)  # the starting point: KL is exactly 0 here (policy == reference)
+    def save(it: int, root: Path | None = None) -> Path:
+        """Both engines, every rank's RNG, the KL coefficient and the optimizer-step count (collective)."""
+        return save_resumable(
+            root or run.checkpoints,
+            it,
+            {"actor": policy, "critic": critic},
+            state={"kl_coef": kl_ctl.value, "opt_step": opt_step},
+            config=run.config,
+            keep=run.keep_checkpoints,
+        )
 
     # 4. The loop. Iteration i reads rollout_batch_size prompts from a seeded per-epoch order; rank r its slice.
     prompt_order = EpochOrder(len(train_prompts), cfg.seed)
     ptx_order = EpochOrder(len(ptx_train), cfg.seed + 1) if s.ptx_coef else None
     samples_path = run.run_dir / "samples.jsonl"
-    if env.is_main:
-        samples_path.unlink(missing_ok=True)
-    bar = tracker.progress(s.iterations, "ppo")
     opt_step = 0
-    for it in range(1, s.iterations + 1):
+    if run.resume:  # resume=auto: engines, RNG, beta and the pretraining-data position of the interrupted run
+        state = load_resumable(run.resume, {"actor": policy, "critic": critic})
+        kl_ctl.value, opt_step = state["kl_coef"], state["opt_step"]
+        if env.is_main:
+            keep_sample_rows(samples_path, run.resume_step)
+    else:
+        if env.is_main:
+            samples_path.unlink(missing_ok=True)
+        evaluate(0)  # the starting point: KL is exactly 0 here (policy == reference)
+    bar = tracker.progress(s.iterations, "ppo", initial=run.resume_step)
+    for it in range(run.resume_step + 1, s.iterations + 1):
         t0 = time.perf_counter()
         start = (it - 1) * s.rollout_batch_size + env.rank * per_rank
         prompts = train_prompts.take(prompt_order(range(start, start + per_rank)))
@@ -333,7 +349,7 @@ def run(cfg: DictConfig) -> None:
         # 4.2 Score the text with the reward model(s): normalised, EOS-penalised, clipped.
         raw, scores = shaped_scores(scorer, prompts, ro, s, device)
         t_score = time.perf_counter()
-        check_finite(raw, "reward-model scores", it, policy, critic, run.run_dir, kl_ctl.value)
+        check_finite(raw, "reward-model scores", it, run.run_dir, save)
 
         # 4.3 Old and reference log-probs and values, without gradients.
         old_logprobs, ref_logprobs, old_values = forward_stats(
@@ -387,14 +403,14 @@ def run(cfg: DictConfig) -> None:
                         x = part.tokens.to(device)
                         ptx = {"tokens": x, "labels": lm_labels(x, part.lengths)}
                     loss, row = actor_loss(policy, mb, s.temperature, s.clip_range, s.ptx_coef, ptx)
-                    check_finite(loss, "policy loss", it, policy, critic, run.run_dir, kl_ctl.value)
+                    check_finite(loss, "policy loss", it, run.run_dir, save)
                     policy.backward(loss)
                     policy.step()
                     values = critic(mb["ids"], mb["mask"])[:, mb["ctx"] - 1 : -1]
                     vout = value_loss(
                         values, mb["old_values"], mb["returns"], mb["response_mask"], s.clip_range_value
                     )
-                    check_finite(vout.loss, "value loss", it, policy, critic, run.run_dir, kl_ctl.value)
+                    check_finite(vout.loss, "value loss", it, run.run_dir, save)
                     critic.backward(s.vf_coef * vout.loss)
                     critic.step()
                     row.update(
@@ -459,13 +475,14 @@ def run(cfg: DictConfig) -> None:
             tracker.log_table("ppo/samples", table, step=it)
         if s.eval_every and it % s.eval_every == 0 and it != s.iterations:
             evaluate(it)
-        if s.checkpoint_every and it % s.checkpoint_every == 0 and it != s.iterations:
-            save_checkpoints(policy, critic, run.run_dir, it, kl_ctl.value)
+        step_boundary(run, it, s.iterations, s.checkpoint_every, save, bar)
     bar.close()
-    evaluate(s.iterations)
+    if run.resume_step < s.iterations:
+        evaluate(s.iterations)
 
     # 5. Save: resumable engine states, then the policy for later stages (gathered on rank 0 under ZeRO-3).
-    save_checkpoints(policy, critic, run.run_dir, s.iterations, kl_ctl.value)
+    if run.resume_step < s.iterations:
+        save(s.iterations)
     state = distributed.full_state_dict(policy)
     if env.is_main:
         save_pretrained(policy.module, tokenizer, model_out, state_dict=state)
@@ -492,20 +509,26 @@ def run(cfg: DictConfig) -> None:
     tracker.close()
 
 
-def save_checkpoints(policy, critic, run_dir: Path, it: int, beta: float) -> None:
-    """Both engines' resumable state (collective) with the iteration and the KL controller's beta."""
-    state = {"iteration": it, "kl_coef": beta}
-    save_engine_checkpoint(policy, run_dir / "checkpoints" / "actor", it, state)
-    save_engine_checkpoint(critic, run_dir / "checkpoints" / "critic", it, state)
+def keep_sample_rows(path: Path, last_iteration: int) -> None:
+    """Resuming: drop the sample rows of iterations after the checkpoint (they will be sampled again)."""
+    if path.exists():
+        rows = [
+            r for r in path.read_text().splitlines() if json.loads(r).get("iteration", 0) <= last_iteration
+        ]
+        atomic_write_text(path, "".join(r + "\n" for r in rows))
 
 
-def check_finite(x: torch.Tensor, what: str, it: int, policy, critic, run_dir: Path, beta: float) -> None:
-    """Stop on NaN/inf (agreed over ranks), after checkpointing the last good weights (before this update)."""
+def check_finite(x: torch.Tensor, what: str, it: int, run_dir: Path, save) -> None:
+    """Stop on NaN/inf (agreed over ranks), after saving the weights as they are (before this update).
+
+    They go to checkpoints/nonfinite/, not among the resumable checkpoints: part of this iteration's updates
+    is already applied, so resume=auto continues from the last regular checkpoint instead.
+    """
     bad = distributed.mean_over_ranks(float(not bool(torch.isfinite(x.detach()).all())))
     if bad > 0:
-        save_checkpoints(policy, critic, run_dir, it, beta)
+        path = save(it, run_dir / "checkpoints" / "nonfinite")
         raise FloatingPointError(
-            f"{what} is NaN/inf at iteration {it}; the last good weights are in {run_dir / 'checkpoints'}. "
+            f"{what} is NaN/inf at iteration {it}; the last good weights are in {path}. "
             "Usual causes: a learning rate too high (stage.lr / stage.value_lr), a reward model producing inf, "
             "fp16 overflow (try bfloat16)"
         )

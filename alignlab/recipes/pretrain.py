@@ -10,13 +10,14 @@ import json
 import logging
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from alignlab import distributed, models
-from alignlab.checkpoint import atomic_write_text, save_engine_checkpoint, save_pretrained
+from alignlab.checkpoint import atomic_write_text, load_resumable, save_pretrained, save_resumable
 from alignlab.data.formats import canonicalize
 from alignlab.data.loading import load_rows
 from alignlab.data.packing import (
@@ -28,7 +29,7 @@ from alignlab.data.packing import (
     unigram_loss,
 )
 from alignlab.evaluation.tinyhh import judge_model_dir
-from alignlab.recipes.common import deepspeed_json, start_run, tinyhh_dir
+from alignlab.recipes.common import deepspeed_json, start_run, step_boundary, tinyhh_dir
 
 log = logging.getLogger("alignlab.pretrain")
 
@@ -100,7 +101,7 @@ def eval_loss(engine, data: Packed, micro: int, env, device) -> float:
 
 def run(cfg: DictConfig) -> None:
     s = cfg.stage
-    run = start_run(cfg)
+    run = start_run(cfg, resumable=True)
     env, device, tracker = run.env, run.device, run.tracker
     is_tinyhh = cfg.data.source == "tinyhh"
     model_out = run.run_dir / "model"
@@ -241,9 +242,24 @@ def run(cfg: DictConfig) -> None:
     # 4. The loop. Step s reads one global batch from a seeded per-epoch order of the blocks; rank r reads its own
     #    micro-batches of it, so any world size reads the same data in the same order.
     order = EpochOrder(len(train), cfg.seed)
-    bar = tracker.progress(s.steps, "pretrain")
     t_last, steps_since, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
-    for step in range(1, s.steps + 1):
+
+    def save(step: int) -> Path:
+        state = {"loss_sum": loss_sum, "loss_n": loss_n}
+        return save_resumable(
+            run.checkpoints,
+            step,
+            {"model": engine},
+            state=state,
+            config=run.config,
+            keep=run.keep_checkpoints,
+        )
+
+    if run.resume:  # resume=auto: engine, RNG and the running loss of the interrupted run
+        state = load_resumable(run.resume, {"model": engine})
+        loss_sum, loss_n = state["loss_sum"], state["loss_n"]
+    bar = tracker.progress(s.steps, "pretrain", initial=run.resume_step)
+    for step in range(run.resume_step + 1, s.steps + 1):
         for m in range(accum):
             positions = micro_batch_positions(
                 step - 1, m, env.rank, env.world_size, s.micro_batch_size, s.batch_size
@@ -275,12 +291,12 @@ def run(cfg: DictConfig) -> None:
             ev = eval_loss(engine, held_out, s.micro_batch_size, env, device)
             tracker.log({"eval/loss": ev, "eval/loss_vs_unigram": ev / baseline}, step=step)
             t_last, steps_since = time.perf_counter(), 0  # evaluation time is not training throughput
-        if s.checkpoint_every and step % s.checkpoint_every == 0 and step != s.steps:
-            save_engine_checkpoint(engine, run.run_dir / "checkpoints", step, {"step": step})
+        step_boundary(run, step, s.steps, s.checkpoint_every, save, bar)
     bar.close()
 
     # 5. Save: resumable engine state, then the model for the next stage (gathered on rank 0 under ZeRO-3).
-    save_engine_checkpoint(engine, run.run_dir / "checkpoints", s.steps, {"step": s.steps})
+    if run.resume_step < s.steps:
+        save(s.steps)
     state = distributed.full_state_dict(engine)
     if env.is_main:
         engine.module.config.use_cache = True  # generation in later stages wants the KV cache

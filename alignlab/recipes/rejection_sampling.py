@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig
 
 from alignlab import distributed, models
-from alignlab.checkpoint import atomic_write_json, atomic_write_text
+from alignlab.checkpoint import atomic_write_json, atomic_write_text, latest_intact, read_manifest
 from alignlab.data.loading import load_rows
 from alignlab.data.packing import EpochOrder
 from alignlab.evaluation.plots import plot_best_of_n
@@ -136,9 +136,89 @@ def split_eval(rows: list[dict], n: int, seed: int) -> tuple[list[dict], list[di
     return [rows[i] for i in order[n:]], [rows[i] for i in order[:n]]
 
 
+ITERATION_DONE = "iteration.json"  # written last in iteration_<i>/: the step it ended at and its metrics
+
+
+def read_iteration(it_dir: Path, name: str = ITERATION_DONE) -> dict | None:
+    try:
+        return json.loads((it_dir / name).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def draw_pool(
+    run, s, cfg, sampler, tokenizer, scorer, train_prompts, order, it: int, temperature: float, device
+) -> list[dict]:
+    """One iteration's pool: its prompts (rank r samples every world_size-th), K scored answers each, all ranks'."""
+    env, k = run.env, s.samples_per_prompt
+    first = (it - 1) * s.prompts_per_iteration
+    idx = order(range(first, first + s.prompts_per_iteration)).tolist()
+    prompts = train_prompts.take(idx[env.rank :: env.world_size])
+
+    # K answers per prompt from the current model (a random stream of its own per iteration and rank).
+    torch.manual_seed(sampling_seed(cfg.seed, env.rank, it))
+    bar = run.tracker.progress(len(prompts) * k, f"rs {it}/{s.iterations}: sample")
+    texts, ended = sample_answers(
+        sampler,
+        tokenizer,
+        prompts,
+        k=k,
+        batch_size=s.generation_batch_size,
+        max_new_tokens=s.max_new_tokens,
+        temperature=temperature,
+        device=device,
+        progress=bar,
+    )
+    bar.close()
+
+    # Score every answer; gather the pool from all ranks.
+    scores = score_pool(scorer, prompts, texts, ended, s)
+    mine = [
+        {
+            "prompt": p,
+            "is_safety": f,
+            "iteration": it,
+            "temperature": temperature,
+            "responses": t,
+            "scores": [round(x, 6) for x in sc],
+            "ended": e,
+        }
+        for p, f, t, sc, e in zip(prompts.texts, prompts.is_safety, texts, scores, ended, strict=True)
+    ]
+    return [row for part in distributed.gather_objects(mine) for row in part]
+
+
+def resume_point(cfg: DictConfig, resolved: dict, world_size: int) -> tuple[int, Path] | None:
+    """resume=auto for rejection sampling: past the finished iterations, into the fine-tuning checkpoint of the next.
+
+    An iteration is finished when its iteration.json holds this config; the first unfinished one continues from
+    the newest intact checkpoint of its fine-tuning (iteration_<i>/checkpoints), or starts over (its sampling is
+    seeded, so it draws the same pool). Returns (tracker step, iteration dir or checkpoint) or None.
+    """
+    from alignlab.recipes.pipeline import config_changes
+
+    if cfg.resume != "auto":
+        return None
+    found, step = None, 0
+    for it in range(1, cfg.stage.iterations + 1):
+        it_dir = Path(cfg.run_dir) / f"iteration_{it}"
+        try:
+            marker = json.loads((it_dir / ITERATION_DONE).read_text())
+        except (OSError, ValueError):
+            marker = None
+        if marker and not config_changes(cfg.stage.name, marker["config"], resolved):
+            found, step = (marker["step"], it_dir), marker["step"]
+            continue
+        intact = latest_intact(it_dir / "checkpoints")
+        if intact and not config_changes(cfg.stage.name, read_manifest(intact[1])["config"], resolved):
+            return step + intact[0], intact[1]
+        break
+    return found
+
+
 def run(cfg: DictConfig) -> None:
     s = cfg.stage
-    run = start_run(cfg)
+    run = start_run(cfg, resumable=True, find_resume=resume_point)
     env, device, tracker = run.env, run.device, run.tracker
     model_out = check_init_from(s.init_from, run.run_dir)
     check_options(s)
@@ -189,58 +269,51 @@ def run(cfg: DictConfig) -> None:
         step=0,
     )
 
-    # 3. The loop.
+    # 3. The loop. resume=auto: finished iterations are read back (pool, model, step), and the first unfinished
+    #    one continues its fine-tuning from its checkpoint (run.resume) with the pool it had drawn.
     order = EpochOrder(len(train_prompts), cfg.seed)
     candidates: dict[str, list[dict]] = {}  # prompt -> every sample kept for selection
     curves = {}
-    current, step = s.init_from, 0
-    sampler = load_sampler(current, cfg, device)
+    current, step, sampler = s.init_from, 0, None
     eval_seed = sampling_seed(cfg.seed, env.rank, 0)
-    start_score = held_out_score(sampler, tokenizer, scorer, eval_mine, s, device, eval_seed)
-    tracker.log({"eval/rm_score": start_score}, step=0)
-    log.info("held-out RM score of the starting model: %.4f", start_score)
+    resuming_in = (
+        run.resume.parent.parent if run.resume and run.resume.name.startswith("checkpoint-") else None
+    )
+    if run.resume is None:
+        if env.is_main:  # markers of an earlier run in this directory must not pass for this run's iterations
+            for marker in run.run_dir.glob(f"iteration_*/{ITERATION_DONE}"):
+                marker.unlink()
+        sampler = load_sampler(current, cfg, device)
+        start_score = held_out_score(sampler, tokenizer, scorer, eval_mine, s, device, eval_seed)
+        tracker.log({"eval/rm_score": start_score}, step=0)
+        log.info("held-out RM score of the starting model: %.4f", start_score)
     for it in range(1, s.iterations + 1):
         it_dir = run.run_dir / f"iteration_{it}"
         temperature = temperature_of(s, it)
-
-        # 3.1 This iteration's prompts; rank r samples every world_size-th of them.
-        first = (it - 1) * s.prompts_per_iteration
-        idx = order(range(first, first + s.prompts_per_iteration)).tolist()
-        prompts = train_prompts.take(idx[env.rank :: env.world_size])
-
-        # 3.2 K answers per prompt from the current model (a random stream of its own per iteration and rank).
-        torch.manual_seed(sampling_seed(cfg.seed, env.rank, it))
-        bar = tracker.progress(len(prompts) * k, f"rs {it}/{s.iterations}: sample")
-        texts, ended = sample_answers(
-            sampler,
-            tokenizer,
-            prompts,
-            k=k,
-            batch_size=s.generation_batch_size,
-            max_new_tokens=s.max_new_tokens,
-            temperature=temperature,
-            device=device,
-            progress=bar,
-        )
-        bar.close()
-        del sampler
-        gc.collect()
-
-        # 3.3 Score every answer; gather the pool from all ranks.
-        scores = score_pool(scorer, prompts, texts, ended, s)
-        mine = [
-            {
-                "prompt": p,
-                "is_safety": f,
-                "iteration": it,
-                "temperature": temperature,
-                "responses": t,
-                "scores": [round(x, 6) for x in sc],
-                "ended": e,
-            }
-            for p, f, t, sc, e in zip(prompts.texts, prompts.is_safety, texts, scores, ended, strict=True)
-        ]
-        pool = [row for part in distributed.gather_objects(mine) for row in part]
+        finished = read_iteration(it_dir) if run.resume else None
+        if finished or it_dir == resuming_in:
+            # 3.1-3.3 read back: the pool this iteration drew before it finished or was interrupted
+            pool = [json.loads(line) for line in (it_dir / "pool.jsonl").read_text().splitlines()]
+            start_score = (
+                finished["start_score"] if finished else read_iteration(it_dir, "start.json")["start_score"]
+            )
+        else:
+            # 3.1-3.3 this iteration's prompts, K answers each from the current model, scored, gathered
+            pool = draw_pool(
+                run,
+                s,
+                cfg,
+                sampler or load_sampler(current, cfg, device),
+                tokenizer,
+                scorer,
+                train_prompts,
+                order,
+                it,
+                temperature,
+                device,
+            )
+            sampler = None
+            gc.collect()
 
         # 3.4 Best-of-N curves of this pool.
         curve = best_of_n(torch.tensor([r["scores"] for r in pool]))
@@ -255,11 +328,22 @@ def run(cfg: DictConfig) -> None:
                 for t, sc in zip(r["responses"], r["scores"], strict=True)
             )
         rows = training_rows(keep_best(candidates))
+        out = model_out if it == s.iterations else it_dir / "model"
+        if finished:
+            step, current = finished["step"], str(out)
+            log.info(
+                "iteration %d: finished before (step %d, held-out RM score %.4f)",
+                it,
+                step,
+                finished["rm_score"],
+            )
+            continue
 
         # 3.6 The generated data, written before training (rank 0; atomic), then read back by every rank.
-        if env.is_main:
+        if env.is_main and it_dir != resuming_in:
             atomic_write_text(it_dir / "pool.jsonl", "".join(json.dumps(r) + "\n" for r in pool))
             atomic_write_text(it_dir / "train.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            atomic_write_json(it_dir / "start.json", {"start_score": start_score})
         distributed.barrier()
         rows = load_rows(str(it_dir / "train.jsonl")).to_list()
         kept_scores = torch.tensor([r["score"] for r in rows])
@@ -294,7 +378,6 @@ def run(cfg: DictConfig) -> None:
 
         # 3.7 Fine-tune with the SFT loss on the kept set.
         train, held_out = split_eval(rows, s.finetune.eval_rows, cfg.seed + it)
-        out = model_out if it == s.iterations else it_dir / "model"
         result = finetune(
             run,
             cfg,
@@ -306,6 +389,7 @@ def run(cfg: DictConfig) -> None:
             source=str(it_dir / "train.jsonl"),
             step_offset=step,
             checkpoint_dir=it_dir / "checkpoints",
+            resume_from=run.resume if it_dir == resuming_in else None,
         )
         step += result["steps"]
         current = str(out)
@@ -317,12 +401,17 @@ def run(cfg: DictConfig) -> None:
         log.info(
             "iteration %d: held-out RM score %.4f (start %.4f)", it, metrics["eval/rm_score"], start_score
         )
+        if env.is_main:  # written last: resume=auto skips this iteration from now on
+            marker = {"step": step, "rm_score": metrics["eval/rm_score"], "start_score": start_score}
+            atomic_write_json(it_dir / ITERATION_DONE, {**marker, "config": run.config})
+        distributed.barrier()
     del sampler
 
     # 4. Best-of-N curves of every iteration, as data and as a plot.
     if env.is_main:
         atomic_write_json(run.run_dir / "best_of_n.json", {name: c.as_rows() for name, c in curves.items()})
         plot_best_of_n(curves, run.run_dir / "best_of_n.png")
+        tracker.log_images({"rs/best_of_n": run.run_dir / "best_of_n.png"}, step=step)
 
     # 5. TinyHH: the starting and the final model judged by the oracle on the same held-out prompts.
     if data_dir is not None and s.sample_eval and env.is_main:

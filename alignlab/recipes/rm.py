@@ -26,12 +26,14 @@ from alignlab.data.formats import MalformedRowError, canonicalize
 from alignlab.data.loading import load_rows
 from alignlab.generation import sample
 from alignlab.recipes.common import (
+    CheckpointCallback,
     TrackerCallback,
     check_init_from,
     save_trainer_model,
     start_run,
     steps_for,
     tinyhh_dir,
+    train_resumable,
     trainer_arguments,
 )
 from alignlab.rl.ranking import kway_loss, margin_for, ranked_pairs
@@ -190,7 +192,7 @@ def accuracy_metrics(rows: list[dict], r_c: torch.Tensor, r_r: torch.Tensor) -> 
 
 def run(cfg: DictConfig) -> None:
     s = cfg.stage
-    run = start_run(cfg)
+    run = start_run(cfg, resumable=True)
     env, tracker = run.env, run.tracker
     model_out = check_init_from(s.init_from, run.run_dir)
     kway = s.ranking == "kway"
@@ -255,6 +257,7 @@ def run(cfg: DictConfig) -> None:
         show_progress=cfg.logger.progress,
     )
     callback = TrackerCallback(tracker)
+    saving = CheckpointCallback(run)
     if kway:
         args = trainer_arguments(TrainingArguments, remove_unused_columns=False, **common)
         trainer = Trainer(
@@ -263,7 +266,7 @@ def run(cfg: DictConfig) -> None:
             train_dataset=train,
             data_collator=KWayCollator(tokenizer.pad_token_id),
             compute_loss_func=kway_trainer_loss(s.center_coef),
-            callbacks=[callback],
+            callbacks=[callback, saving],
         )
     else:
         args = trainer_arguments(
@@ -274,7 +277,11 @@ def run(cfg: DictConfig) -> None:
             **common,
         )
         trainer = RewardTrainer(
-            model=model, args=args, train_dataset=train, processing_class=tokenizer, callbacks=[callback]
+            model=model,
+            args=args,
+            train_dataset=train,
+            processing_class=tokenizer,
+            callbacks=[callback, saving],
         )
     log.info(
         "%d params | %s: %d training rows (%d comparisons, %d dropped as too long) from %s, subset=%s, margin=%s | "
@@ -303,8 +310,8 @@ def run(cfg: DictConfig) -> None:
         step=0,
     )
 
-    # 4. Train.
-    trainer.train()
+    # 4. Train (from the checkpoint under resume=auto; a signal checkpoints and stops the stage).
+    train_resumable(trainer, run, saving, run.resume)
 
     # 5. Save: resumable engine state, then the reward model (the PPO critic and scorers start from it).
     save_trainer_model(trainer, tokenizer, model_out, env, steps)

@@ -26,6 +26,7 @@ from alignlab.data.formats import canonicalize
 from alignlab.data.loading import load_rows
 from alignlab.evaluation.tinyhh import judge_model_dir
 from alignlab.recipes.common import (
+    CheckpointCallback,
     Run,
     TrackerCallback,
     check_init_from,
@@ -33,6 +34,7 @@ from alignlab.recipes.common import (
     start_run,
     steps_for,
     tinyhh_dir,
+    train_resumable,
     trainer_arguments,
 )
 
@@ -101,6 +103,7 @@ def finetune(
     source: str,
     step_offset: int = 0,
     checkpoint_dir: Path | None = None,
+    resume_from: Path | None = None,
 ) -> dict[str, float]:
     """The SFT loss (answer tokens only) on prompt/completion rows, from init_from into model_out.
 
@@ -108,7 +111,7 @@ def finetune(
     distillation). hp: the fine-tuning fields of the stage config (batch sizes, lr and schedule, max_length,
     train_on, epochs/steps, ...). Metrics go to the run's tracker at step_offset + the trainer's step; returns
     the held-out answer loss before/after and the step count. checkpoint_dir: where the engine state goes
-    (default <run_dir>/checkpoints).
+    (default <run_dir>/checkpoints). resume_from: a checkpoint there to continue from (resume=auto).
     """
     env, tracker = run.env, run.tracker
 
@@ -161,7 +164,10 @@ def finetune(
         train_dataset=train,
         eval_dataset=held_out,
         processing_class=tokenizer,
-        callbacks=[callback := TrackerCallback(tracker, step_offset=step_offset)],
+        callbacks=[
+            callback := TrackerCallback(tracker, step_offset=step_offset),
+            saving := CheckpointCallback(run),
+        ],
     )
     log.info(
         "%d params (%d trainable) | %d train / %d held-out demonstrations from %s | %d tokens, %.0f%% of them "
@@ -190,7 +196,7 @@ def finetune(
     )
 
     # 4. Train; the Trainer evaluates the held-out answer-token loss at step 0, every eval_every steps and at the end.
-    trainer.train()
+    train_resumable(trainer, run, saving, resume_from)
     before, after = (callback.evaluations[i][1]["eval_loss"] for i in (0, -1))
     result = {"eval/answer_loss_start": before, "eval/answer_loss": after}
     tracker.log(result, step=step_offset + steps)
@@ -209,7 +215,7 @@ def finetune(
 
 def run(cfg: DictConfig) -> None:
     s = cfg.stage
-    run = start_run(cfg)
+    run = start_run(cfg, resumable=True)
     env, tracker = run.env, run.tracker
     model_out = check_init_from(s.init_from, run.run_dir)
 
@@ -227,6 +233,7 @@ def run(cfg: DictConfig) -> None:
         eval_rows=eval_rows,
         model_out=model_out,
         source=source,
+        resume_from=run.resume,
     )["steps"]
 
     # 6. TinyHH: the starting and fine-tuned models judged on the same held-out prompts (rank 0; reloaded).

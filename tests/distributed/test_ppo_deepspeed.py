@@ -50,5 +50,5 @@ def test_ppo_two_processes(tinyhh_rm, tinyhh_root, data_cache, tmp_path, zero):
     assert (
         out / "model" / "model.safetensors"
     ).stat().st_size == sft.stat().st_size  # the full model, gathered
-    shards = list((out / "checkpoints" / "actor").rglob("*optim_states.pt"))
+    shards = list((out / "checkpoints").glob("checkpoint-*/actor/*optim_states.pt"))
     assert len(shards) == 2  # one ZeRO optimizer shard per rank

@@ -26,7 +26,8 @@ def test_run_directory_contract(quick_run):
     names = {p.name for p in quick_run.iterdir()}
     assert {"config.yaml", "metrics.jsonl", "model", "checkpoints", "samples.jsonl"} <= names
     assert not any(n.startswith(".") for n in names)  # no temp debris from atomic saves
-    assert (quick_run / "checkpoints" / "latest").read_text().strip() == "step00000150"
+    assert [p.name for p in (quick_run / "checkpoints").iterdir()] == ["checkpoint-150"]
+    assert (quick_run / "checkpoints" / "checkpoint-150" / "manifest.json").exists()
     config = (quick_run / "config.yaml").read_text()
     assert "${" not in config and "steps: 150" in config  # fully resolved
 

@@ -152,6 +152,17 @@ def test_decide_applies_makes_rule_to_resolved_configs(tmp_path):
     assert steps["sft"].reason == "asked (stage.rerun)" and steps["rm"].reason == "its input sft runs again"
     assert steps["rain"].reason == "unfinished (no done.json)" and steps["pretrain"].reason is None
 
+    # an interrupted run that started after its inputs finished continues from its checkpoint (resume=auto) ...
+    (tmp_path / "rain" / "config.yaml").write_text("started\n")
+    steps = make_steps(tmp_path)
+    decide(steps, set())
+    assert steps["rain"].reason.endswith("continues from its newest checkpoint (resume=auto)")
+    assert steps["rain"].args[-1] == "resume=auto"
+    # ... but not when its input runs again
+    steps = make_steps(tmp_path)
+    decide(steps, {"pretrain"})
+    assert steps["rain"].reason == "unfinished (no done.json)" and "resume=auto" not in steps["rain"].args
+
 
 def test_progress_of_reads_the_last_bar_position(tmp_path):
     log = tmp_path / "ppo.log"

@@ -1,0 +1,97 @@
+"""Resumable checkpoints: manifest as commit mark, truncation detection, pruning, the preemption watch."""
+
+import os
+import signal
+
+import pytest
+
+from alignlab import checkpoint as ck
+
+
+def fake_checkpoint(root, step, files=None, commit=True):
+    path = ck.checkpoint_path(root, step)
+    (path / "model").mkdir(parents=True)
+    for name, data in (files or {"model/weights.pt": b"w" * 100, "rng_rank0.pt": b"r" * 10}).items():
+        (path / name).write_bytes(data)
+    if commit:
+        ck.write_manifest(path, step, state={"kl_coef": 0.1}, config={"seed": 0}, world_size=1)
+    return path
+
+
+def test_manifest_commits_a_checkpoint_and_records_sizes(tmp_path):
+    path = fake_checkpoint(tmp_path, 40)
+    manifest = ck.read_manifest(path)
+    assert manifest["files"] == {"model/weights.pt": 100, "rng_rank0.pt": 10}
+    assert manifest["step"] == 40 and manifest["state"] == {"kl_coef": 0.1}
+    assert ck.verify(path) is None
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda p: (p / "model" / "weights.pt").write_bytes(b"w" * 60), "truncated"),
+        (lambda p: (p / "rng_rank0.pt").unlink(), "missing"),
+        (lambda p: (p / ck.MANIFEST).unlink(), "did not finish"),
+        (lambda p: (p / ck.MANIFEST).write_text('{"step": 4'), "unreadable"),
+    ],
+)
+def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(tmp_path, caplog, damage, reason):
+    fake_checkpoint(tmp_path, 40)
+    newest = fake_checkpoint(tmp_path, 62)
+    damage(newest)
+    assert reason in ck.verify(newest)
+    with caplog.at_level("WARNING"):
+        step, path = ck.latest_intact(tmp_path)
+    assert (step, path.name) == (40, "checkpoint-40")
+    assert "checkpoint-62 is unusable" in caplog.text and reason in caplog.text
+
+
+def test_an_unfinished_save_is_not_a_checkpoint(tmp_path):
+    fake_checkpoint(tmp_path, 10, commit=False)
+    assert ck.latest_intact(tmp_path) is None
+    assert ck.latest_intact(tmp_path / "nowhere") is None
+
+
+def test_checkpoints_sort_by_step_not_by_name(tmp_path):
+    for step in (9, 10, 100):
+        fake_checkpoint(tmp_path, step)
+    (tmp_path / "checkpoint-final").mkdir()  # not ours: ignored
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [100, 10, 9]
+
+
+def test_prune_keeps_the_newest_intact_ones_and_nothing_older(tmp_path):
+    for step in (10, 20, 30):
+        fake_checkpoint(tmp_path, step)
+    broken = fake_checkpoint(tmp_path, 40)
+    (broken / "rng_rank0.pt").write_bytes(b"")  # truncated: it does not count as one of the kept
+    ck.prune(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-20", "checkpoint-30", "checkpoint-40"]
+
+
+def test_rng_state_round_trip():
+    import random
+
+    import numpy as np
+    import torch
+
+    state = ck.rng_state()
+    draws = (random.random(), np.random.rand(), torch.rand(1).item())
+    ck.set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == draws
+
+
+def test_preemption_watch_flags_a_signal_and_chains_the_previous_handler():
+    seen = []
+    old = signal.signal(signal.SIGUSR2, lambda signum, frame: seen.append(signum))
+    watch = ck.PreemptionWatch().install()
+    try:
+        assert not watch.requested()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert watch.requested() and watch.signum == signal.SIGUSR2
+        assert seen == []  # ours ran, the old one waits for the checkpoint
+        watch.chain()  # e.g. submitit's requeue handler, after the checkpoint
+        assert seen == [signal.SIGUSR2]
+    finally:
+        watch.uninstall()
+        signal.signal(signal.SIGUSR2, old)
+    assert signal.getsignal(signal.SIGUSR2) is old
