@@ -30,8 +30,9 @@ def main(cfg: DictConfig) -> int:
             cfg.launcher, launch.child_args(overrides, run_dir=os.path.abspath(cfg.run_dir))
         )
         if code:
-            # Hydra drops a task's return value: the ranks' exit code (75: preempted) must still reach the shell
-            raise SystemExit(code)
+            # Hydra drops a task's return value: the ranks' exit code (75: preempted) must still reach the shell;
+            # a runner killed by signal N reports -N, a shell's 128 + N
+            raise SystemExit(code if code > 0 else 128 - code)
         return 0
     run_stage(cfg, stage)
     return 0

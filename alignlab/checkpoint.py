@@ -99,7 +99,8 @@ class PreemptionWatch:
     """SIGTERM / SIGUSR1 / SIGUSR2 set a flag that training loops poll at step boundaries (see requested()).
 
     SLURM sends SIGTERM before killing a preempted or cancelled job, and `--signal=USR1@<s>` before a time limit;
-    submitit uses SIGUSR2. A second signal stops the process at once, the way the signal would have.
+    submitit uses SIGUSR2. Repeats are ignored (the scheduler's SIGKILL is the hard stop); Ctrl-C (SIGINT) is
+    not handled here and interrupts at once.
     """
 
     def __init__(self) -> None:
@@ -120,8 +121,9 @@ class PreemptionWatch:
 
     def _handle(self, signum: int, _frame) -> None:
         if self.signum is not None:
-            self.uninstall()
-            os.kill(os.getpid(), signum)
+            # A repeat (srun and slurmstepd both deliver a scancel's SIGTERM; DeepSpeed's launcher passes its own on)
+            # must not cut the checkpoint short: the scheduler's SIGKILL after its grace time is the hard stop.
+            log.warning("received %s again: still checkpointing", signal.Signals(signum).name)
             return
         self.signum = signum
         log.warning("received %s: saving a checkpoint at the next step boundary", signal.Signals(signum).name)
@@ -254,10 +256,12 @@ def save_resumable(
     state: dict[str, Any],
     config: dict[str, Any],
     keep: int,
+    rank_state: dict[str, Any] | None = None,
 ) -> Path:
     """A resumable point of an own-loop stage (pretrain, PPO): engines, every rank's RNG, loop state, manifest.
 
-    Collective: every rank calls it. `state` (JSON) is the loop's own state (KL coefficient, running sums...).
+    Collective: every rank calls it. `state` (JSON, rank 0's) is the loop state all ranks share (KL coefficient,
+    step counters); `rank_state` is this rank's own (e.g. its running loss sums), kept with its RNG state.
     """
     import torch
 
@@ -271,7 +275,7 @@ def save_resumable(
     distributed.barrier()
     for name, engine in engines.items():
         engine.save_checkpoint(str(path), tag=name, client_state={"step": step}, save_latest=False)
-    torch.save(rng_state(), path / f"rng_rank{rank}.pt")
+    torch.save({**rng_state(), "rank_state": rank_state or {}}, path / f"rng_rank{rank}.pt")
     distributed.barrier()
     if rank == 0:
         write_manifest(path, step, state=state, config=config, world_size=world, engines=sorted(engines))
@@ -282,7 +286,8 @@ def save_resumable(
 
 
 def load_resumable(path: str | Path, engines: dict[str, Any]) -> dict[str, Any]:
-    """Restore what save_resumable wrote into the (already built) engines and this rank's RNG; return the state."""
+    """Restore what save_resumable wrote into the (already built) engines and this rank's RNG; return the shared
+    state updated with this rank's own."""
     import torch
 
     path = Path(path)
@@ -293,5 +298,6 @@ def load_resumable(path: str | Path, engines: dict[str, Any]) -> dict[str, Any]:
         )
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load {path / name}")
-    set_rng_state(torch.load(path / f"rng_rank{rank}.pt", weights_only=False))
-    return read_manifest(path)["state"]
+    mine = torch.load(path / f"rng_rank{rank}.pt", weights_only=False)
+    set_rng_state(mine)
+    return {**read_manifest(path)["state"], **mine.get("rank_state", {})}

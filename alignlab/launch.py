@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -65,6 +66,28 @@ def child_env(nproc: int, environ: dict[str, str] | None = None) -> dict[str, st
     return env
 
 
+def is_rank(cmdline: list[str]) -> bool:
+    """A rank's command line runs `python [-u] -m alignlab`; the runners' first -m names their own module."""
+    modules = [cmdline[i + 1] for i, a in enumerate(cmdline[:-1]) if a == "-m"]
+    return bool(modules) and modules[0] == "alignlab"
+
+
+def rank_processes(pid: int) -> list[int]:
+    """The pids of the ranks a runner (DeepSpeed's, torchrun) started under pid."""
+    import psutil
+
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    ranks = []
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            if is_rank(child.cmdline()):
+                ranks.append(child.pid)
+    return ranks
+
+
 def relaunch(launcher_cfg, args: list[str]) -> int:
     """Run the stage on launcher_cfg.nproc processes and return the runner's exit code."""
     port = launcher_cfg.master_port or free_port()
@@ -73,10 +96,16 @@ def relaunch(launcher_cfg, args: list[str]) -> int:
     proc = subprocess.Popen(cmd, env=child_env(launcher_cfg.nproc), start_new_session=True)
 
     def forward(signum, _frame):
-        # A scheduler's SIGTERM (or Ctrl-C) must reach every rank, not only this parent.
-        os.killpg(proc.pid, signum)
+        # A scheduler's SIGTERM/SIGUSR1/SIGUSR2 goes to the ranks only: they checkpoint and exit 75, and the runner
+        # passes that code on. Signalled itself, DeepSpeed's runner would die (USR1/USR2) or kill the ranks
+        # mid-save (TERM). Ctrl-C goes to the whole group.
+        ranks = rank_processes(proc.pid) if signum != signal.SIGINT else []
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+        if not ranks:
+            os.killpg(proc.pid, signum)
 
-    # SIGUSR1/SIGUSR2: a scheduler's warning before a time limit; the ranks checkpoint and exit 75 (preempted)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, forward)
     code = proc.wait()

@@ -24,6 +24,8 @@ ORCHESTRATORS = {"pipeline"}
 # stage whose marker matches the config it would run; a stage removes its marker first, so an interrupted
 # re-run is never mistaken for a finished one.
 DONE = "done.json"
+# Stages that save resumable checkpoints and stop on SIGTERM/SIGUSR1/SIGUSR2 with one (docs/resume.md).
+RESUMABLE = {"pretrain", "sft", "rm", "ppo", "ppo_ptx", "rejection_sampling", "context_distillation"}
 
 
 def run_stage(cfg: DictConfig, stage: str) -> None:
@@ -31,8 +33,15 @@ def run_stage(cfg: DictConfig, stage: str) -> None:
     done = Path(cfg.run_dir) / DONE
     # before and after the recipe the process group may not exist: the launcher's variables say who we are
     main = distributed.env_from(dict(os.environ)).is_main
-    if main:
-        done.unlink(missing_ok=True)
+    if stage in RESUMABLE:
+        checkpoint.preemption()  # from now on a scheduler's signal means "checkpoint and stop", not "die"
+    if main and done.exists():
+        if cfg.resume == "auto":
+            # A finished run is not continued: its last checkpoint is the end of training, and its inputs may
+            # have changed since. (Rank 0 decides where to resume, for every rank: alignlab/recipes/common.py.)
+            log.info("resume=auto: %s finished before (%s); starting fresh", cfg.run_dir, DONE)
+            cfg.resume = "never"
+        done.unlink()
     start = time.time()
     try:
         importlib.import_module(f"alignlab.recipes.{RECIPE_OF.get(stage, stage)}").run(cfg)

@@ -112,7 +112,15 @@ def start_run(cfg: DictConfig, *, resumable: bool = False, find_resume: Callable
     seed_everything(cfg.seed)
     run_dir = Path(cfg.run_dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    found = (find_resume or newest_checkpoint)(cfg, resolved, env.world_size) if resumable else None
+    found: tuple[int, Path] | ValueError | None = None
+    if resumable and env.is_main:
+        try:
+            found = (find_resume or newest_checkpoint)(cfg, resolved, env.world_size)
+        except ValueError as e:  # raised on every rank below, not on rank 0 alone (the others would wait)
+            found = e
+    found = distributed.gather_objects(found)[0]  # rank 0's decision, for every rank
+    if isinstance(found, ValueError):
+        raise found
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
@@ -120,6 +128,11 @@ def start_run(cfg: DictConfig, *, resumable: bool = False, find_resume: Callable
             # a fresh run: an earlier run's checkpoints would be taken for this one's by a later resume=auto
             log.info("removing the previous run's %s (fresh start)", run_dir / "checkpoints")
             shutil.rmtree(run_dir / "checkpoints")
+        if found is not None:
+            # checkpoints after the one resumed from are broken ones (or a save cut short): this run rewrites them
+            for step, path in checkpoint.list_checkpoints(found[1].parent):
+                if step > found[0]:
+                    shutil.rmtree(path)
     distributed.barrier()
     tracker = Tracker(
         run_dir,

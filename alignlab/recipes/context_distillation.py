@@ -133,51 +133,64 @@ def run(cfg: DictConfig) -> None:
         dropped,
     )
 
-    # 3. Two answers per prompt: behind the preprompt (the teacher) and to the plain prompt.
-    sampler = load_sampler(s.init_from, cfg, device)
-    answers = {}
-    for name, prompts in (("teacher", preprompted), ("plain", plain)):
-        bar = tracker.progress(len(prompts), f"cd: sample {name}")
-        answers[name], _ = sample_one(
-            sampler,
-            tokenizer,
-            prompts,
-            batch_size=s.generation_batch_size,
-            max_new_tokens=s.max_new_tokens,
-            temperature=s.temperature,
-            device=device,
-            progress=bar,
-        )
-        bar.close()
-    del sampler
-    gc.collect()
+    def generate() -> list[dict]:
+        # 3. Two answers per prompt: behind the preprompt (the teacher) and to the plain prompt.
+        sampler = load_sampler(s.init_from, cfg, device)
+        answers = {}
+        for name, prompts in (("teacher", preprompted), ("plain", plain)):
+            bar = tracker.progress(len(prompts), f"cd: sample {name}")
+            answers[name], _ = sample_one(
+                sampler,
+                tokenizer,
+                prompts,
+                batch_size=s.generation_batch_size,
+                max_new_tokens=s.max_new_tokens,
+                temperature=s.temperature,
+                device=device,
+                progress=bar,
+            )
+            bar.close()
+        del sampler
+        gc.collect()
 
-    # 4. The gate: both answers scored on the prompt WITHOUT the preprompt.
-    texts = [r["prompt"] for r in mine]
-    if s.gate:
-        gate = RewardScorer(kind="single", reward_model=s.gate_model, device=device, dtype=cfg.model.dtype)
-        score = gate(texts, answers["teacher"])
-        baseline = gate(texts, answers["plain"])
-        keep = distillation_gate(score, baseline, s.gate_margin)
-        del gate
+        # 4. The gate: both answers scored on the prompt WITHOUT the preprompt.
+        texts = [r["prompt"] for r in mine]
+        if s.gate:
+            gate = RewardScorer(
+                kind="single", reward_model=s.gate_model, device=device, dtype=cfg.model.dtype
+            )
+            score = gate(texts, answers["teacher"])
+            baseline = gate(texts, answers["plain"])
+            keep = distillation_gate(score, baseline, s.gate_margin)
+            del gate
+        else:
+            score = baseline = torch.full((len(mine),), float("nan"))
+            keep = torch.ones(len(mine), dtype=torch.bool)
+        candidates = [
+            {
+                "prompt": r["prompt"],
+                "preprompt": r["preprompt"],
+                "response": t,
+                "baseline_response": b,
+                "score": float(sc),
+                "baseline_score": float(bs),
+                "kept": bool(k),
+            }
+            for r, t, b, sc, bs, k in zip(
+                mine, answers["teacher"], answers["plain"], score, baseline, keep, strict=True
+            )
+        ]
+        candidates = [c for part in distributed.gather_objects(candidates) for c in part]
+        return candidates
+
+    # 3-4. The teacher's and the plain answers, gated; resume=auto reuses those the interrupted run drew (sampling
+    #      on a GPU is not bit-reproducible, and the fine-tuning checkpoint belongs to exactly these rows).
+    drawn = run.run_dir / "distill.jsonl"
+    if run.resume is not None and drawn.exists():
+        candidates = [json.loads(line) for line in drawn.read_text().splitlines()]
+        log.info("resume=auto: the %d answers drawn before, from %s", len(candidates), drawn)
     else:
-        score = baseline = torch.full((len(mine),), float("nan"))
-        keep = torch.ones(len(mine), dtype=torch.bool)
-    candidates = [
-        {
-            "prompt": r["prompt"],
-            "preprompt": r["preprompt"],
-            "response": t,
-            "baseline_response": b,
-            "score": float(sc),
-            "baseline_score": float(bs),
-            "kept": bool(k),
-        }
-        for r, t, b, sc, bs, k in zip(
-            mine, answers["teacher"], answers["plain"], score, baseline, keep, strict=True
-        )
-    ]
-    candidates = [c for part in distributed.gather_objects(candidates) for c in part]
+        candidates = generate()
 
     # 5. The generated data, written before training (rank 0; atomic), then read back by every rank.
     train_rows = training_rows(candidates)

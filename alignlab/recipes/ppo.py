@@ -512,9 +512,15 @@ def run(cfg: DictConfig) -> None:
 def keep_sample_rows(path: Path, last_iteration: int) -> None:
     """Resuming: drop the sample rows of iterations after the checkpoint (they will be sampled again)."""
     if path.exists():
-        rows = [
-            r for r in path.read_text().splitlines() if json.loads(r).get("iteration", 0) <= last_iteration
-        ]
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by the kill
+            # training tables up to the checkpoint; the end-of-run oracle table ("eval") is written again
+            if row.get("table") == "train" and row.get("iteration", 0) <= last_iteration:
+                rows.append(line)
         atomic_write_text(path, "".join(r + "\n" for r in rows))
 
 

@@ -245,12 +245,12 @@ def run(cfg: DictConfig) -> None:
     t_last, steps_since, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
 
     def save(step: int) -> Path:
-        state = {"loss_sum": loss_sum, "loss_n": loss_n}
         return save_resumable(
             run.checkpoints,
             step,
             {"model": engine},
-            state=state,
+            state={},
+            rank_state={"loss_sum": loss_sum, "loss_n": loss_n},  # this rank's, since the last log line
             config=run.config,
             keep=run.keep_checkpoints,
         )

@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -197,6 +198,10 @@ def resume_point(cfg: DictConfig, resolved: dict, world_size: int) -> tuple[int,
     """
     from alignlab.recipes.pipeline import config_changes
 
+    if cfg.resume not in ("never", "auto"):
+        raise ValueError(
+            f"resume={cfg.resume!r}: choose never (start fresh) or auto (newest intact checkpoint)"
+        )
     if cfg.resume != "auto":
         return None
     found, step = None, 0
@@ -211,6 +216,12 @@ def resume_point(cfg: DictConfig, resolved: dict, world_size: int) -> tuple[int,
             continue
         intact = latest_intact(it_dir / "checkpoints")
         if intact and not config_changes(cfg.stage.name, read_manifest(intact[1])["config"], resolved):
+            saved_by = read_manifest(intact[1]).get("world_size", world_size)
+            if saved_by != world_size:
+                raise ValueError(
+                    f"resume=auto: {intact[1]} was saved by {saved_by} ranks, this run has {world_size}; resume "
+                    "with the same number of processes, or start fresh with resume=never"
+                )
             return step + intact[0], intact[1]
         break
     return found
@@ -280,9 +291,14 @@ def run(cfg: DictConfig) -> None:
         run.resume.parent.parent if run.resume and run.resume.name.startswith("checkpoint-") else None
     )
     if run.resume is None:
-        if env.is_main:  # markers of an earlier run in this directory must not pass for this run's iterations
+        if (
+            env.is_main
+        ):  # an earlier run's markers and checkpoints here must not pass for this run's iterations
             for marker in run.run_dir.glob(f"iteration_*/{ITERATION_DONE}"):
                 marker.unlink()
+            for old in run.run_dir.glob("iteration_*/checkpoints"):
+                shutil.rmtree(old)
+        distributed.barrier()
         sampler = load_sampler(current, cfg, device)
         start_score = held_out_score(sampler, tokenizer, scorer, eval_mine, s, device, eval_seed)
         tracker.log({"eval/rm_score": start_score}, step=0)

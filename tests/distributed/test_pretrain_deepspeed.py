@@ -68,3 +68,23 @@ def test_two_processes_match_one(tmp_path, data_cache, single, launcher, zero):
     assert (run / "model" / "model.safetensors").stat().st_size == (
         single / "model" / "model.safetensors"
     ).stat().st_size
+
+
+def test_sigterm_to_the_launcher_checkpoints_every_rank_and_resume_matches(tmp_path, data_cache):
+    """launcher=deepspeed under a scheduler's SIGTERM: the parent passes it to the ranks (not to DeepSpeed's runner,
+    which would kill them mid-save), they checkpoint their ZeRO-2 shards and exit 75, and resume=auto ends exactly
+    where the uninterrupted 2-rank run ends (each rank's running loss is part of its checkpoint)."""
+    from tests.recipes.test_resume import assert_preempted, comparable, terminate_at
+
+    two = [*COMMON, "launcher=deepspeed", "launcher.nproc=2", "deepspeed=zero2", "stage.checkpoint_every=20"]
+    paths = [f"paths.runs={tmp_path}", f"paths.data={data_cache}"]
+    alignlab(*two, *paths, "stage.name=whole", cwd=tmp_path)
+    cut = tmp_path / "quick" / "cut"
+    stopped = terminate_at([*two, *paths, "stage.name=cut"], cut, 25, tmp_path)
+    step = assert_preempted(stopped, cut, 25)
+    assert step < 60, "the run finished before the signal arrived"
+    shards = list((cut / "checkpoints" / f"checkpoint-{step}" / "model").glob("*optim_states.pt"))
+    assert len(shards) == 2  # both ranks saved their ZeRO shard at the same step
+    resumed = alignlab(*two, *paths, "stage.name=cut", "resume=auto", cwd=tmp_path)
+    assert f"(step {step})" in resumed.stderr
+    assert comparable(cut) == comparable(tmp_path / "quick" / "whole")

@@ -88,6 +88,8 @@ def test_preemption_watch_flags_a_signal_and_chains_the_previous_handler():
         assert not watch.requested()
         os.kill(os.getpid(), signal.SIGUSR2)
         assert watch.requested() and watch.signum == signal.SIGUSR2
+        os.kill(os.getpid(), signal.SIGUSR2)  # a repeat (srun and slurmstepd both deliver) changes nothing
+        assert watch.signum == signal.SIGUSR2
         assert seen == []  # ours ran, the old one waits for the checkpoint
         watch.chain()  # e.g. submitit's requeue handler, after the checkpoint
         assert seen == [signal.SIGUSR2]
