@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 
 from alignlab.rl.rewards import position_ids as real_positions
 
@@ -107,6 +108,86 @@ def _all_done(done: torch.Tensor, synced: bool) -> bool:
     return remaining.item() == 0
 
 
+class _BufferLayer(DynamicLayer):
+    """One layer's KV cache in a buffer allocated once for the whole rollout (prompt + max_new_tokens).
+
+    HF's DynamicLayer concatenates every step (a full copy of the cache per token: most of a decoding step's time
+    on a small model); this writes the new keys/values in place and hands attention a view of the filled part,
+    so the attention inputs, and therefore the logits, are the same numbers.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.filled = capacity, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h, _, d = key_states.shape
+        self.key_buffer = key_states.new_empty(b, h, self.capacity, d)
+        self.value_buffer = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, end = self.filled, self.filled + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV buffer of {self.capacity} positions overflows at {end}")
+        self.key_buffer[:, :, n:end] = key_states
+        self.value_buffer[:, :, n:end] = value_states
+        self.filled = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.filled
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.key_buffer = self.key_buffer[indices]
+            self.value_buffer = self.value_buffer[indices]
+            self.keys = self.key_buffer[:, :, : self.filled]
+            self.values = self.value_buffer[:, :, : self.filled]
+
+
+def _rollout_cache(model, capacity: int) -> Cache | None:
+    """A preallocated KV cache when every layer is plain full attention (Llama-style models); None (HF's own
+    dynamic cache) for sliding-window, chunked, shared-KV or recurrent layers, whose caches HF shapes itself."""
+    try:
+        config = model.config.get_text_config(decoder=True)
+        types, _ = get_layer_types_and_kwargs(config)
+    except Exception:  # noqa: BLE001 - an unusual config: HF's default cache is always correct
+        return None
+    if not types or any(t != "full_attention" for t in types):
+        return None
+    return Cache(layers=[_BufferLayer(capacity) for _ in types])
+
+
+def sample_token(
+    logits: torch.Tensor,
+    temperature: float,
+    sampler: str = "inverse_cdf",
+    uniform: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One token per row from softmax(logits / temperature): [B, V] -> [B].
+
+    inverse_cdf: one uniform per row (`uniform` [B, 1] in [0, 1), drawn here if None) against the cumulative
+    distribution: exact for the categorical, one random number per row. multinomial: torch.multinomial, the draw HF generate makes (it draws an exponential for each
+    of the V entries of every row, the most expensive part of a small model's decoding step): same tokens as
+    generate from the same seed.
+    """
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if sampler == "multinomial":
+        return torch.multinomial(probs, 1).squeeze(1)
+    if sampler != "inverse_cdf":
+        raise ValueError(f"sampler={sampler!r}: choose inverse_cdf or multinomial")
+    cdf = probs.cumsum(-1)
+    if uniform is None:
+        uniform = torch.rand(len(cdf), 1, device=cdf.device)
+    u = uniform.to(cdf.dtype) * cdf[:, -1:]  # < the row's total: never past the last token
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[-1] - 1)
+
+
 @torch.no_grad()
 def generate_tokens(
     model,
@@ -118,45 +199,68 @@ def generate_tokens(
     eos_id: int,
     pad_id: int,
     synced_gpus: bool = False,
+    sampler: str = "inverse_cdf",
+    compact: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample responses to left-padded queries [B, L] with the KV cache: pure ancestral sampling from
     softmax(logits / temperature) (top_k=0, top_p=1), the distribution the log-probs are later computed from.
 
     A plain loop over the model's forward, not HF generate: no logits processors, so nothing from the model's
     generation_config (repetition_penalty, suppress_tokens, ...) reshapes the distribution, and none of
-    generate's per-step bookkeeping (same tokens from the same seed; scripts/bench/bench_rollout.py).
+    generate's per-step bookkeeping. Faster than generate (scripts/bench/bench_rollout.py, docs/benchmarks.md):
+    - the KV cache is allocated once and written in place (no per-step concatenation);
+    - compact: rows that ended are dropped from the batch (and their cache) once a quarter of it has ended, so
+      the long tail of a batch does not pay for the finished answers;
+    - sampler="inverse_cdf" draws one uniform per row (see sample_token).
+    With sampler="multinomial", compact=False it draws exactly the tokens HF generate draws from the same seed.
     Returns (response [B, T] padded after the first EOS, mask [B, T], ended_with_eos [B]); T <= max_new_tokens.
-    synced_gpus: keep stepping until every rank is done (ZeRO-3, where each forward is collective).
+    synced_gpus: keep stepping until every rank is done (ZeRO-3, where each forward is collective); a rank whose
+    rows have all ended keeps one in the batch.
     """
     if temperature <= 0:
         raise ValueError("RL rollouts sample; temperature must be > 0 (greedy rollouts do not explore)")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}; a rollout needs at least one new token")
     batch, device = len(query), query.device
-    mask = query_mask.long()
-    position_ids = real_positions(mask)
-    input_ids, past = query, None
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens = []
-    for _ in range(max_new_tokens):
+    past = _rollout_cache(model, query.shape[1] + max_new_tokens)
+    compact = compact and past is not None
+    # The attention mask is a view of one buffer too (position n is written as the token is fed).
+    mask_buffer = query_mask.new_ones(batch, query.shape[1] + max_new_tokens, dtype=torch.long)
+    mask_buffer[:, : query.shape[1]] = query_mask
+    filled = query.shape[1]
+    position_ids = real_positions(query_mask)
+    rows = torch.arange(batch, device=device)  # original row of each row still in the batch
+    input_ids = query
+    done = torch.zeros(batch, dtype=torch.bool, device=device)  # per row still in the batch
+    tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    steps = 0
+    for step in range(max_new_tokens):
         out = model(
             input_ids=input_ids,
-            attention_mask=mask,
+            attention_mask=mask_buffer[:, :filled],
             position_ids=position_ids,
             past_key_values=past,
             use_cache=True,
         )
         past = out.past_key_values
-        probs = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1)
-        token = torch.multinomial(probs, 1).squeeze(1).masked_fill(done, pad_id)
-        tokens.append(token)
+        # One uniform per original row every step, whichever rows are still in the batch: compacting changes
+        # no row's draws (the same tokens as compact=False, up to float rounding of a smaller batch's matmuls).
+        uniform = torch.rand(batch, 1, device=device)[rows] if sampler == "inverse_cdf" else None
+        token = sample_token(out.logits[:, -1], temperature, sampler, uniform).masked_fill(done, pad_id)
+        tokens[rows, step] = token
+        steps = step + 1
         done = done | (token == eos_id)
-        if _all_done(done, synced_gpus):
+        if _all_done(done, synced_gpus) or steps == max_new_tokens:
             break
-        input_ids = token[:, None]
-        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+        input_ids, filled = token[:, None], filled + 1
         position_ids = position_ids[:, -1:] + 1
-    response, response_mask = truncate_after_eos(torch.stack(tokens, dim=1), eos_id, pad_id)
+        n_done = int(done.sum())
+        if compact and n_done * 4 >= len(done) and n_done < len(done):
+            keep = (~done).nonzero().squeeze(1)
+            past.batch_select_indices(keep)
+            rows, done, input_ids = rows[keep], done[keep], input_ids[keep]
+            position_ids, mask_buffer = position_ids[keep], mask_buffer[keep]
+    response, response_mask = truncate_after_eos(tokens[:, :steps], eos_id, pad_id)
     ended = ((response == eos_id) & response_mask.bool()).any(1)
     return response, response_mask, ended
 

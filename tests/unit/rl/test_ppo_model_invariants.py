@@ -152,14 +152,16 @@ def test_truncate_after_eos():
 def test_sample_rollout_truncation_ended_flags_and_eos_penalty(tiny_lm, tokenizer):
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     lm = eos_biased(tiny_lm, eos)
-    ro = rollout(lm, tokenizer, seed=0)
+    # the first seed whose batch has answers that end and answers that run out of budget
+    ro = next(
+        r for seed in range(50) if (r := rollout(lm, tokenizer, seed=seed)).ended.any() and (~r.ended).any()
+    )
     B, T = ro.response.shape
     assert T <= MAX_NEW
     # queries: left-padded, prompts end where generation starts
     for b, ids in enumerate(ro.prompts.ids):
         assert ro.query[b, -len(ids) :].tolist() == ids
         assert ro.query_mask[b].tolist() == [0] * (ro.context_len - len(ids)) + [1] * len(ids)
-    assert ro.ended.any() and (~ro.ended).any(), "the seed should give both kinds of rows"
     for b in range(B):
         n = int(ro.response_mask[b].sum())
         assert ro.response_mask[b].tolist() == [1] * n + [0] * (T - n)  # a prefix
