@@ -383,6 +383,8 @@ def trainer_arguments(
         deepspeed=ds_json,
         disable_tqdm=not (show_progress and run.env.is_main),
         dataloader_num_workers=0,
+        activation_checkpointing=bool(stage.get("gradient_checkpointing", False)),  # TRL defaults it on
+        train_sampling_strategy="group_by_length" if stage.get("group_by_length", False) else "random",
         **extra,
     )
 

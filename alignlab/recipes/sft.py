@@ -78,6 +78,61 @@ def tokenize(rows: list[dict], tokenizer, train_on: str, report: LengthReport) -
 
 
 # Attention kernels that keep padding-free packed examples apart (varlen over position ids / cu_seq_lens).
+class AnswerLossSFTTrainer(SFTTrainer):
+    """TRL's SFTTrainer with the answer-token NLL computed from the model's logits in one piece.
+
+    TRL 1.x always patches the LM head with a chunked kernel (log-probs, entropy and top-1 tile by tile) built to
+    avoid materialising the logits of a large vocabulary on a GPU; on a small vocabulary it is a Python loop of
+    tiles, slower than the plain computation on a small vocabulary (docs/benchmarks.md). Same loss (sum of -log p
+    over labelled tokens / tokens in the accumulated batch, TRL's normalisation), same entropy and token-accuracy
+    metrics. fused_lm_head=True (stage.fused_lm_head), packed or padding-free batches, DFT, label smoothing or a
+    custom loss go to TRL's own path.
+    """
+
+    def __init__(self, *args, fused_lm_head: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fused_lm_head = fused_lm_head
+
+    def _plain(self, inputs) -> bool:
+        a = self.args
+        return (
+            not self.fused_lm_head
+            and a.loss_type == "nll"
+            and not (a.packing or a.padding_free)
+            and self.label_smoother is None
+            and self.compute_loss_func is None
+            and not self.aux_loss_enabled
+            and "labels" in inputs
+            and "attention_mask" in inputs
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs or not self._plain(inputs):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        forward = {k: v for k, v in inputs.items() if k not in ("labels", "completion_mask")}
+        logits = model(**forward, use_cache=False).logits[:, :-1].float()
+        target = inputs["labels"][:, 1:]
+        mask = target != -100
+        logp = torch.log_softmax(logits, dim=-1)
+        token_logp = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        n = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = -(token_logp * mask).sum() / torch.as_tensor(n).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as TRL: DDP averages ranks
+        with torch.no_grad():
+            gather = self.accelerator.gather_for_metrics
+            valid = gather(mask.sum()).sum()
+            entropy = gather((-(logp.exp() * logp).sum(-1) * mask).sum()).sum()
+            correct = gather(((logits.argmax(-1) == target) & mask).sum()).sum()
+            self._metrics[mode]["entropy"].append((entropy / valid).item() if valid > 0 else 0.0)
+            self._metrics[mode]["mean_token_accuracy"].append((correct / valid).item() if valid > 0 else 0.0)
+            if mode == "train":
+                self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return loss
+
+
 PACKING_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn2")
 
 
@@ -158,7 +213,8 @@ def finetune(
         dataset_num_proc=None,
         output_dir=checkpoint_dir,
     )
-    trainer = SFTTrainer(
+    trainer = AnswerLossSFTTrainer(
+        fused_lm_head=bool(hp.get("fused_lm_head", False)),
         model=model,
         args=args,
         train_dataset=train,
