@@ -26,7 +26,11 @@ demo: install
 	$(PY) -m alignlab stage=pipeline
 
 bench: install
+	# each script trains the TinyHH models it needs if missing, prints its table and rewrites its section of
+	# docs/benchmarks.md (about 15 minutes on 2 CPU cores)
 	$(PY) scripts/bench/bench_rollout.py
+	$(PY) scripts/bench/bench_train.py
+	$(PY) scripts/bench/bench_ppo.py
 	$(PY) scripts/bench/bench_rain.py
 
 test: install

@@ -3,103 +3,169 @@
 
     python scripts/bench/bench_rollout.py [--model runs/tinyhh/sft/model] [--batch 64] [--new 96] [--repeats 5]
 
-Both sample with temperature 1, top_k=0, top_p=1 from the same seed; the script also checks that the two produce
-the same tokens (the rollout loop is a faster implementation, not a different sampler). Prints a markdown table
-and writes it into docs/benchmarks.md between the `bench_rollout` markers.
+Rows (interleaved repeats, each from the same seed):
+  plain generate      model.generate(do_sample=True, top_k=0, top_p=1): the baseline;
+  previous loop       alignlab's loop before the optimisations (HF's dynamic cache, torch.multinomial): "before";
+  exact mode          generate_tokens(sampler="multinomial", compact=False): preallocated KV cache only; must
+                      draw exactly generate's tokens (checked);
+  two rows with one of the next two optimisations each, then
+  alignlab rollout    the default: preallocated cache, finished rows dropped, inverse-CDF sampling (same
+                      distribution, other random numbers: compared by mean length and EOS rate).
+Tokens are answer tokens up to and including the EOS. Writes docs/benchmarks.md's `bench_rollout` section.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
-import re
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from alignlab import models
-from alignlab.data.loading import load_rows
-from alignlab.rollout import sample_rollout, tokenize_prompts
-from alignlab.tinyhh.emitters import Sizes, ensure
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, device, ensure_models, machine, publish  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
+from alignlab import models  # noqa: E402
+from alignlab.data.loading import load_rows  # noqa: E402
+from alignlab.generation import generate_tokens, truncate_after_eos  # noqa: E402
+from alignlab.rl.rewards import pad_sequences, position_ids  # noqa: E402
+from alignlab.rollout import tokenize_prompts  # noqa: E402
+from alignlab.tinyhh.emitters import Sizes, ensure  # noqa: E402
 
 
-def plain_generate(model, tokenizer, prompts: list[str], new: int) -> tuple[list[list[int]], float]:
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
-    t0 = time.perf_counter()
+def answers(response: torch.Tensor, eos: int) -> list[list[int]]:
+    rows = []
+    for row in response.tolist():
+        kept = []
+        for t in row:
+            kept.append(t)
+            if t == eos:
+                break
+        rows.append(kept)
+    return rows
+
+
+def plain_generate(model, q, qm, new, eos, pad):
     out = model.generate(
-        **batch,
+        input_ids=q,
+        attention_mask=qm,
         do_sample=True,
         temperature=1.0,
         top_k=0,
         top_p=1.0,
         max_new_tokens=new,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad,
+        eos_token_id=eos,
     )
-    elapsed = time.perf_counter() - t0
-    rows = []
-    for row in out[:, batch["input_ids"].shape[1] :].tolist():
-        kept = []
-        for t in row:
-            kept.append(t)
-            if t == tokenizer.eos_token_id:
-                break
-        rows.append(kept)
-    return rows, elapsed
+    return answers(out[:, q.shape[1] :], eos)
 
 
-def alignlab_rollout(model, tokenizer, prompts, new: int) -> tuple[list[list[int]], float]:
-    t0 = time.perf_counter()
-    ro = sample_rollout(model, tokenizer, prompts, max_new_tokens=new, temperature=1.0, device="cpu")
-    elapsed = time.perf_counter() - t0
-    return [r[m.bool()].tolist() for r, m in zip(ro.response, ro.response_mask, strict=True)], elapsed
+@torch.no_grad()
+def previous_loop(model, q, qm, new, eos, pad):
+    """alignlab's rollout loop as it was before this benchmark (HF's DynamicCache, which concatenates every step)."""
+    mask, done, tokens = qm.long(), torch.zeros(len(q), dtype=torch.bool, device=q.device), []
+    pos, ids, past = position_ids(mask), q, None
+    for _ in range(new):
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True
+        )
+        past = out.past_key_values
+        token = (
+            torch.multinomial(torch.softmax(out.logits[:, -1].float(), -1), 1)
+            .squeeze(1)
+            .masked_fill(done, pad)
+        )
+        tokens.append(token)
+        done = done | (token == eos)
+        if bool(done.all()):
+            break
+        ids, pos = token[:, None], pos[:, -1:] + 1
+        mask = torch.cat([mask, mask.new_ones(len(q), 1)], dim=1)
+    response, _ = truncate_after_eos(torch.stack(tokens, 1), eos, pad)
+    return answers(response, eos)
+
+
+def ours(model, q, qm, new, eos, pad, **kw):
+    response, mask, _ = generate_tokens(
+        model, q, qm, max_new_tokens=new, temperature=1.0, eos_id=eos, pad_id=pad, **kw
+    )
+    return [r[m.bool()].tolist() for r, m in zip(response, mask, strict=True)]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(ROOT / "runs/tinyhh/sft/model"))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="default: runs/tinyhh/sft/model (trained first if missing)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--new", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--write", default=str(ROOT / "docs/benchmarks.md"))
+    ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 (GPU)")
+    ap.add_argument("--section", default="bench_rollout", help="docs/benchmarks.md section to write")
     args = ap.parse_args()
-    model = models.load_causal_lm(args.model).eval()
-    tokenizer = models.load_tokenizer(args.model)
+    path = args.model or str(ensure_models(("pretrain", "sft")) / "sft" / "model")
+    dev = device()
+    model = models.load_causal_lm(path, dtype=args.dtype).eval().to(dev)
+    tok = models.load_tokenizer(path)
     rows = load_rows(str(ensure(ROOT / "data_cache", Sizes()) / "rl_prompts.jsonl")).to_list()[: args.batch]
-    prompts = tokenize_prompts(tokenizer, rows, 256)
-    ours_t, base_t, ours_n, base_n, same = 0.0, 0.0, 0, 0, 0
-    alignlab_rollout(model, tokenizer, prompts, 4)  # warm-up
-    plain_generate(model, tokenizer, prompts.texts, 4)
-    for r in range(args.repeats):  # interleaved, so drift in machine load hits both alike
-        torch.manual_seed(r)
-        base, t_base = plain_generate(model, tokenizer, prompts.texts, args.new)
-        torch.manual_seed(r)
-        ours, t_ours = alignlab_rollout(model, tokenizer, prompts, args.new)
-        base_t, ours_t = base_t + t_base, ours_t + t_ours
-        base_n, ours_n = base_n + sum(map(len, base)), ours_n + sum(map(len, ours))
-        same += sum(a == b for a, b in zip(base, ours, strict=True))
-    base_tps, ours_tps = base_n / base_t, ours_n / ours_t
-    n_params = models.count_parameters(model)
-    table = (
-        f"| implementation | tokens/s | ratio |\n|---|---|---|\n"
-        f"| plain `model.generate` loop | {base_tps:,.0f} | 1.00x |\n"
-        f"| alignlab rollout (`sample_rollout`, PPO's path) | {ours_tps:,.0f} | **{ours_tps / base_tps:.2f}x** |\n\n"
-        f"Model {args.model} ({n_params / 1e6:.2f}M params), batch {args.batch}, up to {args.new} new tokens, "
-        f"{args.repeats} interleaved repeats, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}. Identical sampled answers (same seed): {same} of {args.batch * args.repeats}."
+    q, qm = pad_sequences(tokenize_prompts(tok, rows, 256).ids, tok.pad_token_id, side="left")
+    q, qm = q.to(dev), qm.to(dev)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    methods = {
+        "plain `model.generate` loop (baseline)": plain_generate,
+        "alignlab's previous loop (HF dynamic cache) — before": previous_loop,
+        "exact mode: preallocated KV cache (`sampler=multinomial, compact=False`)": lambda *a: ours(
+            *a, sampler="multinomial", compact=False
+        ),
+        "preallocated cache + finished rows dropped (multinomial draw)": lambda *a: ours(
+            *a, sampler="multinomial"
+        ),
+        "preallocated cache + inverse-CDF draw (no rows dropped)": lambda *a: ours(*a, compact=False),
+        "**alignlab rollout** (preallocated cache + finished rows dropped + inverse-CDF draw) — after": ours,
+    }
+    stats = {k: {"t": 0.0, "tokens": 0, "ended": 0, "out": []} for k in methods}
+    for fn in methods.values():  # warm-up
+        fn(model, q, qm, 4, eos, pad)
+    for r in range(args.repeats):  # interleaved, so drift in machine load hits every method alike
+        for name, fn in methods.items():
+            torch.manual_seed(r)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn(model, q, qm, args.new, eos, pad)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            st = stats[name]
+            st["t"] += time.perf_counter() - t0
+            st["tokens"] += sum(map(len, out))
+            st["ended"] += sum(bool(a) and a[-1] == eos for a in out)
+            st["out"].append(out)
+    names = list(methods)
+    base = stats[names[0]]
+    base_tps = base["tokens"] / base["t"]
+    n = args.batch * args.repeats
+    lines = [
+        "| implementation | tokens/s | vs plain generate | mean answer tokens | EOS within budget |",
+        "|---|---|---|---|---|",
+    ]
+    for name in names:
+        st = stats[name]
+        tps = st["tokens"] / st["t"]
+        lines.append(
+            f"| {name} | {tps:,.0f} | **{tps / base_tps:.2f}x** | {st['tokens'] / n:.1f} | "
+            f"{100 * st['ended'] / n:.0f}% |"
+        )
+    same = lambda k: sum(  # noqa: E731
+        a == b for x, y in zip(base["out"], stats[k]["out"], strict=True) for a, b in zip(x, y, strict=True)
     )
-    print(table)
-    path = Path(args.write)
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"<!-- bench_rollout -->\n{table}\n<!-- /bench_rollout -->"
-    if "<!-- bench_rollout -->" in text:
-        text = re.sub(r"<!-- bench_rollout -->.*?<!-- /bench_rollout -->", lambda _: block, text, flags=re.S)
-    else:
-        text += f"\n## Rollout generation (`scripts/bench/bench_rollout.py`)\n\n{block}\n"
-    path.write_text(text)
+    n_params = models.count_parameters(model)
+    lines.append(
+        f"\nModel `{Path(path).relative_to(ROOT) if Path(path).is_relative_to(ROOT) else path}` "
+        f"({n_params / 1e6:.2f}M params, {args.dtype}), batch {args.batch}, up to {args.new} new tokens, "
+        f"{args.repeats} interleaved repeats; {machine()}. Same answers as plain generate from the same seed: "
+        f"previous loop {same(names[1])}/{n}, exact mode {same(names[2])}/{n} (the default draws other random "
+        f"numbers from the same distribution: {same(names[-1])}/{n})."
+    )
+    publish(args.section, "Rollout generation (`scripts/bench/bench_rollout.py`)", lines)
 
 
 if __name__ == "__main__":

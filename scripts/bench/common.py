@@ -1,0 +1,127 @@
+"""Shared by the benchmarks in scripts/bench: machine facts, the measured matmul peak, FLOP counts, the TinyHH
+models they run on, and writing a section of docs/benchmarks.md between its markers."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+DOC = ROOT / "docs" / "benchmarks.md"
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def machine() -> str:
+    """One line: CPU or GPU model, cores/threads, torch version."""
+    if torch.cuda.is_available():
+        what = f"GPU {torch.cuda.get_device_name(0)}"
+    else:
+        cpu = platform.processor() or platform.machine()
+        try:
+            names = [x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("model name")]
+            cpu = names[0].split(":", 1)[1].strip() if names else cpu
+        except OSError:
+            pass
+        what = f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return f"{what}, torch {torch.__version__}"
+
+
+def matmul_peak(dtype: torch.dtype = torch.float32, sizes=(512, 1024, 2048), seconds: float = 1.0) -> float:
+    """The machine's achieved matmul FLOP/s: the best over square sizes of a timed loop (the roofline a model's
+    training runs against; a single large GEMM is the most a dense layer can get)."""
+    dev, best = device(), 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=dev, dtype=dtype)
+        b = torch.randn(n, n, device=dev, dtype=dtype)
+        a @ b
+        reps, t0 = 0, time.perf_counter()
+        while True:
+            a @ b
+            reps += 1
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            if time.perf_counter() - t0 > seconds / len(sizes):
+                break
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
+    return best
+
+
+def matmul_params(model) -> int:
+    """Parameters that multiply every token (all but the embedding lookup): the N of the 2N / 6N FLOP rule."""
+    emb = model.get_input_embeddings()
+    skip = {id(p) for p in emb.parameters()} if emb is not None else set()
+    out = model.get_output_embeddings()
+    tied = out is not None and emb is not None and out.weight is emb.weight
+    n = sum(p.numel() for p in model.parameters() if id(p) not in skip)
+    return n + (out.weight.numel() if tied else 0)
+
+
+def training_flops(n_matmul: int, n_layers: int, hidden: int, lengths: list[int]) -> float:
+    """Forward + backward FLOPs of training on sequences of these lengths (Kaplan/PaLM: 6N per token plus the
+    attention scores and values, 6 * layers * hidden * t^2 per sequence for causal attention), padding excluded."""
+    return sum(6 * n_matmul * t + 6 * n_layers * hidden * t * t for t in lengths)
+
+
+def ensure_models(stages: tuple[str, ...] = ("pretrain", "sft", "rm"), experiment: str = "tinyhh") -> Path:
+    """runs/<experiment>/<stage>/model for the benchmarks: trained here (the pipeline's first stages) if missing."""
+    runs = ROOT / "runs" / experiment
+    missing = [s for s in stages if not (runs / s / "model").exists()]
+    if missing:
+        print(
+            f"training {', '.join(missing)} first (runs/{experiment}/): this takes a few minutes", flush=True
+        )
+        subprocess.run(
+            [sys.executable, "-m", "alignlab", "stage=pipeline", f"stage.stages=[{','.join(stages)}]"],
+            cwd=ROOT,
+            check=True,
+        )
+    return runs
+
+
+def write_section(key: str, title: str, body: str, doc: Path = DOC) -> None:
+    """Replace docs/benchmarks.md's `<!-- key -->` ... `<!-- /key -->` block (appended under `title` if new)."""
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    block = f"<!-- {key} -->\n{body.strip()}\n<!-- /{key} -->"
+    pattern = rf"<!-- {re.escape(key)} -->.*?<!-- /{re.escape(key)} -->"
+    if re.search(pattern, text, flags=re.S):
+        text = re.sub(pattern, lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + f"\n\n## {title}\n\n{block}\n"
+    tmp = doc.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(doc)
+
+
+def publish(key: str, title: str, lines: list[str]) -> None:
+    """Print a benchmark's markdown and write it into docs/benchmarks.md's `key` section."""
+    text = "\n".join(lines)
+    print(text)
+    write_section(key, title, text)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def stage(args: list[str], run_dir: Path, threads: int | None = None, timeout: int = 1800) -> list[dict]:
+    """Run `python -m alignlab <args> run_dir=<run_dir>` (fresh) and return its metrics.jsonl rows."""
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    cmd = [sys.executable, "-m", "alignlab", *args, f"run_dir={run_dir}", "logger.progress=false"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return read_metrics(run_dir)
