@@ -173,6 +173,9 @@ class SFTConfig:
     # TRL's chunked LM-head kernel for the loss (never materialises the [tokens, vocab] logits: memory for a large
     # vocabulary on a GPU); off: one log-softmax over the logits, 1.2x faster per step on TinyHH (docs/benchmarks.md)
     fused_lm_head: bool = False
+    # torch.compile the model in place (fused elementwise kernels): 1.2x per step on TinyHH's CPU model, same
+    # numbers, after a one-time compile of ~35 s (docs/benchmarks.md): for runs longer than a few minutes
+    compile: bool = False
     lr: float = 2e-5  # peak learning rate (Llama 2: 2e-5)
     lr_scheduler: str = "cosine_with_min_lr"  # transformers scheduler name
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr (InstructGPT: to 10%)
@@ -322,6 +325,9 @@ class FinetuneConfig:
     # TRL's chunked LM-head kernel for the loss (never materialises the [tokens, vocab] logits: memory for a large
     # vocabulary on a GPU); off: one log-softmax over the logits, 1.2x faster per step on TinyHH (docs/benchmarks.md)
     fused_lm_head: bool = False
+    # torch.compile the model in place (fused elementwise kernels): 1.2x per step on TinyHH's CPU model, same
+    # numbers, after a one-time compile of ~35 s (docs/benchmarks.md): for runs longer than a few minutes
+    compile: bool = False
     lr: float = 2e-5  # peak learning rate (Llama 2 SFT: 2e-5)
     lr_scheduler: str = "cosine_with_min_lr"  # transformers scheduler name
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr

@@ -196,6 +196,9 @@ def finetune(
         model = models.apply_lora(
             model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=list(lo.target_modules)
         )
+    if hp.get("compile", False):
+        # In place (nn.Module.compile): the saved state dict and the Trainer's view of the model are unchanged.
+        model.compile(dynamic=True)
     dtype = next(model.parameters()).dtype
     args = trainer_arguments(
         SFTConfig,

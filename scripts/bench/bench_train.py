@@ -48,6 +48,10 @@ SFT = {
     "**alignlab default**: no checkpointing, one log-softmax loss — after": [],
     "default + `stage.group_by_length=true` (less padding)": ["stage.group_by_length=true"],
     "default + micro-batch 32 (batch 64)": ["stage.micro_batch_size=32", "stage.batch_size=64"],
+    "default + `group_by_length` + `stage.compile=true` (after a one-time ~35 s compile)": [
+        "stage.group_by_length=true",
+        "stage.compile=true",
+    ],
 }
 RM = {
     "TRL's default: activation checkpointing — before": ["stage.gradient_checkpointing=true"],

@@ -92,3 +92,15 @@ def test_trainer_stages_do_not_checkpoint_activations_unless_asked(tmp_path):
         show_progress=False,
     )  # fmt: skip
     assert args.train_sampling_strategy == "group_by_length"
+
+
+def test_stage_compile_keeps_the_numbers_and_the_saved_weights(tiny_lm, tokenizer, tmp_path):
+    """stage.compile=true compiles the model in place (nn.Module.compile): same loss, same state-dict keys."""
+    eager = trainer(AnswerLossSFTTrainer, copy.deepcopy(tiny_lm), tokenizer, tmp_path / "a")
+    compiled_lm = copy.deepcopy(tiny_lm)
+    compiled_lm.compile(dynamic=True)
+    compiled = trainer(AnswerLossSFTTrainer, compiled_lm, tokenizer, tmp_path / "b")
+    batch = next(iter(eager.get_train_dataloader()))
+    losses = [t.compute_loss(t.model, dict(batch)).detach() for t in (eager, compiled)]
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    assert list(compiled_lm.state_dict()) == list(tiny_lm.state_dict())
