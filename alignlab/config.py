@@ -165,7 +165,7 @@ class SFTConfig:
     max_length: int = 256  # longest tokenized prompt+answer; longer rows are truncated (counted and logged)
     packing: bool = False  # TRL "bfd" padding-free packing; needs flash attention (GPU), refused on sdpa
     # Recompute activations during backward (memory for time: a big model on a small GPU). Off by default, unlike
-    # TRL's SFTConfig/RewardConfig: on a model that fits it only slows training (1.7x per step, docs/benchmarks.md)
+    # TRL's SFTConfig/RewardConfig: on a model that fits it only slows training (1.2-1.3x, docs/benchmarks.md)
     gradient_checkpointing: bool = False
     # Batches of similar-length rows (Trainer's group_by_length sampler): less padding, faster steps, but batches
     # are no longer uniformly random
@@ -173,7 +173,7 @@ class SFTConfig:
     # TRL's chunked LM-head kernel for the loss (never materialises the [tokens, vocab] logits: memory for a large
     # vocabulary on a GPU); off: one log-softmax over the logits, 1.2x faster per step on TinyHH (docs/benchmarks.md)
     fused_lm_head: bool = False
-    # torch.compile the model in place (fused elementwise kernels): 1.2x per step on TinyHH's CPU model, same
+    # torch.compile the model in place (fused elementwise kernels): 1.3x per step on TinyHH's CPU model, same
     # numbers, after a one-time compile of ~35 s (docs/benchmarks.md): for runs longer than a few minutes
     compile: bool = False
     lr: float = 2e-5  # peak learning rate (Llama 2: 2e-5)
@@ -217,7 +217,7 @@ class RMConfig:
     micro_batch_size: int = 16  # comparisons or ranked sets per forward per rank
     max_length: int = 256  # longest tokenized prompt+response; longer rows are dropped (counted and logged)
     # Recompute activations during backward (memory for time: a big model on a small GPU). Off by default, unlike
-    # TRL's SFTConfig/RewardConfig: on a model that fits it only slows training (1.7x per step, docs/benchmarks.md)
+    # TRL's SFTConfig/RewardConfig: on a model that fits it only slows training (1.2-1.3x, docs/benchmarks.md)
     gradient_checkpointing: bool = False
     lr: float = 1e-4  # peak learning rate (Llama 2: 1e-5 at 7B+; the tiny model wants more)
     lr_scheduler: str = "cosine_with_min_lr"  # transformers scheduler name
@@ -317,7 +317,7 @@ class FinetuneConfig:
     micro_batch_size: int = 16  # sequences per forward per rank
     max_length: int = 256  # longest prompt+answer in tokens; longer rows are truncated (counted and logged)
     # Recompute activations during backward (memory for time: a big model on a small GPU). Off by default, unlike
-    # TRL's SFTConfig/RewardConfig: on a model that fits it only slows training (1.7x per step, docs/benchmarks.md)
+    # TRL's SFTConfig/RewardConfig: on a model that fits it only slows training (1.2-1.3x, docs/benchmarks.md)
     gradient_checkpointing: bool = False
     # Batches of similar-length rows (Trainer's group_by_length sampler): less padding, faster steps, but batches
     # are no longer uniformly random
@@ -325,7 +325,7 @@ class FinetuneConfig:
     # TRL's chunked LM-head kernel for the loss (never materialises the [tokens, vocab] logits: memory for a large
     # vocabulary on a GPU); off: one log-softmax over the logits, 1.2x faster per step on TinyHH (docs/benchmarks.md)
     fused_lm_head: bool = False
-    # torch.compile the model in place (fused elementwise kernels): 1.2x per step on TinyHH's CPU model, same
+    # torch.compile the model in place (fused elementwise kernels): 1.3x per step on TinyHH's CPU model, same
     # numbers, after a one-time compile of ~35 s (docs/benchmarks.md): for runs longer than a few minutes
     compile: bool = False
     lr: float = 2e-5  # peak learning rate (Llama 2 SFT: 2e-5)

@@ -77,13 +77,12 @@ def tokenize(rows: list[dict], tokenizer, train_on: str, report: LengthReport) -
     return Dataset.from_list(examples)
 
 
-# Attention kernels that keep padding-free packed examples apart (varlen over position ids / cu_seq_lens).
 class AnswerLossSFTTrainer(SFTTrainer):
     """TRL's SFTTrainer with the answer-token NLL computed from the model's logits in one piece.
 
     TRL 1.x always patches the LM head with a chunked kernel (log-probs, entropy and top-1 tile by tile) built to
-    avoid materialising the logits of a large vocabulary on a GPU; on a small vocabulary it is a Python loop of
-    tiles, slower than the plain computation on a small vocabulary (docs/benchmarks.md). Same loss (sum of -log p
+    avoid materialising the logits of a large vocabulary on a GPU; on a small vocabulary that loop of tiles is
+    slower than the plain computation (docs/benchmarks.md). Same loss (sum of -log p
     over labelled tokens / tokens in the accumulated batch, TRL's normalisation), same entropy and token-accuracy
     metrics. fused_lm_head=True (stage.fused_lm_head), packed or padding-free batches, DFT, label smoothing or a
     custom loss go to TRL's own path.
@@ -133,6 +132,7 @@ class AnswerLossSFTTrainer(SFTTrainer):
         return loss
 
 
+# Attention kernels that keep padding-free packed examples apart (varlen over position ids / cu_seq_lens).
 PACKING_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn2")
 
 
