@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 
+from alignlab.rl.rewards import pad_sequences
 from alignlab.rl.rewards import position_ids as real_positions
 
 # A model that keeps talking invents the next human turn; the answer ends where that begins.
@@ -27,30 +28,38 @@ def sample(
     batch_size: int = 32,
     stop_strings: tuple[str, ...] = DEFAULT_STOP,
 ) -> list[str]:
-    """Pure ancestral sampling (top_k=0, top_p=1) at `temperature` (0 = greedy); returns decoded answers."""
+    """Pure ancestral sampling (top_k=0, top_p=1) at `temperature` (0 = greedy); returns decoded answers.
+
+    Prompts are rendered in the model's chat format and tokenized as every stage does (data/examples.py); an
+    answer ends at the EOS (a chat template's end-of-turn token) or a stop string.
+    """
+    from alignlab.data.examples import decode_answer, prompt_ids
+
     model.eval()
     device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(
-            prompts[start : start + batch_size], return_tensors="pt", padding=True, padding_side="left"
-        ).to(device)
+        ids, mask = pad_sequences(
+            [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]], pad, "left"
+        )
         sampling = (
             {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
             if temperature > 0
             else {"do_sample": False}
         )
         gen = model.generate(
-            **batch,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
+            pad_token_id=pad,
             eos_token_id=tokenizer.eos_token_id,
             **sampling,
         )
-        new = gen[:, batch["input_ids"].shape[1] :]
-        out.extend(
-            cut_at_stop(t, stop_strings) for t in tokenizer.batch_decode(new, skip_special_tokens=True)
-        )
+        for row in gen[:, ids.shape[1] :].tolist():
+            if tokenizer.eos_token_id in row:
+                row = row[: row.index(tokenizer.eos_token_id)]
+            out.append(cut_at_stop(decode_answer(tokenizer, row), stop_strings))
     return out
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from alignlab.data.examples import prompt_ids
+from alignlab.data.examples import decode_answer, prompt_ids
 from alignlab.generation import generate_tokens
 from alignlab.rl.rewards import pad_sequences
 
@@ -31,12 +31,9 @@ def load_prompt_rows(cfg: DictConfig, data_dir: Path | None) -> list[dict]:
     ds = load_rows(d.source, d.train_split)
     if d.max_rows is not None:
         ds = ds.select(range(min(d.max_rows, len(ds))))
-    if "prompt" not in ds.column_names:
-        ds, skipped = canonicalize(
-            ds, d.format, "prompt_completion", source=d.source, on_malformed=d.on_malformed
-        )
-        if skipped.total:
-            log.warning(skipped.summary())
+    if "prompt" not in ds.column_names or (ds.num_rows and not isinstance(ds[0]["prompt"], str)):
+        # canonicalize logs what it skipped; conversational (TRL) prompts become HH transcripts, rendered later
+        ds, _ = canonicalize(ds, d.format, "prompt_completion", source=d.source, on_malformed=d.on_malformed)
     if "is_safety" not in ds.column_names:
         log.warning(
             "%s has no is_safety column: every prompt counts as not safety-tagged (Llama 2's two-RM rule uses the "
@@ -145,11 +142,11 @@ def sample_rollout(
         pad_id=tokenizer.pad_token_id,
         synced_gpus=synced_gpus,
     )
-    # The EOS is not part of the answer's text (the reward model appends its own, as in training).
-    without_eos = response.masked_fill(response == tokenizer.eos_token_id, tokenizer.pad_token_id)
+    # The EOS is not part of the answer's text (the reward model appends its own, as in training); decoded as a
+    # continuation of the prompt, so prompt + text re-reads as the model's tokens (SentencePiece's leading space)
     texts = [
-        tokenizer.decode(row[m.bool()], skip_special_tokens=True)
-        for row, m in zip(without_eos.cpu(), mask.cpu(), strict=True)
+        decode_answer(tokenizer, [t for t in row[m.bool()].tolist() if t != tokenizer.eos_token_id])
+        for row, m in zip(response.cpu(), mask.cpu(), strict=True)
     ]
     return Rollout(prompts, query, query_mask, response, mask, ended, texts)
 

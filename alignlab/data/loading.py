@@ -9,6 +9,8 @@ from pathlib import Path
 import datasets
 import pyarrow as pa
 
+from alignlab.errors import MissingInputError
+
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # A missing path with one of these suffixes was meant to be a file; hub names carry none of them.
 _FILE_SUFFIXES = {*_BUILDERS, ".txt", ".tsv", ".arrow", ".gz", ".zst"}
@@ -29,7 +31,7 @@ def load_rows(
             return _load_dir(path, split, cache_dir)
         return _load_files(_builder(path), {"train": [path]}, split, path, cache_dir)
     if source.startswith(_LOCAL_PREFIXES) or path.suffix.lower() in _FILE_SUFFIXES:
-        raise FileNotFoundError(f"data source {source!r} looks like a local path, but {path} does not exist")
+        raise MissingInputError(f"data.source={source!r} looks like a local path, but {path} does not exist")
     return datasets.load_dataset(source, name, split=split, cache_dir=cache_dir)
 
 

@@ -16,7 +16,9 @@ import torch
 
 
 class HFCodec:
-    """Codec over a transformers tokenizer: encode adds the tokenizer's special tokens (BOS), decode drops them."""
+    """Codec over a transformers tokenizer, as every stage tokenizes (alignlab/data/examples.py): encode renders an
+    HH prompt in the model's chat format and adds its BOS; decode reads ids as the continuation of a prompt
+    (special tokens dropped, a SentencePiece answer's leading space kept)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -24,10 +26,14 @@ class HFCodec:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text)["input_ids"]
+        from alignlab.data.examples import prompt_ids
+
+        return prompt_ids(self.tokenizer, text)
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        from alignlab.data.examples import decode_answer
+
+        return decode_answer(self.tokenizer, ids)
 
 
 @dataclass(frozen=True, eq=False)

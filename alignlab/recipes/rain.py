@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from alignlab import distributed, models
 from alignlab.checkpoint import atomic_write_text
+from alignlab.data import chat
 from alignlab.evaluation.tinyhh import self_eval_accuracy, tinyhh_prompts, wilson_interval
 from alignlab.generation import cut_at_stop, sample
 from alignlab.rain.embed import LMEmbedder, SentenceTransformerEmbedder
@@ -102,6 +103,7 @@ def run(cfg: DictConfig) -> None:
     model = models.load_causal_lm(s.init_from, dtype=cfg.model.dtype).to(device).eval()
     model.requires_grad_(False)
     tokenizer = models.load_tokenizer(s.init_from)
+    chat.use(tokenizer, cfg.data.chat_template)  # prompts in the model's chat format; the judge reads HH
     codec = HFCodec(tokenizer)
     backend = HFBackend(model, codec.pad_id)
     judge = judge_from_config(s.judge, codec)

@@ -47,7 +47,7 @@ def test_bad_rows_name_file_and_row(tmp_path, bad, problem):
     with pytest.raises(MalformedRowError) as e:
         load_comparisons(cfg_for(path), None, "train")
     assert e.value.row == 2 and problem in str(e.value) and str(path) in str(e.value)
-    rows, _ = load_comparisons(cfg_for(path, "data.on_malformed=skip"), None, "train")
+    rows, *_ = load_comparisons(cfg_for(path, "data.on_malformed=skip"), None, "train")
     assert len(rows) == 3
 
 

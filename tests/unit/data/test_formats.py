@@ -89,9 +89,12 @@ def test_messages_round_trip():
     assert messages_to_hh(hh_to_messages(MULTI)) == MULTI
 
 
-def test_messages_to_hh_rejects_a_system_turn():
-    with pytest.raises(ValueError, match="system turns have no HH rendering"):
-        messages_to_hh([{"role": "system", "content": "be nice"}, *MESSAGES])
+def test_messages_to_hh_writes_a_system_turn_before_the_first_tag():
+    text = messages_to_hh([{"role": "system", "content": "be nice"}, *MESSAGES])
+    assert text == "be nice" + messages_to_hh(MESSAGES)
+    assert hh_to_messages(text) == [{"role": "system", "content": "be nice"}, *MESSAGES]
+    with pytest.raises(ValueError, match="does not start with"):  # a file's transcript has no system preamble
+        parse_hh(text)
 
 
 # ---------------------------------------------------------------- conversions
@@ -238,7 +241,6 @@ BAD_ROWS = [
     ("messages", "messages", {"messages": [{"role": "bot", "content": "x"}]}, "role is not one of"),
     ("messages", "messages", {"messages": [{"role": "user", "content": None}]}, "content is not a string"),
     ("messages", "messages", {"messages": [*MESSAGES, SYSTEM]}, "system message after the first"),
-    ("messages", "text", {"messages": [SYSTEM, *MESSAGES]}, "system turns have no HH rendering"),
     ("text", "text", {"text": " \n"}, "empty text"),
 ]
 
@@ -266,7 +268,7 @@ def test_skip_mode_drops_counts_and_logs(source_format, target, bad, problem, ca
 
 
 def test_a_non_string_column_is_malformed():
-    with pytest.raises(MalformedRowError, match="column 'prompt' is not a string") as info:
+    with pytest.raises(MalformedRowError, match="column 'prompt' is neither a string") as info:
         canonicalize(ds(prompt=[1, 2], completion=[" a", " b"]), "prompt_completion", "text", source="s")
     assert info.value.row == 0
 
@@ -314,3 +316,59 @@ def test_skip_report_keeps_only_the_first_examples():
     for row in range(20):
         report.add(row, "empty text")
     assert report.total == 20 and len(report.examples) == SkipReport.max_examples
+
+
+# ---------------------------------------------------------------- TRL's conversational formats, CRLF, row numbers
+
+USER = [{"role": "user", "content": "how do i bake bread?"}]
+SURE = [{"role": "assistant", "content": "Sure. Mix the flour."}]
+NO = [{"role": "assistant", "content": "No."}]
+
+
+def test_conversational_prompt_completion_becomes_the_hh_transcript():
+    out, _ = canonicalize(
+        ds(prompt=[USER], completion=[SURE]), "prompt_completion", "prompt_completion", source="s"
+    )
+    assert out[0] == {"prompt": PROMPT, "completion": " Sure. Mix the flour."}
+    system = [{"role": "system", "content": "Be brief."}, *USER]
+    out, _ = canonicalize(
+        ds(prompt=[system], completion=[SURE]), "prompt_completion", "prompt_completion", source="s"
+    )
+    assert out[0]["prompt"] == "Be brief." + PROMPT  # the system turn as the text before the first tag
+    with pytest.raises(MalformedRowError, match="not one assistant message"):
+        canonicalize(
+            ds(prompt=[USER], completion=[USER]), "prompt_completion", "prompt_completion", source="s"
+        )
+
+
+def test_conversational_preference_explicit_and_implicit_prompt():
+    explicit, _ = canonicalize(
+        ds(prompt=[USER], chosen=[SURE], rejected=[NO]), "preference", "preference", source="s"
+    )
+    implicit, _ = canonicalize(
+        ds(chosen=[USER + SURE], rejected=[USER + NO]), "preference", "preference", source="s"
+    )
+    expected = {"prompt": PROMPT, "chosen": " Sure. Mix the flour.", "rejected": " No."}
+    assert explicit[0] == expected and implicit[0] == expected
+    prompts, _ = canonicalize(
+        ds(chosen=[USER + SURE], rejected=[USER + NO]), "preference", "prompt_completion", source="s"
+    )
+    assert prompts[0] == {"prompt": PROMPT, "completion": " Sure. Mix the flour."}
+    other = [{"role": "user", "content": "something else"}]
+    with pytest.raises(MalformedRowError, match="do not share the prompt"):
+        canonicalize(ds(chosen=[USER + SURE], rejected=[other + NO]), "preference", "preference", source="s")
+
+
+def test_crlf_transcripts_are_read_as_lf_and_counted(caplog):
+    crlf = ONE.replace("\n", "\r\n")
+    with caplog.at_level(logging.INFO, logger="alignlab.data"):
+        out, _ = canonicalize(
+            ds(chosen=[crlf, ONE], rejected=[crlf + "!", ONE + "!"]), "hh", "preference", source="f"
+        )
+    assert out[0]["prompt"] == PROMPT and out[0]["chosen"] == " Sure. Mix the flour."
+    assert "1 of 2 rows had CRLF" in caplog.text
+
+
+def test_kept_rows_are_the_source_row_numbers():
+    _, report = canonicalize(ds(text=["a", "", "b", " "]), "text", "text", source="s", on_malformed="skip")
+    assert report.kept == [0, 2] and report.total == 2

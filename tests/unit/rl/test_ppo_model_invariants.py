@@ -171,7 +171,12 @@ def test_sample_rollout_truncation_ended_flags_and_eos_penalty(tiny_lm, tokenize
             assert valid[-1] == eos and eos not in valid[:-1]  # the first EOS ends the answer and is kept
         else:
             assert eos not in valid and n == T == MAX_NEW  # ran out of budget
-        expected_text = tokenizer.decode([t for t in valid if t != eos], skip_special_tokens=True)
+        # the answer's text is what it adds to the decoded prompt (so prompt + text re-reads as these tokens)
+        prompt = tokenizer.decode(ro.prompts.ids[b], skip_special_tokens=True)
+        joined = tokenizer.decode(
+            ro.prompts.ids[b] + [t for t in valid if t != eos], skip_special_tokens=True
+        )
+        expected_text = joined[len(prompt) :]
         assert ro.texts[b] == expected_text
     assert torch.equal(ro.lengths, ro.response_mask.sum(1))
     # missing-EOS penalty on the sequence score
