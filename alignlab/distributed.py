@@ -11,6 +11,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from alignlab.errors import ConfigError
+
+ZERO_STAGES = (0, 1, 2, 3)  # deepspeed.zero_stage
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -147,13 +151,20 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def grad_accum_steps(batch_size: int, micro_batch_size: int, world_size: int) -> int:
-    """Gradient accumulation so that micro_batch_size * steps * world_size == batch_size, or a clear error."""
+def grad_accum_steps(
+    batch_size: int,
+    micro_batch_size: int,
+    world_size: int,
+    names: tuple[str, str] = ("stage.batch_size", "stage.micro_batch_size"),
+) -> int:
+    """Gradient accumulation so that micro_batch_size * steps * world_size == batch_size, or a ConfigError naming
+    the two keys (`names`: the config keys of batch_size and micro_batch_size, e.g. PPO's stage.minibatch_size)."""
     per_step = micro_batch_size * world_size
-    if micro_batch_size < 1 or batch_size % per_step:
-        raise ValueError(
-            f"stage.batch_size={batch_size} must be a positive multiple of stage.micro_batch_size={micro_batch_size}"
-            f" x world size {world_size} = {per_step}; change batch_size or micro_batch_size"
+    if micro_batch_size < 1 or batch_size < 1 or batch_size % per_step:
+        batch, micro = names
+        raise ConfigError(
+            f"{batch}={batch_size} must be a positive multiple of {micro}={micro_batch_size} x world size "
+            f"{world_size} = {per_step}; change {batch} or {micro}"
         )
     return batch_size // per_step
 
@@ -173,10 +184,10 @@ def deepspeed_config(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The DeepSpeed JSON config for one engine (batch sizes derived here, once)."""
-    if zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"deepspeed.zero_stage={zero_stage} is not a ZeRO stage; choose 0, 1, 2 or 3")
+    if zero_stage not in ZERO_STAGES:
+        raise ConfigError(f"deepspeed.zero_stage={zero_stage} is not a ZeRO stage; choose 0, 1, 2 or 3")
     if offload_param and zero_stage != 3:
-        raise ValueError("deepspeed.offload_param=true needs deepspeed.zero_stage=3")
+        raise ConfigError("deepspeed.offload_param=true needs deepspeed.zero_stage=3")
     zero: dict[str, Any] = {"stage": zero_stage}
     if zero_stage > 0:
         zero.update(

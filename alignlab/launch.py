@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 from alignlab.distributed import free_port
+from alignlab.errors import ConfigError
 
 log = logging.getLogger("alignlab.launch")
 
@@ -21,7 +22,7 @@ LAUNCHERS = ("local", "deepspeed", "torchrun")
 def needs_relaunch(launcher: str, environ: dict[str, str] | None = None) -> bool:
     env = os.environ if environ is None else environ
     if launcher not in LAUNCHERS:
-        raise ValueError(
+        raise ConfigError(
             f"launcher.name={launcher!r} is not a launcher; choose one of {', '.join(LAUNCHERS)}"
         )
     return launcher != "local" and env.get(CHILD_ENV) != "1"
@@ -32,7 +33,7 @@ def command(
 ) -> list[str]:
     """The runner command line that starts nproc copies of `python -m alignlab <args>`."""
     if nproc < 1:
-        raise ValueError(f"launcher.nproc={nproc} must be >= 1")
+        raise ConfigError(f"launcher.nproc={nproc} must be >= 1")
     extra = list(extra or [])
     if launcher == "deepspeed":
         # --no_local_rank: Hydra would reject the --local_rank=N argument the runner appends otherwise.

@@ -26,6 +26,8 @@ from alignlab.checkpoint import atomic_write_text
 
 log = logging.getLogger("alignlab.tracking")
 
+LOGGERS = ("jsonl", "wandb")  # logger.name
+WANDB_MODES = ("online", "offline", "disabled")  # logger.mode (None: see resolve_wandb_mode)
 RUN_ID_FILE = "run_id"  # <run_dir>/wandb/run_id: the W&B run a resumed (requeued) job continues
 
 
@@ -85,8 +87,8 @@ class Tracker:
         show_progress: bool = True,
         resume_step: int | None = None,
     ):
-        if backend not in ("jsonl", "wandb"):
-            raise ValueError(f"logger.name={backend!r} is not a logger; choose jsonl or wandb")
+        if backend not in LOGGERS:
+            raise ValueError(f"logger.name={backend!r} is not a logger; choose one of {', '.join(LOGGERS)}")
         self.is_main = is_main
         self.show_progress = show_progress and is_main
         self.run_dir = Path(run_dir).resolve()

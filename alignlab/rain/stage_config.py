@@ -11,6 +11,12 @@ TINYHH_JUDGE_TEMPLATE = (
     "The answer is: ("
 )
 
+# The string options of RainConfig, each with its choices (checked before a run starts: alignlab/validate.py)
+PROMPT_FORMATS = ("prompt", "hh")  # stage.prompt_format
+COMMITS = ("argmax", "sample")  # stage.commit
+EVALUATORS = ("self", "reward_model")  # stage.evaluator
+EMBEDDERS = ("lm", "sentence_transformers")  # stage.embedder
+
 
 @dataclass
 class RainJudgeConfig:

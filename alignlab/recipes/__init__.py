@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from alignlab import checkpoint, distributed
+from alignlab import checkpoint, distributed, validate
 from alignlab.checkpoint import atomic_write_text
 
 log = logging.getLogger("alignlab")
@@ -30,9 +30,13 @@ RESUMABLE = {"pretrain", "sft", "rm", "ppo", "ppo_ptx", "rejection_sampling", "c
 
 def run_stage(cfg: DictConfig, stage: str) -> None:
     """Run the recipe of the chosen `stage=` option (cfg.stage.name only names the run directory)."""
-    done = Path(cfg.run_dir) / DONE
     # before and after the recipe the process group may not exist: the launcher's variables say who we are
-    main = distributed.env_from(dict(os.environ)).is_main
+    env = distributed.env_from(dict(os.environ))
+    # Every key and value first: a bad one must fail before the run directory is touched (done.json below, then
+    # the recipe's config.yaml and checkpoints/), so it never costs a finished run its files.
+    validate.check(cfg, stage, world_size=env.world_size)
+    done = Path(cfg.run_dir) / DONE
+    main = env.is_main
     if stage in RESUMABLE:
         checkpoint.preemption()  # from now on a scheduler's signal means "checkpoint and stop", not "die"
     if main and done.exists():

@@ -16,9 +16,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from alignlab import checkpoint, distributed
 from alignlab.checkpoint import PreemptionWatch, atomic_write_text
+from alignlab.errors import ConfigError
 from alignlab.tracking import Tracker
 
 log = logging.getLogger("alignlab")
+
+RESUME = ("never", "auto")  # resume: start fresh | the newest intact checkpoint made by the same config
 
 
 @dataclass
@@ -63,8 +66,8 @@ def newest_checkpoint(cfg: DictConfig, resolved: dict, world_size: int) -> tuple
     A checkpoint of another config (make's rule, as stage=pipeline compares done.json) means a fresh start; a
     different world size is an error (the ZeRO shards and every rank's RNG state belong to the old layout).
     """
-    if cfg.resume not in ("never", "auto"):
-        raise ValueError(
+    if cfg.resume not in RESUME:
+        raise ConfigError(
             f"resume={cfg.resume!r}: choose never (start fresh) or auto (newest intact checkpoint)"
         )
     root = Path(cfg.run_dir) / "checkpoints"
@@ -84,7 +87,7 @@ def newest_checkpoint(cfg: DictConfig, resolved: dict, world_size: int) -> tuple
         )
         return None
     if manifest.get("world_size", world_size) != world_size:
-        raise ValueError(
+        raise ConfigError(
             f"resume=auto: {path} was saved by {manifest['world_size']} ranks, this run has {world_size}; resume "
             f"with the same number of processes, or start fresh with resume=never"
         )
@@ -396,7 +399,7 @@ def check_init_from(init_from: str, run_dir: Path) -> Path:
     model_out = run_dir / "model"
     models.require_input(init_from, "stage.init_from")
     if models.same_path(init_from, model_out):
-        raise ValueError(f"stage.init_from={init_from} is this run's own output; set run_dir= elsewhere")
+        raise ConfigError(f"stage.init_from={init_from} is this run's own output; set run_dir= elsewhere")
     return model_out
 
 

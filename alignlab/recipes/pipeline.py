@@ -63,7 +63,7 @@ COST = {
 # The config groups that decide a stage's outputs (launcher, deepspeed and logger decide only how it runs).
 COMPARED = ("stage", "model", "data", "seed")
 USES_REWARD = {"ppo", "ppo_ptx", "rejection_sampling", "eval"}
-IGNORED = {"data.cache_dir"}  # where the generated data lives, not what it is
+IGNORED = {"data.cache_dir", "data.tinyhh_any_model"}  # where the data lives; a guard, not what it is
 BAR = re.compile(r"([^\r\n:|]*):\s+\d+%\|[^|\r\n]*\|\s*(\d+)/(\d+) \[")
 LIBRARY_BARS = ("Loading", "Writing", "Saving", "Map", "Filter", "Generating", "Creating", "Tokenizing")
 RANK_VARIABLES = {

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 
 ESTIMATORS = ("k1", "k3")
+CONTROLLERS = ("fixed", "adaptive")  # stage.kl_controller
+MISSING_EOS = ("none", "replace", "subtract")  # stage.missing_eos: what an answer that never ended scores
 
 
 def kl_per_token(
@@ -70,7 +72,7 @@ def shape_scores(
     elif missing_eos == "subtract":
         scores = scores - missing_eos_penalty * missing.to(scores.dtype)
     elif missing_eos != "none":
-        raise ValueError(f"stage.missing_eos={missing_eos!r}; choose none, replace or subtract")
+        raise ValueError(f"stage.missing_eos={missing_eos!r}; choose one of {', '.join(MISSING_EOS)}")
     return scores.clamp(-clip, clip) if clip > 0 else scores
 
 
@@ -108,4 +110,4 @@ def kl_controller(kind: str, init: float, target: float, horizon: int):
         if target <= 0 or horizon <= 0:
             raise ValueError(f"adaptive KL needs kl_target > 0 and kl_horizon > 0, got {target}, {horizon}")
         return AdaptiveKLController(init, target, horizon)
-    raise ValueError(f"stage.kl_controller={kind!r}; choose fixed or adaptive")
+    raise ValueError(f"stage.kl_controller={kind!r}; choose one of {', '.join(CONTROLLERS)}")

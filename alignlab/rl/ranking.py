@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# stage.ranking of stage=rm: chosen/rejected pairs (pairwise_loss) or InstructGPT's K ranked answers (kway_loss)
+RANKINGS = ("pairwise", "kway")
 # Llama 2 (Touvron et al. 2023, Table 27): margin m(r) by rating level, chosen over rejected.
 RATING_LEVELS = ("significantly better", "better", "slightly better", "negligibly better")
 MARGINS = {

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 NORMALIZATION_FILE = "reward_normalization.json"
+KINDS = ("single", "llama2")  # reward.kind: one reward model, or Llama 2's helpfulness + safety pair
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -158,8 +159,8 @@ class RewardScorer:
     ):
         from alignlab import models
 
-        if kind not in ("single", "llama2"):
-            raise ValueError(f"reward.kind={kind!r}; choose single or llama2")
+        if kind not in KINDS:
+            raise ValueError(f"reward.kind={kind!r}; choose one of {', '.join(KINDS)}")
         self.kind, self.threshold, self.whiten, self.batch_size = kind, safety_threshold, whiten, batch_size
         self.device = torch.device(device)
         paths = (
