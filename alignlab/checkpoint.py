@@ -57,11 +57,95 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 def save_pretrained(module, tokenizer, out_dir: str | Path, state_dict: dict | None = None) -> Path:
-    """save_pretrained of model (or PEFT adapter), tokenizer and generation config into out_dir, atomically."""
+    """save_pretrained of model, tokenizer and generation config into out_dir, atomically.
+
+    A PEFT model is saved twice: out_dir holds the full model with the adapter merged (what plain
+    `from_pretrained` and the next stage load: the policy that finished training, not base + this stage's
+    adapter), and out_dir/adapter the adapter alone, its base_model_name_or_path the model this stage started
+    from. `state_dict` is the module's full state dict (gathered on rank 0 under ZeRO-3).
+    """
+    out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if is_peft(module):
+            save_peft(module, tmp, out_dir, state_dict)
+        else:
+            module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-    return Path(out_dir)
+    return out_dir
+
+
+def is_peft(module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(module, PeftModel)
+
+
+def save_peft(module, tmp: Path, out_dir: Path, state_dict: dict | None) -> None:
+    """The merged model into tmp and the adapter into tmp/adapter (see save_pretrained)."""
+    state_dict = module.state_dict() if state_dict is None else state_dict
+    merged = merged_copy(module, state_dict)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    config = module.peft_config[module.active_adapter]
+    base = config.base_model_name_or_path
+    if base and Path(base).expanduser().exists():
+        base = str(Path(base).expanduser().resolve())
+    if base and base == str(out_dir.expanduser().resolve()):
+        # e.g. rejection sampling's iterations fine-tuning the previous one in place: the base is being replaced
+        log.warning(
+            "saved %s: merged model (%s, %s) only; no adapter/: its base was %s itself",
+            out_dir,
+            type(merged).__name__,
+            merged.dtype,
+            out_dir,
+        )
+        return
+    module.save_pretrained(tmp / "adapter", state_dict=state_dict, safe_serialization=True)
+    adapter_config = tmp / "adapter" / "adapter_config.json"
+    saved = json.loads(adapter_config.read_text())
+    saved["base_model_name_or_path"] = base
+    atomic_write_json(adapter_config, saved)
+    log.info(
+        "saved %s: merged model (%s, %s; adapter merged, trained modules_to_save %s) and adapter/ (base %s)",
+        out_dir,
+        type(merged).__name__,
+        merged.dtype,
+        sorted(config.modules_to_save or []),
+        base,
+    )
+
+
+def merged_copy(peft_model, state_dict: dict):
+    """A new transformers model equal to peft_model with state_dict loaded and its adapter merged (in float32).
+
+    Built from the config, not copied: under ZeRO-3 the live module's parameters are empty partitions. The
+    result has the state dict's floating dtype; its generation config is the live model's.
+    """
+    import copy
+
+    import torch
+    from peft import get_peft_model
+    from transformers.initialization import no_init_weights
+
+    base = peft_model.get_base_model()
+    with no_init_weights():
+        fresh = type(base)(copy.deepcopy(base.config)).float()  # no zero.Init: only from_config uses it
+    if getattr(base, "generation_config", None) is not None:  # causal LMs only
+        fresh.generation_config = copy.deepcopy(base.generation_config)
+    wrapped = get_peft_model(fresh, copy.deepcopy(peft_model.peft_config[peft_model.active_adapter]))
+    missing, unexpected = wrapped.load_state_dict(state_dict, strict=False)
+    # a tied weight (lm_head = embeddings) may be saved under one of its names only
+    own = wrapped.state_dict()
+    loaded_ptrs = {t.data_ptr() for k, t in own.items() if k not in missing}
+    missing = [k for k in missing if own[k].data_ptr() not in loaded_ptrs]
+    if missing or unexpected:
+        raise ValueError(
+            f"the state dict does not fit {type(peft_model).__name__}: missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}"
+        )
+    dtype = next((t.dtype for t in state_dict.values() if t.is_floating_point()), torch.float32)
+    return wrapped.merge_and_unload().to(dtype)
 
 
 def save_engine_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any]) -> None:

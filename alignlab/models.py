@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -44,20 +45,85 @@ def same_path(a: str | Path, b: str | Path) -> bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def in_hub_cache(name: str) -> bool:
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(name, local_files_only=True)
+    except Exception:  # not cached, or not even a valid repo id
+        return False
+    return True
+
+
+def not_found(name_or_path: str, what: str, error: BaseException | None = None) -> FileNotFoundError:
+    """A name that is neither a local directory nor a loadable hub repo: say both, naming the config key."""
+    where = Path(name_or_path).expanduser().resolve()
+    if hub_offline():
+        why = "the hub is not reachable (HF_HUB_OFFLINE=1) and it is not in the local hub cache"
+    elif error is not None and _repo_missing(error):
+        why = "no such hub repo"
+    else:
+        why = f"the hub is not reachable ({str(error).strip().splitlines()[0] if error else 'offline'})"
+    return FileNotFoundError(
+        f"{what}={name_or_path}: no such local directory {where}, and {why}; fix the path (relative paths are "
+        "read from the directory you run in) or the hub name"
+    )
+
+
+def _repo_missing(error: BaseException) -> bool:
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+    while error is not None:
+        if isinstance(
+            error, (RepositoryNotFoundError, HFValidationError)
+        ) or "not a valid model identifier" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def from_dir_or_hub(load, name_or_path: str, what: str, **kwargs):
+    """load(name_or_path, **kwargs), a hub name that does not load reported as not_found (naming `what`)."""
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return load(name_or_path, **kwargs)
+    except (OSError, HFValidationError) as e:
+        if Path(name_or_path).expanduser().exists():
+            raise
+        raise not_found(name_or_path, what, e) from e
+
+
 def require_input(name_or_path: str, what: str) -> None:
-    """Fail fast, naming the stage to run first, when a local input a stage needs is not there."""
-    if not looks_local(name_or_path) or Path(name_or_path).expanduser().exists():
+    """Fail fast, naming the stage to run first, when a local input a stage needs is not there (or, offline, a
+    hub name that is not in the cache: a mistyped relative path reads as a hub id)."""
+    if Path(name_or_path).expanduser().exists():
+        return
+    if not looks_local(name_or_path):
+        if hub_offline() and not in_hub_cache(name_or_path):
+            raise not_found(name_or_path, what)
         return
     hint = "point it at an existing directory or a hub name"
     m = re.search(r"([^/]+)/model/?$", name_or_path)
     if m:
         hint = f"run `python -m alignlab stage={m.group(1)}` first to create it, or {hint}"
-    raise FileNotFoundError(f"{what}={name_or_path} does not exist: {hint}")
+    where = Path(name_or_path).expanduser().resolve()
+    raise FileNotFoundError(f"{what}={name_or_path} does not exist (no such local directory {where}): {hint}")
 
 
-def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    require_input(name_or_path, "model.tokenizer")
-    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+def load_tokenizer(
+    name_or_path: str, *, trust_remote_code: bool = False, what: str = "model.tokenizer"
+) -> PreTrainedTokenizerBase:
+    require_input(name_or_path, what)
+    tok = from_dir_or_hub(
+        AutoTokenizer.from_pretrained, name_or_path, what, trust_remote_code=trust_remote_code
+    )
     if tok.pad_token is None:
         # Many hub causal LMs ship without a pad token; pad == eos is safe only because our label masks keep the
         # answer-ending EOS (see specs/rlhf.md invariant 1).
@@ -66,9 +132,16 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Pre
     return tok
 
 
-def load_causal_lm(name_or_path: str, *, dtype: str = "float32", trust_remote_code: bool = False):
-    """A causal LM from a hub name or directory; a directory holding a LoRA adapter loads base + merged adapter."""
-    require_input(name_or_path, "model.name_or_path")
+def load_causal_lm(
+    name_or_path: str,
+    *,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    what: str = "model.name_or_path",
+):
+    """A causal LM from a hub name or directory. A LoRA stage's model/ is the merged model (its adapter alone is
+    in model/adapter); a directory holding only an adapter (saved before that) loads base + merged adapter."""
+    require_input(name_or_path, what)
     if Path(name_or_path).expanduser().exists():
         # Absolute, so a LoRA adapter saved from this model records a base path that works from any directory.
         name_or_path = str(Path(name_or_path).expanduser().resolve())
@@ -79,8 +152,12 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "float32", trust_remote_co
             name_or_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
         )
         return model.merge_and_unload()
-    return AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+    return from_dir_or_hub(
+        AutoModelForCausalLM.from_pretrained,
+        name_or_path,
+        what,
+        dtype=torch_dtype(dtype),
+        trust_remote_code=trust_remote_code,
     )
 
 
@@ -90,17 +167,30 @@ def load_reward_model(
     dtype: str = "float32",
     trust_remote_code: bool = False,
     pad_token_id: int | None = None,
+    what: str = "reward model",
 ):
-    """AutoModelForSequenceClassification(num_labels=1): a trained reward model, or a fresh score head on a causal
-    LM's backbone (an SFT model, or a LoRA adapter directory merged into its base first).
+    """AutoModelForSequenceClassification(num_labels=1): a trained reward model (a LoRA RM's model/ is merged, score
+    head included), or a fresh score head on a causal LM's backbone (an SFT model, or an adapter-only directory
+    saved before merged saves: a causal LM adapter merged into its base first, a SEQ_CLS one with its score head).
 
     The model reads its score at the last token that is not the pad id, so config.pad_token_id must be set: it is
     taken from pad_token_id, else from the model's config, else from the tokenizer saved next to the weights.
     """
-    require_input(name_or_path, "reward model")
+    require_input(name_or_path, what)
     if Path(name_or_path).expanduser().exists():
         name_or_path = str(Path(name_or_path).expanduser().resolve())
-    if (Path(name_or_path) / "adapter_config.json").exists():
+    adapter_config = Path(name_or_path) / "adapter_config.json"
+    if adapter_config.exists() and json.loads(adapter_config.read_text()).get("task_type") == "SEQ_CLS":
+        from peft import PeftModel
+
+        base = load_reward_model(
+            json.loads(adapter_config.read_text())["base_model_name_or_path"],
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            pad_token_id=pad_token_id,
+        )
+        model = PeftModel.from_pretrained(base, name_or_path).merge_and_unload()
+    elif adapter_config.exists():
         causal = load_causal_lm(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
         config = causal.config
         config.num_labels = 1
@@ -112,8 +202,13 @@ def load_reward_model(
             )
         model = model.to(causal.dtype)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            name_or_path, num_labels=1, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+        model = from_dir_or_hub(
+            AutoModelForSequenceClassification.from_pretrained,
+            name_or_path,
+            what,
+            num_labels=1,
+            dtype=torch_dtype(dtype),
+            trust_remote_code=trust_remote_code,
         )
     if pad_token_id is None and model.config.pad_token_id is None:
         pad_token_id = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code).pad_token_id
@@ -157,20 +252,56 @@ def build_llama(
     return model.to(dt) if isinstance(dt, torch.dtype) else model
 
 
+def lora_targets(target_modules) -> list[str] | str | None:
+    """model.lora.target_modules as PEFT takes it: None (PEFT's default for the architecture), "all-linear", or a
+    list of module names (a single other string is one name)."""
+    if target_modules is None or target_modules == "all-linear":
+        return target_modules
+    if isinstance(target_modules, str):
+        return [target_modules]
+    names = list(target_modules)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(
+            f"model.lora.target_modules={names!r}: give module names (a list), all-linear, or null for PEFT's "
+            "default for the architecture"
+        )
+    return names
+
+
 def apply_lora(
-    model, *, r: int, alpha: int, dropout: float, target_modules: list[str], task_type: str = "CAUSAL_LM"
+    model, *, r: int, alpha: int, dropout: float, target_modules=None, task_type: str = "CAUSAL_LM"
 ):
-    """Wrap with a PEFT LoRA adapter; only adapter weights train (task_type SEQ_CLS also trains the score head)."""
+    """Wrap with a PEFT LoRA adapter; only adapter weights train (task_type SEQ_CLS also trains the score head).
+
+    target_modules: None (PEFT's default for model.config.model_type), "all-linear" or a list of names.
+    """
     from peft import LoraConfig, get_peft_model
 
+    targets = lora_targets(target_modules)
     config = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=list(target_modules),
-        task_type=task_type,
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type=task_type
     )
-    model = get_peft_model(model, config)
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as e:
+        if "target" not in str(e).lower():
+            raise
+        linear = [
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) or "Conv1D" in type(m).__name__
+        ]
+        leaf = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        asked = (
+            targets
+            if targets is not None
+            else f"PEFT's default for model_type={model.config.model_type!r} (none)"
+        )
+        raise ValueError(
+            f"model.lora.target_modules={asked}: no module of {type(model).__name__} matches; its linear modules "
+            f"are named {leaf[:8]} (set e.g. model.lora.target_modules=[{leaf[0] if leaf else 'name'}] or "
+            "model.lora.target_modules=all-linear)"
+        ) from e
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info("LoRA r=%d: %d of %d parameters train (%.2f%%)", r, trainable, total, 100 * trainable / total)

@@ -194,7 +194,7 @@ def run(cfg: DictConfig) -> None:
     if cfg.model.lora.enabled:
         lo = cfg.model.lora
         model = models.apply_lora(
-            model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=list(lo.target_modules)
+            model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=lo.target_modules
         )
     model.config.use_cache = False  # training never reuses a KV cache; restored before saving
     optimizer = torch.optim.AdamW(param_groups(model, s.weight_decay), lr=s.lr, betas=tuple(s.betas))

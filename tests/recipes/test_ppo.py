@@ -137,10 +137,12 @@ def test_ppo_with_lora_uses_the_policy_without_adapters_as_reference(tinyhh_rm, 
     rows = read_metrics(out)
     assert first(rows, "eval/kl") == 0.0  # adapters start as a no-op: policy == reference exactly
     assert last(rows, "eval/kl") != 0.0  # ... and then move the policy away from it
-    assert (out / "model" / "adapter_config.json").exists() and not (
-        out / "model" / "model.safetensors"
-    ).exists()
-    assert models.load_causal_lm(str(out / "model")).config.num_hidden_layers > 0  # base + merged adapter
+    # the SFT model with the PPO adapter merged (not the base + adapter), the adapter alone in adapter/
+    assert (out / "model" / "model.safetensors").exists()
+    assert not (out / "model" / "adapter_config.json").exists()
+    adapter = (out / "model" / "adapter" / "adapter_config.json").read_text()
+    assert str((tinyhh_root / "runs" / "tinyhh" / "sft" / "model").resolve()) in adapter
+    assert models.load_causal_lm(str(out / "model")).config.num_hidden_layers > 0
 
 
 def test_bad_batch_arithmetic_and_missing_inputs_fail_fast(tinyhh_rm, tinyhh_root, data_cache):

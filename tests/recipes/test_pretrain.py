@@ -139,7 +139,9 @@ def test_lora_continued_pretraining_saves_an_adapter_that_loads(tmp_path, quick_
         cwd=tmp_path,
     )
     model_dir = tmp_path / "runs" / "quick" / "pretrain" / "model"
-    assert (model_dir / "adapter_config.json").exists() and not (model_dir / "model.safetensors").exists()
+    # the adapter merged into full weights (what the next stage loads), the adapter alone in adapter/
+    assert (model_dir / "model.safetensors").exists() and not (model_dir / "adapter_config.json").exists()
+    assert (model_dir / "adapter" / "adapter_config.json").exists()
     merged = load_causal_lm(str(model_dir))
     base = AutoModelForCausalLM.from_pretrained(quick_run / "model")
     assert type(merged) is type(base)

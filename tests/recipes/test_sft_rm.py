@@ -166,8 +166,10 @@ def test_sft_with_lora_saves_an_adapter_the_rm_can_start_from(sft, tinyhh_root, 
         "stage.sample_eval=0",
     )
     out = tinyhh_root / "runs" / "tinyhh" / "sft_lora" / "model"
-    assert (out / "adapter_config.json").exists() and not (out / "model.safetensors").exists()
+    # full weights with the adapter merged (plain from_pretrained gives the fine-tuned policy), the adapter in adapter/
+    assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
+    assert (out / "adapter" / "adapter_config.json").exists()
     rows = read_metrics(out.parent)
     assert last(rows, "eval/answer_loss") < last(rows, "eval/answer_loss_start")
-    rm = models.load_reward_model(str(out))  # base + merged adapter, fresh score head
+    rm = models.load_reward_model(str(out))  # the merged SFT model, fresh score head
     assert rm.config.num_labels == 1 and rm.config.pad_token_id is not None
