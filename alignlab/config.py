@@ -22,7 +22,9 @@ class LoraConfig:
     r: int = 8  # adapter rank
     alpha: int = 16  # scaling numerator (scale = alpha / r)
     dropout: float = 0.0  # adapter dropout (kept 0 for RL: dropout breaks log-prob consistency)
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # module names to adapt (a list), "all-linear", or None = PEFT's default for the architecture (Llama/Qwen2:
+    # q_proj, v_proj; GPT-NeoX: query_key_value; GPT-2: c_attn). Any, so the string composes from the command line.
+    target_modules: Any = None
 
 
 @dataclass
@@ -70,6 +72,9 @@ class DataConfig:
     name: str = MISSING  # short name used in logs
     source: str = MISSING  # "tinyhh", a hub dataset name, or a local .jsonl/.json/.parquet file or directory
     format: str = "text"  # hh | prompt_completion | preference | messages | text
+    # How conversations are rendered for the model (alignlab/data/chat.py): auto (as the model was trained, else
+    # the tokenizer's chat template when it has one, else hh) | hh (HH transcript) | none (plain single-turn text)
+    chat_template: str = "auto"
     train_split: str = "train"  # split (or slice, "train[:95%]") for training
     eval_split: str | None = None  # split for evaluation; None = hold out eval_fraction of train
     eval_fraction: float = 0.02  # held-out share of train when eval_split is None
@@ -77,6 +82,10 @@ class DataConfig:
     max_rows: int | None = None  # keep only the first N training rows (quick runs)
     cache_dir: str = "${paths.data}"  # where generated data (TinyHH) is written
     tinyhh: TinyHHConfig = field(default_factory=TinyHHConfig)
+    # TinyHH's data, prompts and oracle are meant for a TinyHH model (one whose tokenizer is TinyHH's): with any
+    # other model a stage refuses to start (data=tinyhh is the default, so this is usually a forgotten data=);
+    # true runs them on any model on purpose
+    tinyhh_any_model: bool = False
 
 
 @dataclass
@@ -370,6 +379,9 @@ class RejectionSamplingConfig:
     max_new_tokens: int = 96  # answer budget; answers without EOS by then get the missing-EOS treatment
     missing_eos: str = "replace"  # none | replace (score := -missing_eos_penalty) | subtract: as in stage=ppo
     missing_eos_penalty: float = 1.0  # penalty for an answer that did not end within max_new_tokens
+    # answers without EOS within max_new_tokens: drop (Llama 2 fine-tunes on complete samples; a prompt whose every
+    # answer is truncated keeps nothing) | keep (compete and train with an EOS appended: teaches stopping mid-answer)
+    truncated: str = "drop"
     generation_batch_size: int = 64  # sequences per generate call per rank
     eval_prompts: int = 64  # held-out prompts (never sampled for training): mean RM score per model
     eval_temperature: float = 1.0  # sampling temperature of the held-out RM-score measurement
@@ -409,6 +421,9 @@ class ContextDistillationConfig:
     temperature: float = 1.0  # sampling temperature of both answers
     max_prompt_length: int = 160  # longest preprompted prompt in tokens; longer prompts are dropped (counted)
     max_new_tokens: int = 96  # answer budget
+    # preprompted answers without EOS within max_new_tokens: drop (never distilled, counted) | keep (distilled with
+    # an EOS appended: teaches stopping mid-answer)
+    truncated: str = "drop"
     generation_batch_size: int = 64  # sequences per generate call per rank
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # the SFT loss on the distilled rows
     # TinyHH: held-out prompts per set judged by the oracle for the starting model (with and without a preprompt)
@@ -475,7 +490,11 @@ class EvalConfig:
     batch_size: int = 32  # prompts per generate call
     reference: str = "${paths.runs}/${experiment.name}/sft/model"  # KL reference for sampled systems
     rm_score: bool = True  # also score every answer with the reward= model (when it exists)
-    ptx_blocks: int = 32  # held-out pretraining blocks for the alignment tax (0 = off; TinyHH's ptx data)
+    # held-out pretraining blocks per model for the alignment tax, tokenized with each model's own tokenizer (0 = off)
+    ptx_blocks: int = 32
+    # pretraining text of the tax (hub name or local file, `text` column; its first tenth, PPO's held-out split);
+    # None = TinyHH's ptx data on data=tinyhh, otherwise the tax is not measured (logged, noted in report.md)
+    ptx_source: str | None = None
     # training curves to plot (reward and KL per iteration): run directories with ppo/* metrics
     curves: list[str] = field(
         default_factory=lambda: [

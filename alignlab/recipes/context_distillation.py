@@ -5,7 +5,9 @@
    stage.answer_templates has one), joined to the prompt by stage.prompt_template
 3. sample two answers from the model: one behind the preprompt (the teacher) and one to the plain prompt
 4. gate (Llama 2): score both answers to the prompt WITHOUT the preprompt with the (safety) reward model, keep
-   the preprompted answer only when it scores higher (CD hurts answers that were already good)
+   the preprompted answer only when it scores higher (CD hurts answers that were already good); a preprompted
+   answer that ran out of budget (no EOS within max_new_tokens) is never kept (truncated=drop: distilling it, EOS
+   appended, would teach the model to stop mid-answer)
 5. write distill.jsonl (every candidate with both answers, both scores and the gate's decision) and train.jsonl
    (kept rows: the plain prompt and the preprompted answer, valid stage=sft data) before training
 6. fine-tune with the SFT loss (stage=sft's path, the shared DeepSpeed engine) on (prompt WITHOUT preprompt,
@@ -25,13 +27,14 @@ from omegaconf import DictConfig
 
 from alignlab import distributed, models
 from alignlab.checkpoint import atomic_write_text
+from alignlab.data import chat
 from alignlab.data.loading import load_rows
 from alignlab.evaluation.tinyhh import judge_model_dir
 from alignlab.recipes.common import check_init_from, start_run, tinyhh_dir
 from alignlab.recipes.rejection_sampling import load_sampler, split_eval
 from alignlab.recipes.sft import finetune
 from alignlab.rl.rewards import RewardScorer
-from alignlab.rl.selection import distillation_gate
+from alignlab.rl.selection import TRUNCATED, distillation_gate
 from alignlab.rollout import load_prompt_rows, sample_one, tokenize_prompts
 
 log = logging.getLogger("alignlab.context_distillation")
@@ -94,12 +97,17 @@ def run(cfg: DictConfig) -> None:
     model_out = check_init_from(s.init_from, run.run_dir)
     if s.gate:
         models.require_input(s.gate_model, "stage.gate_model")
+    if s.truncated not in TRUNCATED:
+        raise ValueError(f"stage.truncated={s.truncated!r}; choose one of {', '.join(TRUNCATED)}")
 
     # 1-2. Safety-tagged prompts, each with a preprompt; rows whose preprompted form is too long are dropped.
     data_dir = tinyhh_dir(cfg) if cfg.data.source == "tinyhh" else None
     tokenizer = models.load_tokenizer(
         cfg.model.tokenizer or s.init_from, trust_remote_code=cfg.model.trust_remote_code
     )
+    chat.use(
+        tokenizer, cfg.data.chat_template
+    )  # prompts in the model's chat format; its end-of-turn ends answers
     source = str(data_dir / "rl_prompts.jsonl") if data_dir else cfg.data.source
     rows = select_prompts(load_prompt_rows(cfg, data_dir), s, cfg.seed, source)
     rng = random.Random(cfg.seed)
@@ -136,10 +144,10 @@ def run(cfg: DictConfig) -> None:
     def generate() -> list[dict]:
         # 3. Two answers per prompt: behind the preprompt (the teacher) and to the plain prompt.
         sampler = load_sampler(s.init_from, cfg, device)
-        answers = {}
+        answers, ended = {}, {}
         for name, prompts in (("teacher", preprompted), ("plain", plain)):
             bar = tracker.progress(len(prompts), f"cd: sample {name}")
-            answers[name], _ = sample_one(
+            answers[name], ended[name] = sample_one(
                 sampler,
                 tokenizer,
                 prompts,
@@ -166,6 +174,10 @@ def run(cfg: DictConfig) -> None:
         else:
             score = baseline = torch.full((len(mine),), float("nan"))
             keep = torch.ones(len(mine), dtype=torch.bool)
+        complete = torch.tensor(ended["teacher"], dtype=torch.bool)
+        passed = keep  # the gate's decision, recorded whatever the truncation rule does
+        if s.truncated == "drop":
+            keep = keep & complete
         candidates = [
             {
                 "prompt": r["prompt"],
@@ -174,10 +186,20 @@ def run(cfg: DictConfig) -> None:
                 "baseline_response": b,
                 "score": float(sc),
                 "baseline_score": float(bs),
+                "ended": bool(e),
+                "gate_passed": bool(g),
                 "kept": bool(k),
             }
-            for r, t, b, sc, bs, k in zip(
-                mine, answers["teacher"], answers["plain"], score, baseline, keep, strict=True
+            for r, t, b, sc, bs, e, g, k in zip(
+                mine,
+                answers["teacher"],
+                answers["plain"],
+                score,
+                baseline,
+                complete,
+                passed,
+                keep,
+                strict=True,
             )
         ]
         candidates = [c for part in distributed.gather_objects(candidates) for c in part]
@@ -196,24 +218,30 @@ def run(cfg: DictConfig) -> None:
     train_rows = training_rows(candidates)
     check_no_preprompt(train_rows, [r["preprompt"] for r in candidates])
     if not train_rows:
+        truncated = sum(not c.get("ended", True) for c in candidates)
         raise ValueError(
             f"the gate kept none of {len(candidates)} preprompted answers (none scored above the plain answer by "
-            f"stage.gate_margin={s.gate_margin}): nothing to distill"
+            f"stage.gate_margin={s.gate_margin}, or ran out of budget: {truncated} had no EOS within "
+            f"stage.max_new_tokens={s.max_new_tokens}, stage.truncated={s.truncated}): nothing to distill"
         )
     if env.is_main:
         atomic_write_text(run.run_dir / "distill.jsonl", "".join(json.dumps(c) + "\n" for c in candidates))
         atomic_write_text(run.run_dir / "train.jsonl", "".join(json.dumps(r) + "\n" for r in train_rows))
     distributed.barrier()
     train_rows = load_rows(str(run.run_dir / "train.jsonl")).to_list()
-    metrics = distillation_stats(candidates, s.gate)
+    metrics = distillation_stats(candidates, s.gate, s.truncated)
     if data_dir is not None:  # TinyHH: what the oracle thinks of the distilled data
         metrics.update(oracle_data_stats(candidates))
     tracker.log(metrics, step=0)
     log.info(
-        "gate kept %d of %d preprompted answers (rejected %d) | mean gate score: preprompted %.3f, plain %.3f%s",
+        "kept %d of %d preprompted answers (rejected %d; truncated=%s: %d without EOS dropped, %d kept) | mean gate "
+        "score: preprompted %.3f, plain %.3f%s",
         metrics["cd/kept"],
         metrics["cd/candidates"],
         metrics["cd/rejected"],
+        s.truncated,
+        metrics["cd/truncated_dropped"],
+        metrics["cd/truncated_kept"],
         metrics["cd/score_preprompted"],
         metrics["cd/score_plain"],
         (
@@ -270,15 +298,21 @@ def run(cfg: DictConfig) -> None:
     tracker.close()
 
 
-def distillation_stats(candidates: list[dict], gated: bool) -> dict[str, float]:
-    """Counts of kept/rejected samples and the gate's mean scores."""
+def distillation_stats(candidates: list[dict], gated: bool, truncated: str = "drop") -> dict[str, float]:
+    """Counts of kept/rejected samples (cd/truncated_dropped: gate passed but no EOS, under truncated=drop;
+    cd/truncated_kept: kept without EOS, under truncated=keep) and the gate's mean scores."""
     kept = [c for c in candidates if c["kept"]]
     n = len(candidates)
+    no_eos = [c for c in candidates if not c.get("ended", True)]  # distill.jsonl of older runs: no "ended"
     stats = {
         "cd/candidates": n,
         "cd/kept": len(kept),
         "cd/rejected": n - len(kept),
         "cd/kept_fraction": len(kept) / n,
+        "cd/truncated_dropped": sum(c.get("gate_passed", c["kept"]) and not c["kept"] for c in no_eos)
+        if truncated == "drop"
+        else 0,
+        "cd/truncated_kept": sum(c["kept"] for c in no_eos),
     }
     if gated:
         stats["cd/score_preprompted"] = sum(c["score"] for c in candidates) / n

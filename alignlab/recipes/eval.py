@@ -7,7 +7,9 @@
   3. judge (stage.judge): the TinyHH oracle, the reward model, or a model in a judge template
   4. metrics per system: harmlessness / helpfulness / attack success with 95% Wilson intervals, mean judge score,
      mean RM score, KL to the reference (sampled systems: the answers' log-prob ratio), the pretraining loss
-     ("alignment tax"); pairwise win rates (wins / (wins + losses)) between all systems
+     ("alignment tax": held-out text of stage.ptx_source, or TinyHH's, tokenized with each model's OWN tokenizer;
+     left out, with a note in report.md, where there is no such text); pairwise win rates (wins / (wins + losses))
+     between all systems
   5. results.json, report.md, PNG plots (alignlab/evaluation/report.py)
 
 Runs on one process (rank 0 works, other ranks wait): evaluation is generation-bound and small.
@@ -15,6 +17,7 @@ Runs on one process (rank 0 works, other ranks wait): evaluation is generation-b
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -163,7 +166,7 @@ def kl_to_reference(
     """KL(pi || pi_ref) per answer, estimated as PPO's eval/kl is: answers sampled from the system's model at
     T = 1 by the rollout sampler, sum over their tokens of log pi - log pi_ref on exactly the sampled tokens.
     None for systems whose answers do not come from sampling one model at T = 1 (greedy, best-of-N, preprompt,
-    answer files). ref: the loaded reference model."""
+    answer files) and for models whose tokenizer is not the reference's. ref: the loaded reference model."""
     from alignlab.generation import response_logits, token_logprobs
     from alignlab.rollout import sample_rollout, tokenize_prompts
 
@@ -175,6 +178,12 @@ def kl_to_reference(
     ):
         return None
     tokenizer = models.load_tokenizer(sys_cfg.model)
+    if tokenizer_key(tokenizer) != tokenizer_key(models.load_tokenizer(s.reference)):
+        # the reference would read the system's token ids as its own: no number rather than a wrong one
+        log.warning(
+            "KL of %s not measured: its tokenizer is not the reference's (%s)", sys_cfg.model, s.reference
+        )
+        return None
     policy = models.load_causal_lm(sys_cfg.model).to(device).eval()
     batch = tokenize_prompts(tokenizer, prompts, 10**9)
     torch.manual_seed(seed)
@@ -208,11 +217,15 @@ def system_metrics(prompts: list[dict], verdicts: list[Verdict], rm: list[float]
 
 def run(cfg: DictConfig) -> None:
     s = cfg.stage
+    if s.ptx_source and models.looks_local(s.ptx_source) and not Path(s.ptx_source).exists():
+        raise FileNotFoundError(f"stage.ptx_source={s.ptx_source} does not exist")
     run = start_run(cfg)
     env, device, tracker = run.env, run.device, run.tracker
     systems = check_systems(s)
     data_dir = (
-        tinyhh_dir(cfg) if (s.prompts == "tinyhh" or s.ptx_blocks) and cfg.data.source == "tinyhh" else None
+        tinyhh_dir(cfg)
+        if (s.prompts == "tinyhh" or (s.ptx_blocks and not s.ptx_source)) and cfg.data.source == "tinyhh"
+        else None
     )
     if s.prompts == "tinyhh" and data_dir is None:
         raise ValueError(
@@ -246,7 +259,16 @@ def run(cfg: DictConfig) -> None:
         )
     reference = None  # the KL reference model, loaded once (for the first system that needs it)
     has_reference = Path(s.reference).exists() or not models.looks_local(s.reference)
-    ptx = ptx_blocks(cfg, data_dir) if s.ptx_blocks and data_dir is not None else None
+    notes: list[str] = []
+    texts, ptx_from = ptx_texts(cfg, data_dir)
+    tax_of = AlignmentTax(texts, s.ptx_blocks, device) if texts is not None else None
+    if tax_of is None and not s.ptx_blocks:
+        log.info("pretraining loss (alignment tax) off: stage.ptx_blocks=0")
+    elif tax_of is None:
+        log.warning("pretraining loss (alignment tax) not measured: %s", ptx_from)
+        notes.append(f"Pretraining loss not measured: {ptx_from}.")
+    else:
+        log.info("pretraining loss on %d held-out documents of %s, per model tokenizer", len(texts), ptx_from)
     log.info(
         "%d systems (%s) x %d prompts (%s) | judge=%s | skipped: %s",
         len(systems),
@@ -267,7 +289,7 @@ def run(cfg: DictConfig) -> None:
         "skipped": sorted(set(s.systems) - set(systems)),
     }
     verdicts: dict[str, list[Verdict]] = {}
-    tax: dict[str, float] = {}
+    tax: dict[str, float | None] = {}
     samples = []
     bar = tracker.progress(len(systems), "eval")
     for name, sys_cfg in systems.items():
@@ -282,8 +304,11 @@ def run(cfg: DictConfig) -> None:
         if has_reference and reference is None and sys_cfg.model is not None:
             reference = models.load_causal_lm(s.reference).to(device).eval()
         m["kl"] = kl_to_reference(sys_cfg, reference, prompts, s, device, cfg.seed) if reference else None
-        if ptx is not None and sys_cfg.model and sys_cfg.model not in tax:
-            tax[sys_cfg.model] = ptx_loss(sys_cfg.model, ptx, device)  # once per model, not per decoding
+        if tax_of is not None and sys_cfg.model and sys_cfg.model not in tax:
+            tax[sys_cfg.model], why = tax_of(sys_cfg.model)  # once per model, not per decoding
+            if why:
+                log.warning("%s: pretraining loss not measured: %s", name, why)
+                notes.append(f"Pretraining loss of `{name}` ({sys_cfg.model}) not measured: {why}.")
         m["ptx_loss"] = tax.get(sys_cfg.model)
         m["system"] = OmegaConf.to_container(sys_cfg)
         results["systems"][name] = m
@@ -322,6 +347,13 @@ def run(cfg: DictConfig) -> None:
         for a in names
     }
     results["baseline"] = s.baseline if s.baseline in names else names[0]
+    if len(set(tax_of.tokenizers.values()) if tax_of else ()) > 1:
+        notes.append(
+            "Pretraining loss is in nats per token of each model's own tokenizer: systems whose models have "
+            "different tokenizers do not compare on it."
+        )
+    results["ptx"] = {"source": ptx_from if tax_of else None, "blocks": s.ptx_blocks if tax_of else 0}
+    results["notes"] = notes
     # Every rate's difference to the baseline's, with an interval: "B is more harmless than A" is supported when
     # the interval lies above 0.
     base = results["systems"][results["baseline"]]
@@ -340,6 +372,7 @@ def run(cfg: DictConfig) -> None:
     atomic_write_text(run.run_dir / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in samples))
     curves = {Path(c).name: c for c in s.curves if (Path(c) / "metrics.jsonl").exists()}
     written = write_report(results, run.run_dir, curves=curves)
+    append_notes(run.run_dir / "report.md", notes)
     tracker.log_images({f"eval/{p.stem}": p for p in written if p.suffix == ".png"}, step=0)
     tracker.log_table("eval/samples", samples, step=0)
     log.info("wrote %s and %s", run.run_dir / "results.json", ", ".join(str(p.name) for p in written))
@@ -357,20 +390,97 @@ def run(cfg: DictConfig) -> None:
     distributed.barrier()
 
 
-def ptx_blocks(cfg: DictConfig, data_dir: Path):
-    """TinyHH's held-out pretraining blocks (the split PPO measures its eval/ptx_loss on), the first ptx_blocks."""
-    from alignlab.recipes.pretrain import load_texts, tokenize
-
-    texts = load_texts(str(data_dir / "ptx.jsonl"), "text", "train", on_malformed="error", max_rows=None)
-    held_out = texts[: max(1, len(texts) // 10)]
-    tokenizer = models.load_tokenizer(str(data_dir / "tokenizer"))
-    blocks = tokenize(held_out, tokenizer, 256)
-    return blocks.subset(list(range(min(cfg.stage.ptx_blocks, len(blocks)))))
+PTX_SEQ_LEN = 256  # block length of the alignment-tax measurement (stage=ppo's default ptx_seq_len)
 
 
-def ptx_loss(model_path: str, blocks, device) -> float:
-    """Mean next-token NLL of a model on the held-out pretraining blocks (lower = less alignment tax)."""
-    from alignlab.recipes.ppo import ptx_eval_loss
+def ptx_texts(cfg: DictConfig, data_dir: Path | None) -> tuple[list[str] | None, str]:
+    """(held-out pretraining texts, their source) for the alignment tax, or (None, why there are none).
 
-    model = models.load_causal_lm(model_path).to(device).eval()
-    return ptx_eval_loss(model, blocks, 8, device)
+    stage.ptx_source (hub name or local file, `text` column), else TinyHH's ptx data on data=tinyhh. The held-out
+    part is the first tenth: the split stage=ppo measures its eval/ptx_loss on and never trains PPO-ptx on.
+    """
+    from alignlab.recipes.pretrain import load_texts
+
+    s = cfg.stage
+    if not s.ptx_blocks:
+        return None, "stage.ptx_blocks=0"
+    if s.ptx_source:
+        source = s.ptx_source
+        texts = load_texts(source, "text", "train", on_malformed=cfg.data.on_malformed, max_rows=None)
+    elif data_dir is not None:
+        source = str(data_dir / "ptx.jsonl")
+        texts = load_texts(source, "text", "train", on_malformed="error", max_rows=None)
+    else:
+        return None, (
+            "no pretraining text to measure it on: set stage.ptx_source to a hub dataset or local file with a "
+            "`text` column (data=tinyhh uses TinyHH's)"
+        )
+    if not texts:
+        return None, f"{source} has no text rows"
+    return texts[: max(1, len(texts) // 10)], source
+
+
+def tokenizer_key(tokenizer) -> str:
+    """What decides a tokenizer's ids: its full definition (fast tokenizers) or vocabulary, and its special ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    parts = (type(tokenizer).__name__, tokenizer.eos_token_id, tokenizer.pad_token_id, spec)
+    return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()
+
+
+class AlignmentTax:
+    """Mean next-token NLL (nats per token of the model's OWN tokenizer) of each model on the held-out pretraining
+    text: the text is tokenized with every model's own tokenizer (packed blocks cached per tokenizer), so no model
+    is ever fed another model's token ids. The first n_blocks blocks of each tokenization are measured."""
+
+    def __init__(self, texts: list[str], n_blocks: int, device):
+        self.texts, self.n_blocks, self.device = texts, n_blocks, device
+        self.blocks: dict[tuple[str, int], object] = {}  # (tokenizer key, block length) -> Packed
+        self.tokenizers: dict[str, str] = {}  # model -> tokenizer key (the models measured)
+
+    def blocks_for(self, tokenizer, seq_len: int):
+        from alignlab.recipes.pretrain import tokenize
+
+        key = (tokenizer_key(tokenizer), seq_len)
+        if key not in self.blocks:
+            blocks = tokenize(self.texts, tokenizer, seq_len)
+            self.blocks[key] = blocks.subset(list(range(min(self.n_blocks, len(blocks)))))
+        return self.blocks[key]
+
+    def __call__(self, model_path: str) -> tuple[float | None, str | None]:
+        """(loss, None), or (None, why this model's tax cannot be measured)."""
+        tokenizer = models.load_tokenizer(model_path)
+        model = models.load_causal_lm(model_path).to(self.device).eval()
+        seq_len = min(PTX_SEQ_LEN, getattr(model.config, "max_position_embeddings", None) or PTX_SEQ_LEN)
+        blocks = self.blocks_for(tokenizer, seq_len)
+        rows = model.get_input_embeddings().num_embeddings
+        if int(blocks.tokens.max()) >= rows:
+            return None, (
+                f"its tokenizer produces ids up to {int(blocks.tokens.max())}, beyond the model's {rows} embeddings"
+            )
+        self.tokenizers[model_path] = tokenizer_key(tokenizer)
+        return block_nll(model, blocks, 8, self.device), None
+
+
+@torch.no_grad()
+def block_nll(model, blocks, micro: int, device) -> float:
+    """Mean next-token NLL over every non-pad target of packed blocks (this process only: eval runs on rank 0)."""
+    from alignlab.data.packing import lm_labels
+    from alignlab.rl.losses import lm_loss
+
+    total, count = 0.0, 0
+    for i in range(0, len(blocks), micro):
+        part = blocks.subset(list(range(i, min(i + micro, len(blocks)))))
+        x = part.tokens.to(device)
+        labels = lm_labels(x, part.lengths.to(device))
+        n = int((labels[:, 1:] != -100).sum())
+        total += lm_loss(model(input_ids=x, use_cache=False).logits, labels).item() * n
+        count += n
+    return total / max(1, count)
+
+
+def append_notes(report: Path, notes: list[str]) -> None:
+    """Notes (what was not measured and why) at the end of report.md."""
+    if notes and report.exists():
+        text = report.read_text().rstrip("\n")
+        atomic_write_text(report, text + "\n\n## Notes\n\n" + "".join(f"- {n}\n" for n in notes))

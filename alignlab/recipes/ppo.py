@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 
 from alignlab import distributed, models
 from alignlab.checkpoint import atomic_write_text, load_resumable, save_pretrained, save_resumable
+from alignlab.data import chat
 from alignlab.data.packing import EpochOrder, Packed, lm_labels, micro_batch_positions
 from alignlab.evaluation.tinyhh import judge_model_dir
 from alignlab.generation import response_logits, token_logprobs
@@ -47,23 +48,31 @@ log = logging.getLogger("alignlab.ppo")
 
 
 def check_sizes(s: DictConfig, world: int) -> tuple[int, int, int]:
-    """(episodes per rank per iteration, minibatches per epoch, micro-batches per minibatch), or a clear error."""
+    """(episodes per rank per iteration, minibatches per epoch, micro-batches per minibatch), or a ConfigError."""
+    from alignlab.errors import ConfigError
+
+    if s.rollout_batch_size < 1 or s.minibatch_size < 1:
+        raise ConfigError(
+            f"stage.rollout_batch_size={s.rollout_batch_size} and stage.minibatch_size={s.minibatch_size} must be >= 1"
+        )
     if s.rollout_batch_size % world:
-        raise ValueError(
+        raise ConfigError(
             f"stage.rollout_batch_size={s.rollout_batch_size} must be a multiple of world size {world}"
         )
     if s.rollout_batch_size % s.minibatch_size:
-        raise ValueError(
+        raise ConfigError(
             f"stage.rollout_batch_size={s.rollout_batch_size} must be a multiple of stage.minibatch_size="
             f"{s.minibatch_size}"
         )
-    accum = distributed.grad_accum_steps(s.minibatch_size, s.micro_batch_size, world)
+    accum = distributed.grad_accum_steps(
+        s.minibatch_size, s.micro_batch_size, world, names=("stage.minibatch_size", "stage.micro_batch_size")
+    )
     if s.ppo_epochs < 1 or s.iterations < 1:
-        raise ValueError("stage.ppo_epochs and stage.iterations must be >= 1")
+        raise ConfigError("stage.ppo_epochs and stage.iterations must be >= 1")
     if s.kl_estimator not in ESTIMATORS:
-        raise ValueError(f"stage.kl_estimator={s.kl_estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+        raise ConfigError(f"stage.kl_estimator={s.kl_estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     if s.whiten_rewards and s.rollout_batch_size // world < 8:
-        raise ValueError(
+        raise ConfigError(
             "stage.whiten_rewards=true needs >= 8 episodes per rank (whitening tiny batches is noise)"
         )
     return s.rollout_batch_size // world, s.rollout_batch_size // s.minibatch_size, accum
@@ -186,6 +195,9 @@ def run(cfg: DictConfig) -> None:
     tokenizer = models.load_tokenizer(
         cfg.model.tokenizer or s.init_from, trust_remote_code=cfg.model.trust_remote_code
     )
+    chat.use(
+        tokenizer, cfg.data.chat_template
+    )  # prompts in the model's chat format; its end-of-turn ends answers
     train_prompts, eval_prompts = load_prompts(
         cfg, data_dir, tokenizer, s.eval_prompts, s.max_prompt_length, env.world_size
     )
@@ -226,7 +238,7 @@ def run(cfg: DictConfig) -> None:
     )
     reference = None
     if lora:
-        lora_args = dict(r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=list(lo.target_modules))
+        lora_args = dict(r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=lo.target_modules)
         policy_model = models.apply_lora(policy_model, **lora_args)
         value_model = models.apply_lora(value_model, **lora_args, task_type="SEQ_CLS")
     else:

@@ -8,7 +8,9 @@ Each iteration:
      scores of different batches and iterations compare), missing-EOS penalty as in PPO
   4. best-of-N curves of this pool (mean and median over prompts of max_{i<=N} r, N = 1..K)
   5. keep the highest-scoring answer of every prompt, over the samples of ALL iterations so far (keep=all; Llama 2
-     found that keeping only the last iteration's samples caused regressions) or of this one (keep=last)
+     found that keeping only the last iteration's samples caused regressions) or of this one (keep=last); answers
+     that ran out of budget (no EOS within max_new_tokens) never compete (truncated=drop: fine-tuning on them,
+     EOS appended, teaches the model to stop mid-answer), so a prompt whose every answer is truncated keeps nothing
   6. write pool.jsonl (every sample and score) and train.jsonl (the kept prompt/completion rows) under
      iteration_<i>/ before training: both load with `datasets`, and train.jsonl is valid stage=sft data
   7. fine-tune with the SFT loss (stage=sft's own path, on the shared DeepSpeed engine), from init_from on the
@@ -31,6 +33,7 @@ from omegaconf import DictConfig
 
 from alignlab import distributed, models
 from alignlab.checkpoint import atomic_write_json, atomic_write_text, latest_intact, read_manifest
+from alignlab.data import chat
 from alignlab.data.loading import load_rows
 from alignlab.data.packing import EpochOrder
 from alignlab.evaluation.plots import plot_best_of_n
@@ -39,7 +42,7 @@ from alignlab.recipes.common import check_init_from, start_run, tinyhh_dir
 from alignlab.recipes.sft import finetune
 from alignlab.rl.kl import shape_scores
 from alignlab.rl.rewards import RewardScorer
-from alignlab.rl.selection import best_of_n, keep_best
+from alignlab.rl.selection import TRUNCATED, best_of_n, keep_complete
 from alignlab.rollout import Prompts, load_prompts, sample_answers, sample_one
 
 log = logging.getLogger("alignlab.rejection_sampling")
@@ -57,6 +60,8 @@ def check_options(s: DictConfig) -> None:
         raise ValueError(f"stage.keep={s.keep!r}; choose one of {', '.join(KEEP)}")
     if s.train_from not in TRAIN_FROM:
         raise ValueError(f"stage.train_from={s.train_from!r}; choose one of {', '.join(TRAIN_FROM)}")
+    if s.truncated not in TRUNCATED:
+        raise ValueError(f"stage.truncated={s.truncated!r}; choose one of {', '.join(TRUNCATED)}")
     if not s.temperatures or any(t <= 0 for t in s.temperatures):
         raise ValueError(f"stage.temperatures={list(s.temperatures)} must list one or more temperatures > 0")
 
@@ -132,6 +137,11 @@ def training_rows(kept: dict[str, dict]) -> list[dict]:
 
 def split_eval(rows: list[dict], n: int, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, held-out) of a stage's generated rows: at most a fifth, at least one, held out for the answer loss."""
+    if len(rows) < 2:
+        raise ValueError(
+            f"{len(rows)} generated row(s) to fine-tune on: one is held out for the answer-token loss, which leaves "
+            "none to train on; generate from more prompts (stage.prompts_per_iteration / stage.prompts)"
+        )
     n = max(1, min(n, len(rows) // 5))
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
     return [rows[i] for i in order[n:]], [rows[i] for i in order[:n]]
@@ -241,6 +251,9 @@ def run(cfg: DictConfig) -> None:
     tokenizer = models.load_tokenizer(
         cfg.model.tokenizer or s.init_from, trust_remote_code=cfg.model.trust_remote_code
     )
+    chat.use(
+        tokenizer, cfg.data.chat_template
+    )  # prompts in the model's chat format; its end-of-turn ends answers
     train_prompts, eval_prompts = load_prompts(
         cfg, data_dir, tokenizer, s.eval_prompts, s.max_prompt_length, env.world_size
     )
@@ -340,10 +353,17 @@ def run(cfg: DictConfig) -> None:
             candidates = {}
         for r in pool:
             candidates.setdefault(r["prompt"], []).extend(
-                {"response": t, "score": sc, "iteration": it, "is_safety": r["is_safety"]}
-                for t, sc in zip(r["responses"], r["scores"], strict=True)
+                {"response": t, "score": sc, "iteration": it, "is_safety": r["is_safety"], "ended": e}
+                for t, sc, e in zip(r["responses"], r["scores"], r["ended"], strict=True)
             )
-        rows = training_rows(keep_best(candidates))
+        selection = keep_complete(candidates, s.truncated)
+        rows = training_rows(selection.kept)
+        if not rows:
+            raise ValueError(
+                f"iteration {it}: every one of the {selection.truncated_dropped} candidate answers ran out of budget "
+                f"(no EOS within stage.max_new_tokens={s.max_new_tokens}), so stage.truncated=drop keeps none; "
+                "raise stage.max_new_tokens (or set stage.truncated=keep to train on cut-off answers)"
+            )
         out = model_out if it == s.iterations else it_dir / "model"
         if finished:
             step, current = finished["step"], str(out)
@@ -373,12 +393,18 @@ def run(cfg: DictConfig) -> None:
             "rs/best_of_k_median_score": curve.median[-1],
             "rs/eos_fraction": sum(sum(r["ended"]) for r in pool) / (len(pool) * k),
             "rs/kept_rows": len(rows),
+            # truncated=drop: candidates without EOS left out, and prompts that kept nothing for it;
+            # truncated=keep: kept answers without EOS (trained with an EOS appended)
+            "rs/truncated_dropped": selection.truncated_dropped,
+            "rs/prompts_all_truncated": len(selection.all_truncated),
+            "rs/truncated_kept": selection.truncated_kept,
             "rs/kept_mean_score": kept_scores.mean().item(),
             "rs/kept_from_this_iteration": from_this / len(rows),
         }
         log.info(
             "iteration %d (T=%g): pool of %d prompts x %d, mean score %.3f, best-of-%d %.3f (median %.3f) | "
-            "kept %d rows (%.0f%% from this iteration), mean %.3f",
+            "kept %d rows (%.0f%% from this iteration), mean %.3f | truncated=%s: %d answers without EOS dropped, "
+            "%d prompts kept nothing (every answer truncated), %d truncated answers kept",
             it,
             temperature,
             len(pool),
@@ -390,6 +416,10 @@ def run(cfg: DictConfig) -> None:
             len(rows),
             100 * from_this / len(rows),
             metrics["rs/kept_mean_score"],
+            s.truncated,
+            selection.truncated_dropped,
+            len(selection.all_truncated),
+            selection.truncated_kept,
         )
 
         # 3.7 Fine-tune with the SFT loss on the kept set.

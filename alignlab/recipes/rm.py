@@ -21,9 +21,11 @@ from transformers import Trainer, TrainingArguments
 from trl import RewardConfig, RewardTrainer
 
 from alignlab import models
+from alignlab.data import chat
 from alignlab.data.examples import LengthReport, sequence_ids
 from alignlab.data.formats import MalformedRowError, canonicalize
 from alignlab.data.loading import load_rows
+from alignlab.errors import DataError
 from alignlab.generation import sample
 from alignlab.recipes.common import (
     CheckpointCallback,
@@ -36,7 +38,7 @@ from alignlab.recipes.common import (
     train_resumable,
     trainer_arguments,
 )
-from alignlab.rl.ranking import kway_loss, margin_for, ranked_pairs
+from alignlab.rl.ranking import MARGINS, kway_loss, margin_for, ranked_pairs
 from alignlab.rl.rewards import Normalization, pad_sequences, score_texts
 
 log = logging.getLogger("alignlab.rm")
@@ -55,9 +57,10 @@ def check_ranked(row: dict) -> str | None:
     return None
 
 
-def load_comparisons(cfg: DictConfig, data_dir, split: str) -> tuple[list[dict], str]:
-    """Preference rows ({prompt, chosen, rejected, rating?, is_safety?, ...}) or ranked sets ({prompt, responses,
-    ranks, ...}), filtered to stage.subset."""
+def load_comparisons(cfg: DictConfig, data_dir, split: str) -> tuple[list[dict], str, str]:
+    """(rows, source, what was skipped as malformed: "" for nothing): preference rows ({prompt, chosen, rejected,
+    rating?, is_safety?, row, ...}; row: the source row) or ranked sets ({prompt, responses, ranks, ...}), filtered
+    to stage.subset."""
     s, d = cfg.stage, cfg.data
     if s.ranking not in ("pairwise", "kway"):
         raise ValueError(f"stage.ranking={s.ranking!r}; choose pairwise or kway")
@@ -85,19 +88,19 @@ def load_comparisons(cfg: DictConfig, data_dir, split: str) -> tuple[list[dict],
             skipped += problem is not None
             if problem is None:
                 rows.append(row)
+        skipped = f"{source}: skipped {skipped} of {len(ds)} malformed ranked sets" if skipped else ""
         if skipped:
-            log.warning("%s: skipped %d malformed ranked sets", source, skipped)
+            log.warning(skipped)
     else:
         ds, report = canonicalize(ds, fmt, "preference", source=source, on_malformed=d.on_malformed)
-        if report.total:
-            log.warning(report.summary())
-        rows = ds.to_list()
+        rows = [{**r, "row": n} for r, n in zip(ds.to_list(), report.kept, strict=True)]  # n: the source row
+        skipped = report.summary() if report.total else ""
     wanted = SUBSETS[s.subset]
     if wanted is not None:
         if rows and "is_safety" not in rows[0]:
             raise ValueError(f"{source}: stage.subset={s.subset} needs an is_safety column")
         rows = [r for r in rows if bool(r["is_safety"]) == wanted]
-    return rows, source
+    return rows, source, skipped
 
 
 def split_held_out(rows: list[dict], n: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -106,9 +109,56 @@ def split_held_out(rows: list[dict], n: int, seed: int) -> tuple[list[dict], lis
     return [rows[i] for i in order[n:]], [rows[i] for i in order[:n]]
 
 
-def pairwise_examples(rows, tokenizer, margin_table: str, report: LengthReport) -> Dataset:
-    """chosen_ids / rejected_ids (+ margin) for RewardTrainer; pairs longer than max_length are dropped, counted."""
-    out = []
+def has_rating(row: dict) -> bool:
+    """Whether a preference row carries a rating level (a missing column, None or "" is no rating)."""
+    return row.get("rating") not in (None, "")
+
+
+def pair_margins(rows: list[dict], margin_table: str, source: str = "") -> list[float] | None:
+    """Llama 2's margin per pair from its rating under stage.margin, 0 for a pair without a rating; None when no
+    margins are used (margin=none, or no row has a rating). An unknown rating value is an error naming the row."""
+    if margin_table not in MARGINS:
+        raise ValueError(f"stage.margin={margin_table!r}; choose one of {', '.join(MARGINS)}")
+    if margin_table == "none" or not any(has_rating(r) for r in rows):
+        return None
+    margins = []
+    for i, r in enumerate(rows):
+        if not has_rating(r):
+            # No rating says nothing about how much better chosen is: the plain loss, -log sigmoid(r_c - r_r).
+            margins.append(0.0)
+            continue
+        try:
+            margins.append(margin_for(r["rating"], margin_table))
+        except ValueError as e:
+            where = f"{source}: row {r['row']}" if "row" in r else f"training pair {i}"  # row: the source row
+            raise ValueError(
+                f"{where} (prompt {r['prompt'][:60]!r}): {e}; fix the rating, leave it empty (no margin), or set "
+                "stage.margin=none"
+            ) from None
+    return margins
+
+
+def margin_summary(rated: int, pairs: int, margin_table: str) -> str:
+    """The log line saying how many of the training pairs get a margin (rated: pairs with a rating)."""
+    if margin_table == "none":
+        return "margin=none: training without margins"
+    if not rated:
+        return f"margin={margin_table}: no pair has a rating: training without margins"
+    if rated == pairs:
+        return f"margin={margin_table}: all {rated:,} pairs have a rating and get margins"
+    return (
+        f"margin={margin_table}: {rated:,} of {pairs:,} pairs have a rating and get margins; "
+        f"{pairs - rated:,} without one train with margin 0"
+    )
+
+
+def pairwise_examples(
+    rows, tokenizer, margin_table: str, report: LengthReport, source: str = ""
+) -> tuple[Dataset, int]:
+    """chosen_ids / rejected_ids (+ margin) for RewardTrainer, and how many of them have a rating (a margin);
+    pairs longer than max_length are dropped, counted."""
+    margins = pair_margins(rows, margin_table, source)
+    out, rated = [], 0
     for i, r in enumerate(rows):
         chosen, rejected = (
             sequence_ids(tokenizer, r["prompt"], r["chosen"]),
@@ -117,14 +167,11 @@ def pairwise_examples(rows, tokenizer, margin_table: str, report: LengthReport) 
         if report.add(i, max(len(chosen), len(rejected))):
             continue
         ex = {"chosen_ids": chosen, "rejected_ids": rejected}
-        if margin_table != "none":
-            if "rating" not in r:
-                raise ValueError(
-                    f"stage.margin={margin_table} needs a rating column (or set stage.margin=none)"
-                )
-            ex["margin"] = margin_for(r["rating"], margin_table)
+        if margins is not None:
+            ex["margin"] = margins[i]
         out.append(ex)
-    return Dataset.from_list(out)
+        rated += has_rating(r)
+    return Dataset.from_list(out), rated
 
 
 def kway_examples(rows, tokenizer, report: LengthReport) -> Dataset:
@@ -180,7 +227,7 @@ def accuracy_metrics(rows: list[dict], r_c: torch.Tensor, r_r: torch.Tensor) -> 
     }
     by_level = defaultdict(list)
     for row, ok in zip(rows, right.tolist(), strict=True):
-        if "rating" in row:
+        if has_rating(row):
             by_level[row["rating"]].append(ok)
     for level, oks in by_level.items():
         m[f"rm/accuracy_{level.replace(' ', '_')}"] = sum(oks) / len(oks)
@@ -190,8 +237,25 @@ def accuracy_metrics(rows: list[dict], r_c: torch.Tensor, r_r: torch.Tensor) -> 
     return m
 
 
+def no_comparisons_error(cfg: DictConfig, source: str, read: int, skipped: str, held_out: int) -> DataError:
+    """The error for an empty training set: rows read, skipped as malformed (and why), held out, and the fix."""
+    s, d = cfg.stage, cfg.data
+    held = (
+        f"{held_out} held out for accuracy (data.eval_split unset: taken from the training rows)"
+        if not d.eval_split
+        else f"held-out pairs come from data.eval_split={d.eval_split}"
+    )
+    return DataError(
+        f"{source}: no training comparisons: {read} usable row(s) read from split {d.train_split} "
+        f"(stage.subset={s.subset}){'; ' + skipped if skipped else ''}; {held}. Give it more data, set "
+        "data.eval_split to a separate held-out split, or lower stage.eval_rows"
+    )
+
+
 def run(cfg: DictConfig) -> None:
     s = cfg.stage
+    if s.ranking == "pairwise" and s.margin not in MARGINS:  # before the run directory is touched
+        raise ValueError(f"stage.margin={s.margin!r}; choose one of {', '.join(MARGINS)}")
     run = start_run(cfg, resumable=True)
     env, tracker = run.env, run.tracker
     model_out = check_init_from(s.init_from, run.run_dir)
@@ -199,7 +263,8 @@ def run(cfg: DictConfig) -> None:
 
     # 1. Comparisons: preference pairs (or ranked sets), held-out pairs for evaluation; overlong rows dropped.
     data_dir = tinyhh_dir(cfg) if cfg.data.source == "tinyhh" else None
-    rows, source = load_comparisons(cfg, data_dir, cfg.data.train_split)
+    rows, source, skipped = load_comparisons(cfg, data_dir, cfg.data.train_split)
+    read = len(rows)
     if cfg.data.eval_split:
         held_out = load_comparisons(cfg, data_dir, cfg.data.eval_split)[0]
     elif kway and data_dir is not None:  # TinyHH: ranked sets train, the pairwise preferences evaluate
@@ -208,15 +273,17 @@ def run(cfg: DictConfig) -> None:
         rows, held_out = split_held_out(rows, s.eval_rows, cfg.seed)
     held_out = as_pairs(held_out)[: s.eval_rows]
     if not rows:
-        raise ValueError(f"{source}: no training comparisons left (stage.subset={s.subset})")
+        raise no_comparisons_error(cfg, source, read, skipped, 0 if cfg.data.eval_split else read - len(rows))
     tokenizer = models.load_tokenizer(
         cfg.model.tokenizer or s.init_from, trust_remote_code=cfg.model.trust_remote_code
     )
+    chat.use(tokenizer, cfg.data.chat_template)  # conversations in the model's chat format (recorded with it)
     lengths = LengthReport(s.max_length)
     if kway:
-        train = kway_examples(rows, tokenizer, lengths)
+        train, rated = kway_examples(rows, tokenizer, lengths), 0
     else:
-        train = pairwise_examples(rows, tokenizer, s.margin, lengths)
+        train, rated = pairwise_examples(rows, tokenizer, s.margin, lengths, source)
+        log.info(margin_summary(rated, len(train), s.margin))
     if lengths.too_long:
         log.warning(lengths.summary(source, "dropped"))
     if len(train) == 0:
@@ -242,7 +309,7 @@ def run(cfg: DictConfig) -> None:
             r=lo.r,
             alpha=lo.alpha,
             dropout=lo.dropout,
-            target_modules=list(lo.target_modules),
+            target_modules=lo.target_modules,
             task_type="SEQ_CLS",
         )
     dtype = next(model.parameters()).dtype
@@ -306,6 +373,8 @@ def run(cfg: DictConfig) -> None:
             "data/dropped_too_long": lengths.too_long,
             "data/eval_pairs": len(held_out),
             "data/epochs": steps * s.batch_size / len(train),
+            # training pairs with a Llama 2 margin from their rating (the rest train with margin 0)
+            "data/pairs_with_margin": rated if "margin" in train.column_names else 0,
         },
         step=0,
     )

@@ -21,9 +21,11 @@ from trl import SFTConfig, SFTTrainer
 
 from alignlab import models
 from alignlab.checkpoint import atomic_write_text
+from alignlab.data import chat
 from alignlab.data.examples import LengthReport, sft_example
-from alignlab.data.formats import canonicalize
+from alignlab.data.formats import SkipReport, canonicalize
 from alignlab.data.loading import load_rows
+from alignlab.errors import DataError
 from alignlab.evaluation.tinyhh import judge_model_dir
 from alignlab.recipes.common import (
     CheckpointCallback,
@@ -41,36 +43,36 @@ from alignlab.recipes.common import (
 log = logging.getLogger("alignlab.sft")
 
 
-def load_demonstrations(cfg: DictConfig, data_dir) -> tuple[list[dict], list[dict], str]:
-    """(train rows, held-out rows, source) as canonical prompt/completion rows (HH, messages, ... converted)."""
+def load_demonstrations(cfg: DictConfig, data_dir) -> tuple[list[dict], list[dict], str, SkipReport]:
+    """(train rows, held-out rows, source, the training split's SkipReport) as canonical prompt/completion rows (HH,
+    messages, TRL formats converted); each row's "row" is its row in the source, for messages that name rows."""
     s = cfg.data
     if data_dir is not None:
         source, fmt = str(data_dir / "sft.jsonl"), "prompt_completion"
     else:
         source, fmt = s.source, s.format
 
-    def rows_of(split: str) -> list[dict]:
+    def rows_of(split: str) -> tuple[list[dict], SkipReport]:
         ds = load_rows(source, split)
         if s.max_rows is not None and split == s.train_split:
             ds = ds.select(range(min(s.max_rows, len(ds))))
-        ds, skipped = canonicalize(ds, fmt, "prompt_completion", source=source, on_malformed=s.on_malformed)
-        if skipped.total:
-            log.warning(skipped.summary())
-        return ds.select_columns(["prompt", "completion"]).to_list()
+        ds, report = canonicalize(ds, fmt, "prompt_completion", source=source, on_malformed=s.on_malformed)
+        rows = ds.select_columns(["prompt", "completion"]).to_list()
+        return [{**r, "row": n} for r, n in zip(rows, report.kept, strict=True)], report
 
-    rows = rows_of(s.train_split)
+    rows, report = rows_of(s.train_split)
     if s.eval_split:
-        return rows, rows_of(s.eval_split)[: cfg.stage.eval_rows], source
+        return rows, rows_of(s.eval_split)[0][: cfg.stage.eval_rows], source, report
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     n_eval = min(cfg.stage.eval_rows, max(1, len(rows) // 5))  # never more than a fifth of the data
-    return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]], source
+    return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]], source, report
 
 
 def tokenize(rows: list[dict], tokenizer, train_on: str, report: LengthReport) -> Dataset:
     examples = []
     for i, row in enumerate(rows):
         ex = sft_example(tokenizer, row["prompt"], row["completion"], train_on)
-        if report.add(i, len(ex["input_ids"])):
+        if report.add(row.get("row", i), len(ex["input_ids"])):
             # Keep the start (the prompt and the beginning of the answer); TRL would cut it the same way.
             ex = {k: v[: report.max_length] for k, v in ex.items()}
         examples.append(ex)
@@ -169,11 +171,17 @@ def finetune(
     (default <run_dir>/checkpoints). resume_from: a checkpoint there to continue from (resume=auto).
     """
     env, tracker = run.env, run.tracker
+    if not train_rows:  # TRL would fail later with a KeyError ('completion_mask') on the empty dataset
+        raise DataError(
+            f"{source}: no rows to fine-tune on ({len(eval_rows)} held out for the answer-token loss); give it "
+            "more data, or hold out fewer rows (data.eval_split, stage.eval_rows)"
+        )
 
     # 1. Rows -> tokenized examples with their answer masks; overlong rows counted, logged, truncated.
     tokenizer = models.load_tokenizer(
         cfg.model.tokenizer or init_from, trust_remote_code=cfg.model.trust_remote_code
     )
+    chat.use(tokenizer, cfg.data.chat_template)  # conversations in the model's chat format (recorded with it)
     lengths = LengthReport(hp.max_length)
     train = tokenize(train_rows, tokenizer, hp.train_on, lengths)
     held_out = tokenize(eval_rows, tokenizer, hp.train_on, LengthReport(hp.max_length))
@@ -194,7 +202,7 @@ def finetune(
     if cfg.model.lora.enabled:
         lo = cfg.model.lora
         model = models.apply_lora(
-            model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=list(lo.target_modules)
+            model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=lo.target_modules
         )
     if hp.get("compile", False):
         # In place (nn.Module.compile): the saved state dict and the Trainer's view of the model are unchanged.
@@ -272,6 +280,24 @@ def finetune(
     return {**result, "steps": steps}
 
 
+def no_demonstrations_error(
+    cfg: DictConfig, source: str, report: SkipReport, eval_rows: list[dict]
+) -> DataError:
+    """The error for an empty training set: rows read, skipped as malformed (and why), held out, and the fix."""
+    d = cfg.data
+    skipped = report.summary() if report.total else "none skipped as malformed"
+    held = (
+        f"{len(eval_rows)} held out for the answer-token loss (data.eval_split unset: taken from the training rows)"
+        if not d.eval_split
+        else f"held-out rows come from data.eval_split={d.eval_split}"
+    )
+    return DataError(
+        f"{source}: no demonstrations left to train on: {report.rows} row(s) read from split {d.train_split}; "
+        f"{skipped}; {held}. Give it more (well-formed) data, set data.eval_split to a separate held-out split, "
+        "or lower stage.eval_rows"
+    )
+
+
 def run(cfg: DictConfig) -> None:
     s = cfg.stage
     run = start_run(cfg, resumable=True)
@@ -280,7 +306,9 @@ def run(cfg: DictConfig) -> None:
 
     # 1. Demonstrations (TinyHH's, or any prompt/completion, HH or messages data through `datasets`).
     data_dir = tinyhh_dir(cfg) if cfg.data.source == "tinyhh" else None
-    train_rows, eval_rows, source = load_demonstrations(cfg, data_dir)
+    train_rows, eval_rows, source, report = load_demonstrations(cfg, data_dir)
+    if not train_rows:
+        raise no_demonstrations_error(cfg, source, report, eval_rows)
 
     # 2-5. Tokenize, train on the shared DeepSpeed engine, save model/ (and the engine state in checkpoints/).
     steps = finetune(

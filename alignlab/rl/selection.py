@@ -73,3 +73,38 @@ def distillation_gate(distilled: torch.Tensor, baseline: torch.Tensor, margin: f
     if distilled.shape != baseline.shape:
         raise ValueError(f"score shapes differ: {tuple(distilled.shape)} vs {tuple(baseline.shape)}")
     return distilled > baseline + margin
+
+
+TRUNCATED = ("drop", "keep")  # what selection does with answers that ran out of budget (no EOS)
+
+
+@dataclass(frozen=True)
+class KeptSet:
+    """keep_complete's result: the kept candidate per prompt and what the truncation rule did."""
+
+    kept: dict[str, dict]  # prompt -> its highest-scoring candidate
+    truncated_dropped: int  # candidates without EOS left out before selection (truncated=drop)
+    truncated_kept: int  # kept candidates without EOS (truncated=keep)
+    all_truncated: list[str]  # prompts whose every candidate lacks an EOS: nothing kept (truncated=drop)
+
+
+def keep_complete(candidates: dict[str, list[dict]], truncated: str = "drop") -> KeptSet:
+    """keep_best under a rule for answers that ran out of budget (candidates carry "ended": False).
+
+    drop (Llama 2 fine-tunes on complete samples): truncated candidates never compete, and a prompt whose every
+    candidate is truncated keeps nothing, since fine-tuning on a cut-off answer with an EOS appended teaches the
+    model to stop mid-answer. keep: selection as keep_best, the kept truncated ones counted.
+    """
+    if truncated not in TRUNCATED:
+        raise ValueError(f"stage.truncated={truncated!r}; choose one of {', '.join(TRUNCATED)}")
+    if truncated == "keep":
+        kept = keep_best(candidates)
+        return KeptSet(kept, 0, sum(not c.get("ended", True) for c in kept.values()), [])
+    for prompt, cs in candidates.items():
+        if not cs:
+            raise ValueError(f"prompt {prompt!r} has no candidate samples")
+    complete = {p: [c for c in cs if c.get("ended", True)] for p, cs in candidates.items()}
+    dropped = sum(len(cs) - len(complete[p]) for p, cs in candidates.items())
+    empty = [p for p, cs in complete.items() if not cs]
+    kept = keep_best({p: cs for p, cs in complete.items() if cs})
+    return KeptSet(kept, dropped, 0, empty)

@@ -52,20 +52,21 @@ def test_rejection_sampling_raises_rm_score_and_harmlessness(rs):
 
 
 def test_rejection_sampling_writes_pools_kept_sets_and_best_of_n(rs):
-    seen: dict[str, list[tuple[float, str]]] = {}
+    seen: dict[str, list[tuple[float, str]]] = {}  # prompt -> its complete answers (truncated=drop)
     for it in (1, 2):
         pool = load_rows(str(rs / f"iteration_{it}" / "pool.jsonl")).to_list()  # HF-loadable
         assert len(pool) == 512  # every prompt of the iteration
         for r in pool:
-            assert len(r["responses"]) == len(r["scores"]) == 8
-            seen.setdefault(r["prompt"], []).extend(zip(r["scores"], r["responses"], strict=True))
+            assert len(r["responses"]) == len(r["scores"]) == len(r["ended"]) == 8
+            seen.setdefault(r["prompt"], []).extend(
+                (s, t) for s, t, e in zip(r["scores"], r["responses"], r["ended"], strict=True) if e
+            )
         train = load_rows(str(rs / f"iteration_{it}" / "train.jsonl"))
         sft_rows, _ = canonicalize(train, "prompt_completion", "prompt_completion", source="train.jsonl")
-        assert (
-            len(sft_rows) == len(train) == len(seen)
-        )  # valid stage=sft data, one row per prompt seen so far
+        # valid stage=sft data, one row per prompt seen so far with a complete (EOS-ended) answer
+        assert len(sft_rows) == len(train) == sum(bool(v) for v in seen.values())
         for r in train.to_list():
-            # keep=all: the argmax over this prompt's samples of every iteration so far
+            # keep=all: the argmax over this prompt's complete samples of every iteration so far
             assert r["score"] == pytest.approx(max(s for s, _ in seen[r["prompt"]]), abs=1e-6)
             assert r["completion"] in {
                 t for s, t in seen[r["prompt"]] if s == pytest.approx(r["score"], abs=1e-6)
@@ -100,8 +101,10 @@ def test_context_distillation_data_has_no_preprompt_and_only_gated_rows(cd):
     train = load_rows(str(cd / "train.jsonl")).to_list()
     assert candidates and all(c["preprompt"] in DEFAULT_PREPROMPTS for c in candidates)
     kept = [c for c in candidates if c["kept"]]
-    # the gate kept exactly the answers its RM scored above the plain answer, and only those train
-    assert all((c["score"] > c["baseline_score"]) == c["kept"] for c in candidates)
+    # the gate passed exactly the answers its RM scored above the plain answer; those that ended (truncated=drop)
+    # are kept, and only those train
+    assert all((c["score"] > c["baseline_score"]) == c["gate_passed"] for c in candidates)
+    assert all((c["gate_passed"] and c["ended"]) == c["kept"] for c in candidates)
     assert 0 < len(kept) < len(candidates)
     assert [(r["prompt"], r["completion"]) for r in train] == [(c["prompt"], c["response"]) for c in kept]
     for r in train:
@@ -109,6 +112,7 @@ def test_context_distillation_data_has_no_preprompt_and_only_gated_rows(cd):
     metrics = read_metrics(cd)
     counts = [r for r in metrics if "cd/kept" in r][0]
     assert counts["cd/kept"] == len(kept) and counts["cd/rejected"] == len(candidates) - len(kept)
+    assert counts["cd/truncated_dropped"] == sum(c["gate_passed"] and not c["ended"] for c in candidates)
     # TinyHH's oracle: the preprompted answers are more harmless than the plain ones
     assert counts["cd/oracle_harmless_preprompted"] > counts["cd/oracle_harmless_plain"]
 
