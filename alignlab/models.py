@@ -17,6 +17,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from alignlab.errors import ConfigError, MissingInputError
+
 log = logging.getLogger("alignlab.models")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,7 +63,7 @@ def in_hub_cache(name: str) -> bool:
     return True
 
 
-def not_found(name_or_path: str, what: str, error: BaseException | None = None) -> FileNotFoundError:
+def not_found(name_or_path: str, what: str, error: BaseException | None = None) -> MissingInputError:
     """A name that is neither a local directory nor a loadable hub repo: say both, naming the config key."""
     where = Path(name_or_path).expanduser().resolve()
     if hub_offline():
@@ -70,7 +72,7 @@ def not_found(name_or_path: str, what: str, error: BaseException | None = None) 
         why = "no such hub repo"
     else:
         why = f"the hub is not reachable ({str(error).strip().splitlines()[0] if error else 'offline'})"
-    return FileNotFoundError(
+    return MissingInputError(
         f"{what}={name_or_path}: no such local directory {where}, and {why}; fix the path (relative paths are "
         "read from the directory you run in) or the hub name"
     )
@@ -114,7 +116,7 @@ def require_input(name_or_path: str, what: str) -> None:
     if m:
         hint = f"run `python -m alignlab stage={m.group(1)}` first to create it, or {hint}"
     where = Path(name_or_path).expanduser().resolve()
-    raise FileNotFoundError(f"{what}={name_or_path} does not exist (no such local directory {where}): {hint}")
+    raise MissingInputError(f"{what}={name_or_path} does not exist (no such local directory {where}): {hint}")
 
 
 def load_tokenizer(
@@ -261,7 +263,7 @@ def lora_targets(target_modules) -> list[str] | str | None:
         return [target_modules]
     names = list(target_modules)
     if not names or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(
+        raise ConfigError(
             f"model.lora.target_modules={names!r}: give module names (a list), all-linear, or null for PEFT's "
             "default for the architecture"
         )
@@ -297,7 +299,7 @@ def apply_lora(
             if targets is not None
             else f"PEFT's default for model_type={model.config.model_type!r} (none)"
         )
-        raise ValueError(
+        raise ConfigError(
             f"model.lora.target_modules={asked}: no module of {type(model).__name__} matches; its linear modules "
             f"are named {leaf[:8]} (set e.g. model.lora.target_modules=[{leaf[0] if leaf else 'name'}] or "
             "model.lora.target_modules=all-linear)"
