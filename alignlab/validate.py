@@ -258,8 +258,13 @@ def stage_models(cfg: DictConfig, recipe: str) -> list[tuple[str, str]]:
 
 
 def check_inputs(cfg: DictConfig, recipe: str) -> None:
-    """A MissingInputError naming the stage to run first for a local model that is not there."""
+    """A MissingInputError naming the stage to run first for a local model that is not there, or naming a local
+    data file that is not there."""
     from alignlab import models
+    from alignlab.data.loading import require_source
+
+    if recipe != "pipeline" and cfg.data.source != "tinyhh":
+        require_source(cfg.data.source)
 
     inputs = stage_models(cfg, recipe)
     if cfg.model.tokenizer and recipe != "pipeline":

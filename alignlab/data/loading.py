@@ -30,9 +30,16 @@ def load_rows(
         if path.is_dir():
             return _load_dir(path, split, cache_dir)
         return _load_files(_builder(path), {"train": [path]}, split, path, cache_dir)
-    if source.startswith(_LOCAL_PREFIXES) or path.suffix.lower() in _FILE_SUFFIXES:
-        raise MissingInputError(f"data.source={source!r} looks like a local path, but {path} does not exist")
+    require_source(source)
     return datasets.load_dataset(source, name, split=split, cache_dir=cache_dir)
+
+
+def require_source(source: str) -> None:
+    """A MissingInputError for a source that reads as a local file or folder but is not there (a hub dataset name
+    has no path prefix and no file suffix)."""
+    path = Path(source).expanduser()
+    if not path.exists() and (source.startswith(_LOCAL_PREFIXES) or path.suffix.lower() in _FILE_SUFFIXES):
+        raise MissingInputError(f"data.source={source!r} looks like a local path, but {path} does not exist")
 
 
 def _builder(path: Path) -> str:

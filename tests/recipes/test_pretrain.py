@@ -86,9 +86,12 @@ def test_continuing_into_its_own_output_is_refused(tmp_path, quick_run, data_cac
 
 
 def test_missing_data_file_is_named(tmp_path):
+    from tests.zoo.families import build
+
     proc = alignlab(
         "stage=pretrain",
         "data=local",
+        f"model.tokenizer={build('gpt2', tmp_path / 'zoo')}",  # own data from scratch needs a tokenizer
         f"data.source={tmp_path}/nope.jsonl",
         f"paths.runs={tmp_path}/runs",
         cwd=tmp_path,

@@ -134,3 +134,19 @@ def test_prompt_encoding_adds_bos_once(zoo, family):
     if family == "llama":
         assert ids[0] == t.bos_token_id and encode(t, "<s>hello").count(t.bos_token_id) == 1
     assert ids.count(t.eos_token_id) == 0 or t.eos_token_id == t.bos_token_id
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rain_reads_prompts_and_judges_answers_as_the_stages_tokenize(zoo, family):
+    """RAIN's codec: the prompt in the model's format, an answer decoded as the prompt's continuation, so the
+    judged dialogue (prompt + answer text) re-reads as the model's tokens."""
+    from alignlab.rain.lm import HFCodec
+
+    t = tok(zoo, family)
+    codec = HFCodec(t)
+    ids = prompt_ids(t, PROMPT)
+    assert codec.encode(PROMPT) == ids
+    full = sequence_ids(t, PROMPT, ANSWER)[:-1]  # the tokenizer's ids of prompt + answer, EOS aside
+    answer = codec.decode(full[len(ids) :])
+    assert answer == chat.render_answer(t, PROMPT, ANSWER)
+    assert encode(t, chat.render_prompt(t, PROMPT) + answer) == full
