@@ -105,9 +105,8 @@ def run(cfg: DictConfig) -> None:
     tokenizer = models.load_tokenizer(
         cfg.model.tokenizer or s.init_from, trust_remote_code=cfg.model.trust_remote_code
     )
-    chat.use(
-        tokenizer, cfg.data.chat_template
-    )  # prompts in the model's chat format; its end-of-turn ends answers
+    # prompts in the model's chat format; its end-of-turn token ends answers
+    chat.use(tokenizer, cfg.data.chat_template)
     source = str(data_dir / "rl_prompts.jsonl") if data_dir else cfg.data.source
     rows = select_prompts(load_prompt_rows(cfg, data_dir), s, cfg.seed, source)
     rng = random.Random(cfg.seed)

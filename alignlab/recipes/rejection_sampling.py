@@ -251,9 +251,8 @@ def run(cfg: DictConfig) -> None:
     tokenizer = models.load_tokenizer(
         cfg.model.tokenizer or s.init_from, trust_remote_code=cfg.model.trust_remote_code
     )
-    chat.use(
-        tokenizer, cfg.data.chat_template
-    )  # prompts in the model's chat format; its end-of-turn ends answers
+    # prompts in the model's chat format; its end-of-turn token ends answers
+    chat.use(tokenizer, cfg.data.chat_template)
     train_prompts, eval_prompts = load_prompts(
         cfg, data_dir, tokenizer, s.eval_prompts, s.max_prompt_length, env.world_size
     )

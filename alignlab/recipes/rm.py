@@ -254,8 +254,6 @@ def no_comparisons_error(cfg: DictConfig, source: str, read: int, skipped: str, 
 
 def run(cfg: DictConfig) -> None:
     s = cfg.stage
-    if s.ranking == "pairwise" and s.margin not in MARGINS:  # before the run directory is touched
-        raise ValueError(f"stage.margin={s.margin!r}; choose one of {', '.join(MARGINS)}")
     run = start_run(cfg, resumable=True)
     env, tracker = run.env, run.tracker
     model_out = check_init_from(s.init_from, run.run_dir)
