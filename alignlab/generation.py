@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 
-from alignlab.rl.rewards import pad_sequences
-from alignlab.rl.rewards import position_ids as real_positions
+from alignlab.tensors import pad_sequences
+from alignlab.tensors import position_ids as real_positions
 
 # A model that keeps talking invents the next human turn; the answer ends where that begins.
 DEFAULT_STOP = ("\n\nHuman:",)

@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from alignlab.errors import ConfigError, MissingInputError
+from alignlab.tensors import position_ids
 
 log = logging.getLogger("alignlab.models")
 
@@ -347,7 +348,6 @@ def token_values(value_model, input_ids: torch.Tensor, attention_mask: torch.Ten
         raise ValueError(
             f"{type(inner).__name__} has no `score` head; the critic must be a reward-model class"
         )
-    from alignlab.rl.rewards import position_ids
 
     hidden = backbone(
         input_ids=input_ids,

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from alignlab.data.examples import decode_answer, prompt_ids
 from alignlab.generation import generate_tokens
-from alignlab.rl.rewards import pad_sequences
+from alignlab.tensors import pad_sequences
 
 log = logging.getLogger("alignlab.rollout")
 

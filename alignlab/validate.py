@@ -63,10 +63,9 @@ def bad_choice(cfg: DictConfig, key: str, choices) -> str | None:
 
 def choice_table(cfg: DictConfig, recipe: str) -> dict[str, tuple]:
     """key -> its choices, for the keys every stage has and those of `recipe`."""
-    from alignlab import distributed, launch, models, tracking
+    from alignlab import distributed, launch, models, scoring, tracking
     from alignlab.data import chat, formats
     from alignlab.recipes.common import RESUME
-    from alignlab.rl import rewards
 
     table: dict[str, tuple] = {
         "resume": RESUME,
@@ -78,7 +77,7 @@ def choice_table(cfg: DictConfig, recipe: str) -> dict[str, tuple]:
         "logger.name": tracking.LOGGERS,
         "logger.mode": (None, *tracking.WANDB_MODES),
         "deepspeed.zero_stage": distributed.ZERO_STAGES,
-        "reward.kind": rewards.KINDS,
+        "reward.kind": scoring.KINDS,
     }
     s = cfg.stage
     if recipe in ("sft", "rm"):

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from alignlab import checkpoint, distributed, validate
 from alignlab.checkpoint import atomic_write_text
+from alignlab.runs import DONE
 
 log = logging.getLogger("alignlab")
 
@@ -20,10 +21,6 @@ log = logging.getLogger("alignlab")
 RECIPE_OF = {"ppo_ptx": "ppo"}
 # Stages that only start other stages: they run in one process whatever launcher= says (their stages relaunch).
 ORCHESTRATORS = {"pipeline"}
-# Written last, by rank 0, when a stage returns: its resolved config and when it finished. stage=pipeline skips a
-# stage whose marker matches the config it would run; a stage removes its marker first, so an interrupted
-# re-run is never mistaken for a finished one.
-DONE = "done.json"
 # Stages that save resumable checkpoints and stop on SIGTERM/SIGUSR1/SIGUSR2 with one (docs/resume.md).
 RESUMABLE = {"pretrain", "sft", "rm", "ppo", "ppo_ptx", "rejection_sampling", "context_distillation"}
 
@@ -35,6 +32,8 @@ def run_stage(cfg: DictConfig, stage: str) -> None:
     # Every key and value first: a bad one must fail before the run directory is touched (done.json below, then
     # the recipe's config.yaml and checkpoints/), so it never costs a finished run its files.
     validate.check(cfg, stage, world_size=env.world_size)
+    # DONE is written last, by rank 0, when the stage returns; it is removed first, so an interrupted re-run is
+    # never mistaken for a finished one (alignlab/runs.py).
     done = Path(cfg.run_dir) / DONE
     main = env.is_main
     if stage in RESUMABLE:

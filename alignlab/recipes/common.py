@@ -76,7 +76,7 @@ def newest_checkpoint(cfg: DictConfig, resolved: dict, world_size: int) -> tuple
         if cfg.resume == "auto":
             log.info("resume=auto: no intact checkpoint in %s; starting fresh", root)
         return None
-    from alignlab.recipes.pipeline import config_changes
+    from alignlab.runs import config_changes
 
     step, path = found
     manifest = checkpoint.read_manifest(path)

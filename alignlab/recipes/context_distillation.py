@@ -33,9 +33,9 @@ from alignlab.evaluation.tinyhh import judge_model_dir
 from alignlab.recipes.common import check_init_from, start_run, tinyhh_dir
 from alignlab.recipes.rejection_sampling import load_sampler, split_eval
 from alignlab.recipes.sft import finetune
-from alignlab.rl.rewards import RewardScorer
 from alignlab.rl.selection import TRUNCATED, distillation_gate
 from alignlab.rollout import load_prompt_rows, sample_one, tokenize_prompts
+from alignlab.scoring import RewardScorer
 
 log = logging.getLogger("alignlab.context_distillation")
 

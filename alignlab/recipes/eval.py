@@ -241,7 +241,7 @@ def run(cfg: DictConfig) -> None:
     if (s.rm_score or s.judge == "rm" or any(x.decoding == "best_of_n" for x in systems.values())) and (
         cfg.reward.kind != "single" or Path(cfg.reward.reward_model).exists()
     ):
-        from alignlab.rl.rewards import RewardScorer
+        from alignlab.scoring import RewardScorer
 
         scorer = RewardScorer.from_config(cfg.reward, device=device, dtype=cfg.model.dtype, whiten=False)
     if s.judge == "oracle":

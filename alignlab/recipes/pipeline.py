@@ -15,7 +15,6 @@ resolved config standing in for the file's contents.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -31,8 +30,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from alignlab.checkpoint import PREEMPTED_EXIT, atomic_write_json
-from alignlab.recipes import DONE
 from alignlab.recipes.common import start_run, tinyhh_dir
+from alignlab.runs import config_changes, read_done
 
 log = logging.getLogger("alignlab.pipeline")
 
@@ -60,10 +59,6 @@ COST = {
     "rain": 6,
     "eval": 2,
 }
-# The config groups that decide a stage's outputs (launcher, deepspeed and logger decide only how it runs).
-COMPARED = ("stage", "model", "data", "seed")
-USES_REWARD = {"ppo", "ppo_ptx", "rejection_sampling", "eval"}
-IGNORED = {"data.cache_dir", "data.tinyhh_any_model"}  # where the data lives; a guard, not what it is
 BAR = re.compile(r"([^\r\n:|]*):\s+\d+%\|[^|\r\n]*\|\s*(\d+)/(\d+) \[")
 LIBRARY_BARS = ("Loading", "Writing", "Saving", "Map", "Filter", "Generating", "Creating", "Tokenizing")
 RANK_VARIABLES = {
@@ -124,46 +119,6 @@ def check_stages(p: DictConfig) -> list[str]:
             if key in ("stage", "run_dir"):
                 raise ValueError(f"stage.overrides.{s} may not set {key}= ({o!r}); the pipeline sets it")
     return stages
-
-
-def compared(stage: str, config: dict) -> dict:
-    """The part of a resolved config that decides the stage's outputs."""
-    groups = COMPARED + (("reward",) if stage in USES_REWARD else ())
-    out = {g: config.get(g) for g in groups}
-    for dotted in IGNORED:
-        group, key = dotted.split(".", 1)
-        if isinstance(out.get(group), dict):
-            out[group] = {k: v for k, v in out[group].items() if k != key}
-    return out
-
-
-def differences(a, b, prefix: str = "") -> list[str]:
-    """'key: old -> new', 'key: added' or 'key: removed' for every leaf or subtree that differs."""
-    if not (isinstance(a, dict) and isinstance(b, dict)):
-        return [] if a == b else [f"{prefix}: {a} -> {b}"]
-    out = []
-    for k in sorted(a.keys() | b.keys(), key=str):
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in a:
-            out.append(f"{key}: added")
-        elif k not in b:
-            out.append(f"{key}: removed")
-        else:
-            out += differences(a[k], b[k], key)
-    return out
-
-
-def config_changes(stage: str, old: dict, new: dict, limit: int = 3) -> list[str]:
-    """How the config a stage finished with differs from the one composed now (at most limit lines, then a count)."""
-    diffs = differences(compared(stage, old), compared(stage, new))
-    return diffs if len(diffs) <= limit else diffs[:limit] + [f"{len(diffs) - limit} more"]
-
-
-def read_done(run_dir: Path) -> dict | None:
-    try:
-        return json.loads((run_dir / DONE).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def decide(steps: dict[str, Step], rerun: set[str]) -> None:

@@ -36,13 +36,13 @@ from alignlab.recipes.common import check_init_from, deepspeed_json, start_run, 
 from alignlab.rl.advantages import explained_variance, gae, masked_mean, masked_whiten
 from alignlab.rl.kl import ESTIMATORS, kl_controller, kl_per_token, shape_scores, token_rewards
 from alignlab.rl.losses import entropy_from_logits, lm_loss, policy_loss, value_loss
-from alignlab.rl.rewards import RewardScorer
 from alignlab.rollout import (
     Prompts,
     Rollout,
     load_prompts,
     sample_rollout,
 )
+from alignlab.scoring import RewardScorer
 
 log = logging.getLogger("alignlab.ppo")
 

@@ -115,7 +115,7 @@ def run(cfg: DictConfig) -> None:
         raise ValueError(f"stage.embedder={s.embedder!r}; choose lm or sentence_transformers")
     score = None
     if s.evaluator == "reward_model":  # extension: a reward model replaces self-evaluation
-        from alignlab.rl.rewards import RewardScorer
+        from alignlab.scoring import RewardScorer
 
         models.require_input(s.reward_model, "stage.reward_model")
         score = RewardScorer(kind="single", reward_model=s.reward_model, device=device)

@@ -41,9 +41,9 @@ from alignlab.evaluation.tinyhh import judge_model_dir
 from alignlab.recipes.common import check_init_from, start_run, tinyhh_dir
 from alignlab.recipes.sft import finetune
 from alignlab.rl.kl import shape_scores
-from alignlab.rl.rewards import RewardScorer
 from alignlab.rl.selection import TRUNCATED, best_of_n, keep_complete
 from alignlab.rollout import Prompts, load_prompts, sample_answers, sample_one
+from alignlab.scoring import RewardScorer
 
 log = logging.getLogger("alignlab.rejection_sampling")
 
@@ -206,7 +206,7 @@ def resume_point(cfg: DictConfig, resolved: dict, world_size: int) -> tuple[int,
     the newest intact checkpoint of its fine-tuning (iteration_<i>/checkpoints), or starts over (its sampling is
     seeded, so it draws the same pool). Returns (tracker step, iteration dir or checkpoint) or None.
     """
-    from alignlab.recipes.pipeline import config_changes
+    from alignlab.runs import config_changes
 
     if cfg.resume not in ("never", "auto"):
         raise ValueError(

@@ -39,7 +39,9 @@ from alignlab.recipes.common import (
     trainer_arguments,
 )
 from alignlab.rl.ranking import MARGINS, kway_loss, margin_for, ranked_pairs
-from alignlab.rl.rewards import Normalization, pad_sequences, score_texts
+from alignlab.rl.rewards import Normalization
+from alignlab.scoring import save_normalization, score_texts
+from alignlab.tensors import pad_sequences
 
 log = logging.getLogger("alignlab.rm")
 SUBSETS = {"all": None, "helpful": False, "safety": True}  # subset -> required is_safety value
@@ -393,7 +395,7 @@ def run(cfg: DictConfig) -> None:
             log.info("held-out: %s", json.dumps({k: round(v, 4) for k, v in metrics.items()}))
         if s.normalize_samples:
             norm = fit_normalization(cfg, rm, tokenizer, data_dir, rows, run.device)
-            norm.save(model_out)
+            save_normalization(norm, model_out)
             metrics.update(
                 {
                     "rm/norm_gain": norm.gain,

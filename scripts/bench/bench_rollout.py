@@ -29,8 +29,8 @@ from common import ROOT, device, ensure_models, machine, publish  # noqa: E402
 from alignlab import models  # noqa: E402
 from alignlab.data.loading import load_rows  # noqa: E402
 from alignlab.generation import generate_tokens, truncate_after_eos  # noqa: E402
-from alignlab.rl.rewards import pad_sequences, position_ids  # noqa: E402
 from alignlab.rollout import tokenize_prompts  # noqa: E402
+from alignlab.tensors import pad_sequences, position_ids  # noqa: E402
 from alignlab.tinyhh.emitters import Sizes, ensure  # noqa: E402
 
 

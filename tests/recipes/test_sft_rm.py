@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from alignlab import models
-from alignlab.rl.rewards import NORMALIZATION_FILE, RewardScorer, llama2_reward
+from alignlab.rl.rewards import llama2_reward
+from alignlab.scoring import NORMALIZATION_FILE, RewardScorer
 from alignlab.tracking import read_metrics
 from tests.conftest import run_stage
 

@@ -9,19 +9,17 @@ import pytest
 from omegaconf import OmegaConf
 
 from alignlab.config import PIPELINE_STAGES
-from alignlab.recipes import DONE
 from alignlab.recipes.pipeline import (
     DEPENDS,
     Step,
     check_stages,
     common_overrides,
-    config_changes,
     decide,
-    differences,
     priority,
     progress_of,
     topological,
 )
+from alignlab.runs import DONE, config_changes, differences
 
 
 def test_stages_and_dependencies_agree():

@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from alignlab.generation import _rollout_cache, generate_tokens, sample_token
-from alignlab.rl.rewards import pad_sequences
+from alignlab.tensors import pad_sequences
 from tests.unit.conftest import tiny_config
 from tests.unit.rl.test_ppo_model_invariants import PROMPTS, eos_biased
 

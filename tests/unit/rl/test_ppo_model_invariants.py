@@ -15,8 +15,8 @@ from alignlab.recipes.ppo import actor_loss, forward_stats, trim
 from alignlab.rl.advantages import masked_mean
 from alignlab.rl.kl import kl_per_token, shape_scores
 from alignlab.rl.losses import lm_loss, policy_loss
-from alignlab.rl.rewards import pad_sequences
 from alignlab.rollout import sample_rollout, tokenize_prompts
+from alignlab.tensors import pad_sequences
 from tests.unit.conftest import tiny_config
 
 PROMPTS = [

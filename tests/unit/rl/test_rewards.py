@@ -5,16 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignlab.rl.rewards import (
-    Normalization,
-    llama2_reward,
-    llama2_select,
-    logit,
-    pad_sequences,
-    position_ids,
-    score_sequences,
-    whiten,
-)
+from alignlab.rl.rewards import Normalization, llama2_reward, llama2_select, logit, whiten
+from alignlab.scoring import load_normalization, save_normalization, score_sequences
+from alignlab.tensors import pad_sequences, position_ids
 
 SEQS = [[1, 5, 6, 7, 2], [1, 8, 2], [1, 9, 10, 11, 12, 13, 2]]
 
@@ -84,8 +77,8 @@ def test_normalization_fit_apply_and_store(tmp_path):
     norm = Normalization.fit(raw)
     out = norm(raw)
     assert out.mean().abs() < 1e-5 and out.std().item() == pytest.approx(1.0, abs=1e-5)
-    norm.save(tmp_path)
-    assert Normalization.load(tmp_path) == norm
-    assert Normalization.load(tmp_path / "nothing-here") == Normalization()  # no file: identity
+    save_normalization(norm, tmp_path)
+    assert load_normalization(tmp_path) == norm
+    assert load_normalization(tmp_path / "nothing-here") == Normalization()  # no file: identity
     with pytest.raises(ValueError, match="at least 2"):
         Normalization.fit(torch.tensor([1.0]))
