@@ -7,18 +7,10 @@ same thresholds apply.
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 import torch.nn.functional as F
 
 from alignlab.rain.evaluator import Codec
-
-
-class Embedder(Protocol):
-    def embed(self, texts: list[str]) -> torch.Tensor:
-        """texts -> embeddings [len(texts), D]."""
-        ...
 
 
 class LMEmbedder:

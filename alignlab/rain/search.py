@@ -9,8 +9,8 @@ share batches while each prompt's choices stay its own (its uniforms come from i
 from __future__ import annotations
 
 import math
-from collections.abc import Generator
-from dataclasses import dataclass, field
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -25,27 +25,38 @@ from alignlab.rain.tree import Node
 
 @dataclass(frozen=True)
 class RainParams:
-    """The search's hyperparameters (RainConfig's search fields, as plain values)."""
+    """The search's hyperparameters as plain values: RainConfig's search fields, whose defaults and docs live in
+    alignlab/rain/stage_config.py only (build one with from_fields)."""
 
-    c: float = 2.0
-    gamma: float = 0.2
-    sim_threshold: float = 0.95
-    T: int = 50
-    T_m: int = 6
-    V: float = 0.8
-    n_candidates: int = 10
-    top_k: int = 15
-    token_set_lengths: tuple[int, ...] = (1, 2, 4, 10)
-    root_mix: float = 0.25
-    dynamic_addition: bool = True
-    dynamic_max_children: int = 20
-    dynamic_var_coef: float = 0.03
-    similarity_update: bool = True
-    commit: str = "argmax"
-    max_new_tokens: int = 64
-    stop_strings: tuple[str, ...] = ("\n\nHuman:",)
-    rollout_stops: str = ",.?:;\n"
-    turn_marker: str = "\n\nHuman:"
+    c: float
+    gamma: float
+    sim_threshold: float
+    T: int
+    T_m: int
+    V: float
+    n_candidates: int
+    top_k: int
+    token_set_lengths: tuple[int, ...]
+    root_mix: float
+    dynamic_addition: bool
+    dynamic_max_children: int
+    dynamic_var_coef: float
+    similarity_update: bool
+    commit: str
+    max_new_tokens: int
+    stop_strings: tuple[str, ...]
+    rollout_stops: str
+    turn_marker: str  # RainConfig's judge.turn_marker
+
+    @classmethod
+    def from_fields(cls, values: Mapping[str, Any], **overrides: Any) -> RainParams:
+        """The params named in `values` (a stage=rain config, or asdict(RainConfig())), turn_marker from its
+        judge, then `overrides`; sequences become tuples."""
+        picked = {f.name: values[f.name] for f in fields(cls) if f.name in values}
+        picked.setdefault("turn_marker", values["judge"]["turn_marker"])
+        picked |= overrides
+        tuples = {f.name for f in fields(cls) if str(f.type).startswith("tuple")}
+        return cls(**{k: tuple(v) if k in tuples else v for k, v in picked.items()})
 
 
 @dataclass

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +23,7 @@ from omegaconf import DictConfig
 from alignlab import distributed, models
 from alignlab.checkpoint import atomic_write_text
 from alignlab.data import chat
+from alignlab.data.formats import ASSISTANT
 from alignlab.evaluation.tinyhh import self_eval_accuracy, tinyhh_prompts, wilson_interval
 from alignlab.generation import cut_at_stop, sample
 from alignlab.rain.embed import LMEmbedder, SentenceTransformerEmbedder
@@ -28,6 +32,8 @@ from alignlab.rain.lm import ForwardCounter, HFBackend, HFCodec
 from alignlab.rain.lockstep import Timings, run_lockstep
 from alignlab.rain.search import RainParams, rain_search
 from alignlab.recipes.common import start_run, tinyhh_dir
+from alignlab.scoring import RewardScorer
+from alignlab.tinyhh.oracle import judge as oracle
 
 log = logging.getLogger("alignlab.rain")
 
@@ -53,16 +59,13 @@ def load_prompts(cfg: DictConfig) -> list[dict]:
         if rows and "prompt" not in rows[0]:
             raise ValueError(f"stage.prompts={s.prompts}: no `prompt` column (columns: {list(rows[0])})")
         prompts = [r["prompt"] for r in rows]
-    elif s.prompt_format == "hh":  # the authors' cut: the transcript up to its first assistant turn
-        marker = "\n\nAssistant:"
+    else:  # hh, the authors' cut: the transcript up to its first assistant turn
         key = "transcript" if rows and "transcript" in rows[0] else "chosen"
-        prompts = [r[key][: r[key].index(marker) + len(marker)] for r in rows if marker in r[key]]
+        prompts = [r[key][: r[key].index(ASSISTANT) + len(ASSISTANT)] for r in rows if ASSISTANT in r[key]]
         if len(prompts) < len(rows):
             log.warning(
                 "%d of %d rows have no assistant turn and were skipped", len(rows) - len(prompts), len(rows)
             )
-    else:
-        raise ValueError(f"stage.prompt_format={s.prompt_format!r}; choose prompt or hh")
     return [{"set": "prompts", "prompt": p} for p in take(prompts)]
 
 
@@ -79,57 +82,38 @@ def oracle_metrics(method: str, rows: list[dict]) -> dict[str, float]:
     return out
 
 
-def gather(rows: list[dict]) -> list[dict]:
-    """Every rank's rows, in prompt order, on every rank."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return rows
-    parts: list[list[dict]] = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
-    torch.distributed.all_gather_object(parts, rows)
-    return sorted((r for part in parts for r in part), key=lambda r: r["index"])
+@dataclass
+class Search:
+    """What the RAIN loop runs on, built once from the frozen model: the model's codec and batched forwards, the
+    judge, the embedder, the reward-model scorer (evaluator=reward_model only) and the search's params."""
+
+    codec: HFCodec
+    backend: HFBackend
+    judge: Any  # alignlab.rain.evaluator.JudgeFormat, bound to the codec
+    embed: Callable
+    score: Any  # RewardScorer or None (self-evaluation)
+    params: RainParams
 
 
-def run(cfg: DictConfig) -> None:
-    s = cfg.stage
-    run = start_run(cfg)
-    env, device, tracker = run.env, run.device, run.tracker
-    models.require_input(s.init_from, "stage.init_from")
-    if s.commit not in ("argmax", "sample") or s.evaluator not in ("self", "reward_model"):
-        raise ValueError(
-            f"stage.commit={s.commit!r} (choose argmax | sample), "
-            f"stage.evaluator={s.evaluator!r} (choose self | reward_model)"
-        )
-
-    # 1. The frozen model, its tokenizer, and the pieces of the search built on them.
-    model = models.load_causal_lm(s.init_from, dtype=cfg.model.dtype).to(device).eval()
-    model.requires_grad_(False)
-    tokenizer = models.load_tokenizer(s.init_from)
-    chat.use(tokenizer, cfg.data.chat_template)  # prompts in the model's chat format; the judge reads HH
+def build_search(s: DictConfig, model, tokenizer, device) -> Search:
     codec = HFCodec(tokenizer)
-    backend = HFBackend(model, codec.pad_id)
-    judge = judge_from_config(s.judge, codec)
     if s.embedder == "lm":
         embedder = LMEmbedder(model, codec, codec.pad_id, tokenizer.bos_token_id)
-    elif s.embedder == "sentence_transformers":
-        embedder = SentenceTransformerEmbedder(s.sentence_model, device)
     else:
-        raise ValueError(f"stage.embedder={s.embedder!r}; choose lm or sentence_transformers")
+        embedder = SentenceTransformerEmbedder(s.sentence_model, device)
     score = None
     if s.evaluator == "reward_model":  # extension: a reward model replaces self-evaluation
-        from alignlab.scoring import RewardScorer
-
         models.require_input(s.reward_model, "stage.reward_model")
         score = RewardScorer(kind="single", reward_model=s.reward_model, device=device)
-    params = RainParams(
-        c=s.c, gamma=s.gamma, sim_threshold=s.sim_threshold, T=s.T, T_m=s.T_m, V=s.V,
-        n_candidates=s.n_candidates, top_k=s.top_k, token_set_lengths=tuple(s.token_set_lengths),
-        root_mix=s.root_mix, dynamic_addition=s.dynamic_addition, dynamic_max_children=s.dynamic_max_children,
-        dynamic_var_coef=s.dynamic_var_coef, similarity_update=s.similarity_update, commit=s.commit,
-        max_new_tokens=s.max_new_tokens, stop_strings=tuple(s.stop_strings), rollout_stops=s.rollout_stops,
-        turn_marker=s.judge.turn_marker,
+    return Search(
+        codec, HFBackend(model, codec.pad_id), judge_from_config(s.judge, codec), embedder.embed, score,
+        RainParams.from_fields(s),
     )  # fmt: skip
 
-    # 2. Prompts; too long ones are dropped (counted): the judge prompt must fit the model's context.
-    prompts = load_prompts(cfg)
+
+def fitting_prompts(s: DictConfig, prompts: list[dict], codec: HFCodec, judge, model) -> list[dict]:
+    """The prompts short enough to search (each with its index in `prompts`); the dropped ones counted. Refuses a
+    config whose judge prompts cannot fit the model's context."""
     lengths = [len(codec.encode(r["prompt"])) for r in prompts]
     kept = [
         dict(r, index=i)
@@ -156,55 +140,52 @@ def run(cfg: DictConfig) -> None:
             f"stage.max_new_tokens + the longest token set) but the model reads {limit}: "
             "lower stage.max_prompt_length or stage.max_new_tokens"
         )
+    return kept
 
-    # 3. Derived sizes, once: this rank's shard, lockstep groups.
-    mine = kept[env.rank :: env.world_size]
-    groups = [mine[i : i + s.batch_prompts] for i in range(0, len(mine), s.batch_prompts)]
-    by_set = ", ".join(
-        f"{n}: {sum(r['set'] == n for r in kept)}" for n in dict.fromkeys(r["set"] for r in kept)
-    )
-    log.info(
-        "RAIN on %s: %d prompts (%s), %d on this rank in %d lockstep groups of <= %d | c=%g gamma=%g T=%d T_m=%d "
-        "V=%g | similarity_update=%s dynamic_addition=%s evaluator=%s embedder=%s",
-        s.init_from, len(kept), by_set, len(mine), len(groups), s.batch_prompts, s.c, s.gamma, s.T, s.T_m, s.V,
-        s.similarity_update, s.dynamic_addition, s.evaluator, s.embedder,
-    )  # fmt: skip
-    tracker.log({"data/prompts": len(kept), "data/dropped_prompts": len(prompts) - len(kept)}, step=0)
-    counter = ForwardCounter(model)
-    cost: dict[str, dict[str, float]] = {}
 
-    # 4. Vanilla decoding of the same prompts: sampling at vanilla_temperature (the issue's baseline) and greedy
-    #    (the authors' own "vanilla" is HF generate's default, greedy for LLaMA).
+def decode_vanilla(
+    cfg: DictConfig, model, tokenizer, mine: list[dict], counter: ForwardCounter, rank: int
+) -> dict:
+    """Vanilla decoding of the same prompts into each row: sampling at vanilla_temperature (the issue's baseline)
+    and greedy (the authors' own "vanilla" is HF generate's default, greedy for LLaMA); method -> its cost."""
+    s, cost = cfg.stage, {}
     baselines = {"vanilla": s.vanilla_temperature, "greedy": 0.0} if s.vanilla else {}
     for method, temperature in baselines.items():
-        torch.manual_seed(cfg.seed + env.rank)
+        torch.manual_seed(cfg.seed + rank)
         before, t0 = counter.snapshot(), time.perf_counter()
         answers = sample(
             model, tokenizer, [r["prompt"] for r in mine], max_new_tokens=s.max_new_tokens,
             temperature=temperature, stop_strings=tuple(s.stop_strings),
         )  # fmt: skip
-        wall = time.perf_counter() - t0
-        cost[method] = {k: counter.snapshot()[k] - before[k] for k in before} | {"wall_s": wall}
+        cost[method] = spent(counter, before) | {"wall_s": time.perf_counter() - t0}
         for r, a in zip(mine, answers, strict=True):
             r[method] = a
+    return cost
 
-    # 5. RAIN, a lockstep group of prompts at a time (each prompt's uniforms from its own seeded generator).
-    pre_ids = codec.encode(judge.preamble)
-    pre_seg = backend.extend([((), pre_ids)])[0][0]  # the judge preamble, cached once for every judge prompt
-    timings = Timings()
+
+def search_all(cfg: DictConfig, search: Search, mine: list[dict], counter, timings: Timings, tracker) -> dict:
+    """RAIN's answer (and search stats) into each row, a lockstep group of prompts at a time, each prompt's
+    uniforms from its own seeded generator; returns RAIN's cost."""
+    s, codec = cfg.stage, search.codec
+    pre_ids = codec.encode(search.judge.preamble)
+    pre_seg = search.backend.extend([((), pre_ids)])[0][
+        0
+    ]  # the judge preamble, cached once for every judge prompt
     before, t_rain = counter.snapshot(), time.perf_counter()
     bar = tracker.progress(len(mine), "rain")
-    for group in groups:
+    for group in (mine[i : i + s.batch_prompts] for i in range(0, len(mine), s.batch_prompts)):
         t0 = time.perf_counter()
         searches = [
             rain_search(
-                r["prompt"], params=params, codec=codec, judge=judge, judge_prefix=(pre_seg,),
+                r["prompt"], params=search.params, codec=codec, judge=search.judge, judge_prefix=(pre_seg,),
                 judge_prefix_ids=pre_ids, rng=np.random.default_rng([cfg.seed, r["index"]]),
-                use_reward_model=score is not None,
+                use_reward_model=search.score is not None,
             )
             for r in group
         ]  # fmt: skip
-        results = run_lockstep(searches, backend, embedder.embed, score, s.max_batch_rows, timings)
+        results = run_lockstep(
+            searches, search.backend, search.embed, search.score, s.max_batch_rows, timings
+        )
         share = (time.perf_counter() - t0) / len(group)
         for r, res in zip(group, results, strict=True):
             # The same budget as vanilla's: a 10-token set may overshoot it.
@@ -215,20 +196,20 @@ def run(cfg: DictConfig) -> None:
             }
         bar.update(len(group))
     bar.close()
-    cost["rain"] = {k: counter.snapshot()[k] - before[k] for k in before} | {
-        "wall_s": time.perf_counter() - t_rain
-    }
-    counter.remove()
+    return spent(counter, before) | {"wall_s": time.perf_counter() - t_rain}
 
-    # 6. Gather, judge with the TinyHH oracle, write samples.jsonl, report.md and metrics (rank 0).
-    rows = gather(mine)
-    cost = {
-        m: {k: distributed.mean_over_ranks(v) * env.world_size for k, v in c.items()} for m, c in cost.items()
-    }
+
+def spent(counter: ForwardCounter, before: dict[str, int]) -> dict[str, float]:
+    return {k: counter.snapshot()[k] - before[k] for k in before}
+
+
+def measure(
+    cfg: DictConfig, rows: list[dict], cost: dict, timings: Timings, model, tokenizer
+) -> dict[str, float]:
+    """The oracle's verdicts into each row (TinyHH prompts), and every metric: oracle rates per method, the
+    self-evaluation accuracy, RAIN's cost against vanilla decoding, the search stats per prompt."""
     metrics: dict[str, float] = {}
-    if s.prompts == "tinyhh":
-        from alignlab.tinyhh.oracle import judge as oracle
-
+    if cfg.stage.prompts == "tinyhh":
         methods = [m for m in METHODS if m in rows[0]]
         for r in rows:
             for m in methods:
@@ -252,23 +233,73 @@ def run(cfg: DictConfig) -> None:
         for k, v in timings.as_dict().items()
         if k.endswith("_s") and total
     }
+    return metrics
+
+
+def samples_line(r: dict) -> str:
+    """One samples.jsonl line: the row with each method's verdict as plain fields."""
+    out = {k: v for k, v in r.items() if not k.endswith("_judgement")}
+    for m in METHODS:
+        if f"{m}_judgement" in r:
+            j = r[f"{m}_judgement"]
+            out[f"{m}_judged"] = {
+                "kind": j.kind,
+                "harmful": j.harmful,
+                "helpful": j.helpful,
+                "score": j.score,
+            }
+    return json.dumps(out) + "\n"
+
+
+def run(cfg: DictConfig) -> None:
+    s = cfg.stage
+    started = start_run(cfg)
+    env, device, tracker = started.env, started.device, started.tracker
+    models.require_input(s.init_from, "stage.init_from")
+
+    # 1. The frozen model, its tokenizer, and the pieces of the search built on them.
+    model = models.load_causal_lm(s.init_from, dtype=cfg.model.dtype).to(device).eval()
+    model.requires_grad_(False)
+    tokenizer = models.load_tokenizer(s.init_from)
+    chat.use(tokenizer, cfg.data.chat_template)  # prompts in the model's chat format; the judge reads HH
+    search = build_search(s, model, tokenizer, device)
+
+    # 2. Prompts; too long ones are dropped (counted): the judge prompt must fit the model's context.
+    prompts = load_prompts(cfg)
+    kept = fitting_prompts(s, prompts, search.codec, search.judge, model)
+
+    # 3. Derived sizes, once: this rank's shard, lockstep groups.
+    mine = kept[env.rank :: env.world_size]
+    by_set = ", ".join(
+        f"{n}: {sum(r['set'] == n for r in kept)}" for n in dict.fromkeys(r["set"] for r in kept)
+    )
+    log.info(
+        "RAIN on %s: %d prompts (%s), %d on this rank in %d lockstep groups of <= %d | c=%g gamma=%g T=%d T_m=%d "
+        "V=%g | similarity_update=%s dynamic_addition=%s evaluator=%s embedder=%s",
+        s.init_from, len(kept), by_set, len(mine), math.ceil(len(mine) / s.batch_prompts), s.batch_prompts, s.c,
+        s.gamma, s.T, s.T_m, s.V, s.similarity_update, s.dynamic_addition, s.evaluator, s.embedder,
+    )  # fmt: skip
+    tracker.log({"data/prompts": len(kept), "data/dropped_prompts": len(prompts) - len(kept)}, step=0)
+    counter = ForwardCounter(model)
+
+    # 4. Vanilla decoding of the same prompts (sampling and greedy).
+    cost = decode_vanilla(cfg, model, tokenizer, mine, counter, env.rank)
+
+    # 5. RAIN, a lockstep group of prompts at a time.
+    timings = Timings()
+    cost["rain"] = search_all(cfg, search, mine, counter, timings, tracker)
+    counter.remove()
+
+    # 6. Gather (prompt order), judge with the TinyHH oracle, write samples.jsonl, report.md and metrics (rank 0).
+    rows = sorted((r for part in distributed.gather_objects(mine) for r in part), key=lambda r: r["index"])
+    cost = {
+        m: {k: distributed.mean_over_ranks(v) * env.world_size for k, v in c.items()} for m, c in cost.items()
+    }
+    metrics = measure(cfg, rows, cost, timings, model, tokenizer)
     tracker.log(metrics, step=0)
     if env.is_main:
-        lines = []
-        for r in rows:
-            out = {k: v for k, v in r.items() if not k.endswith("_judgement")}
-            for m in METHODS:
-                if f"{m}_judgement" in r:
-                    j = r[f"{m}_judgement"]
-                    out[f"{m}_judged"] = {
-                        "kind": j.kind,
-                        "harmful": j.harmful,
-                        "helpful": j.helpful,
-                        "score": j.score,
-                    }
-            lines.append(json.dumps(out) + "\n")
-        atomic_write_text(run.run_dir / "samples.jsonl", "".join(lines))
-        atomic_write_text(run.run_dir / "report.md", report(s, metrics, timings))
+        atomic_write_text(started.run_dir / "samples.jsonl", "".join(samples_line(r) for r in rows))
+        atomic_write_text(started.run_dir / "report.md", report(s, metrics, timings))
         log.info("%s", json.dumps({k: round(v, 4) for k, v in metrics.items() if "_ci_" not in k}))
     distributed.barrier()
     tracker.close()

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
-ESTIMATORS = ("k1", "k3")
-CONTROLLERS = ("fixed", "adaptive")  # stage.kl_controller
-MISSING_EOS = ("none", "replace", "subtract")  # stage.missing_eos: what an answer that never ended scores
+# The values each function below accepts (a config's Enum values are these strings: alignlab/choices.py)
+ESTIMATORS = ("k1", "k3")  # kl_per_token's estimator
+CONTROLLERS = ("fixed", "adaptive")  # kl_controller's kind
+# shape_scores' missing_eos: what an answer that never ended scores
+MISSING_EOS = ("none", "replace", "subtract")
 
 
 def kl_per_token(
@@ -28,7 +30,7 @@ def kl_per_token(
     elif estimator == "k3":
         k = torch.expm1(-log_ratio) + log_ratio
     else:
-        raise ValueError(f"stage.kl_estimator={estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+        raise ValueError(f"estimator={estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     return k * mask.to(k.dtype)
 
 
@@ -72,7 +74,7 @@ def shape_scores(
     elif missing_eos == "subtract":
         scores = scores - missing_eos_penalty * missing.to(scores.dtype)
     elif missing_eos != "none":
-        raise ValueError(f"stage.missing_eos={missing_eos!r}; choose one of {', '.join(MISSING_EOS)}")
+        raise ValueError(f"missing_eos={missing_eos!r}; choose one of {', '.join(MISSING_EOS)}")
     return scores.clamp(-clip, clip) if clip > 0 else scores
 
 
@@ -108,6 +110,8 @@ def kl_controller(kind: str, init: float, target: float, horizon: int):
         return FixedKLController(init)
     if kind == "adaptive":
         if target <= 0 or horizon <= 0:
-            raise ValueError(f"adaptive KL needs kl_target > 0 and kl_horizon > 0, got {target}, {horizon}")
+            raise ValueError(
+                f"the adaptive controller needs target > 0 and horizon > 0, got {target}, {horizon}"
+            )
         return AdaptiveKLController(init, target, horizon)
-    raise ValueError(f"stage.kl_controller={kind!r}; choose one of {', '.join(CONTROLLERS)}")
+    raise ValueError(f"kind={kind!r}; choose one of {', '.join(CONTROLLERS)}")

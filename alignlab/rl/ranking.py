@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# stage.ranking of stage=rm: chosen/rejected pairs (pairwise_loss) or InstructGPT's K ranked answers (kway_loss)
+# chosen/rejected pairs (pairwise_loss) or InstructGPT's K ranked answers per prompt (kway_loss)
 RANKINGS = ("pairwise", "kway")
 # Llama 2 (Touvron et al. 2023, Table 27): margin m(r) by rating level, chosen over rejected.
 RATING_LEVELS = ("significantly better", "better", "slightly better", "negligibly better")
@@ -19,7 +19,7 @@ MARGINS = {
 def margin_for(rating: str, table: str) -> float:
     """m(rating) from the named table; "unsure" counts as negligibly better (Llama 2 merges the two)."""
     if table not in MARGINS:
-        raise ValueError(f"stage.margin={table!r}; choose one of {', '.join(MARGINS)}")
+        raise ValueError(f"table={table!r}; choose one of {', '.join(MARGINS)}")
     rating = "negligibly better" if rating == "unsure" else rating
     if rating not in MARGINS[table]:
         raise ValueError(f"rating {rating!r} is not one of {', '.join(RATING_LEVELS)} (or 'unsure')")

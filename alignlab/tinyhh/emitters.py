@@ -15,17 +15,11 @@ from datasets import Dataset
 from datasets.utils import disable_progress_bars
 
 from alignlab.checkpoint import atomic_dir
+from alignlab.config import TinyHHConfig
+from alignlab.data.formats import ASSISTANT, HUMAN
 from alignlab.tinyhh import world
 from alignlab.tinyhh.oracle import judge
-
-HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
-# Self-evaluation format (RAIN's judge prompt, shortened for a tiny model). The header comes first so that a
-# document starting with "\n\nHuman:" is always a plain dialogue: the model never learns to append a judgement.
-JUDGE_TEMPLATE = (
-    "Judge the chat below.{dialogue}\n\nIs the last answer harmful?\nOptions: (A) {option_a} (B) {option_b}\n"
-    "The answer is: ("
-)
-JUDGE_OPTIONS = ("harmless", "harmful")
+from alignlab.tinyhh.world import JUDGE_OPTIONS, JUDGE_TEMPLATE  # the self-evaluation format
 
 # Pretraining mixture: an unaligned internet-like corpus (most harmful requests are answered).
 HARMFUL_KIND_MIX = {"harmful": 0.45, "refusal": 0.22, "redirect": 0.33}
@@ -56,17 +50,9 @@ SFT_KINDS = {
 }  # demonstrations a labeller would write
 
 
-@dataclass(frozen=True)
-class Sizes:
-    seed: int = 0
-    n_corpus: int = 24000
-    n_preprompt: int = 1500
-    n_sft: int = 1500
-    n_pref: int = 4000
-    n_rl_prompts: int = 2000
-    n_eval: int = 200
-    vocab_size: int = 1024
-    n_ranked: int = 1000
+@dataclass
+class Sizes(TinyHHConfig):
+    """data.tinyhh (its fields and defaults are TinyHHConfig's, alignlab/config.py) plus the cache key it names."""
 
     def key(self) -> str:
         """Names the cache directory: the sizes and the generating code, so an edited world is regenerated."""

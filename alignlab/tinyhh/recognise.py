@@ -58,7 +58,7 @@ def is_tinyhh_tokenizer(path: str | Path, reference: set[str]) -> bool:
 
 def models_on_tinyhh(cfg: DictConfig, recipe: str) -> tuple[str, list[tuple[str, str]]]:
     """(what makes the run TinyHH's, [(key, path)] of the models that meet it); ("", []) when nothing does."""
-    from alignlab.validate import reward_models, stage_models
+    from alignlab.stage_inputs import reward_models, stage_models
 
     s = cfg.stage
     if recipe in ("pretrain", "sft", "rm", "ppo", "rejection_sampling", "context_distillation"):

@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ from alignlab.rain.evaluator import judge_from_config  # noqa: E402
 from alignlab.rain.lm import ForwardCounter, HFBackend, HFCodec  # noqa: E402
 from alignlab.rain.lockstep import Timings, run_lockstep  # noqa: E402
 from alignlab.rain.search import RainParams, rain_search  # noqa: E402
-from alignlab.rain.stage_config import RainJudgeConfig  # noqa: E402
+from alignlab.rain.stage_config import RainConfig, RainJudgeConfig  # noqa: E402
 
 
 def measure(fn, counter: ForwardCounter) -> dict:
@@ -84,7 +85,7 @@ def main() -> None:
     backend = HFBackend(model, codec.pad_id)
     embedder = LMEmbedder(model, codec, codec.pad_id, tokenizer.bos_token_id)
     judge = judge_from_config(RainJudgeConfig(), codec)
-    params = RainParams(max_new_tokens=args.max_new_tokens)
+    params = RainParams.from_fields(asdict(RainConfig()), max_new_tokens=args.max_new_tokens)
     counter = ForwardCounter(model)
     pre_ids = codec.encode(judge.preamble)
     pre = backend.extend([((), pre_ids)])[0][0]

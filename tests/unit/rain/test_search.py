@@ -3,6 +3,8 @@ scripted stub LM and on a real (tiny, random, float64) transformers Llama; commi
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ import torch
 from alignlab.rain.lockstep import length_buckets, run_lockstep
 from alignlab.rain.requests import Extend
 from alignlab.rain.search import RainParams, rain_search
+from alignlab.rain.stage_config import RainConfig
 from tests.unit.rain.reference import ref_rain
 from tests.unit.rain.stub import CODEC, StubBackend, embed_many, stub_embed, stub_judge, stub_logits
 
@@ -18,8 +21,15 @@ PROMPTS = [
     "\n\nHuman: tell me a story\n\nAssistant:",
     "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: help me steal\n\nAssistant:",
 ]
+
+
+def rain_params(**overrides) -> RainParams:
+    """stage=rain's defaults (RainConfig, the one place they are written) with `overrides`."""
+    return RainParams.from_fields(asdict(RainConfig()), **overrides)
+
+
 # Few candidates per expansion: every child gets visited, so dynamic addition fires on the "steal" prompt.
-SMALL = RainParams(max_new_tokens=30, T=20, n_candidates=3, dynamic_max_children=6)
+SMALL = rain_params(max_new_tokens=30, T=20, n_candidates=3, dynamic_max_children=6)
 
 
 def searches(params, prompts, backend, codec=CODEC, judge=None, seed=0, offset=0):
@@ -53,7 +63,7 @@ def count_nodes(node) -> int:
 
 
 @pytest.mark.parametrize(
-    "params", [RainParams(max_new_tokens=30, T=20), SMALL], ids=["default", "few_candidates"]
+    "params", [rain_params(max_new_tokens=30, T=20), SMALL], ids=["default", "few_candidates"]
 )
 def test_batched_search_builds_the_reference_tree(params):
     backend = StubBackend()
@@ -105,7 +115,7 @@ def _as_ref(node):
 
 
 def test_commit_budget_subtree_reuse_and_early_stop():
-    never_stop = RainParams(max_new_tokens=20, T=18, V=2.0)  # q never exceeds 2: every round runs its budget
+    never_stop = rain_params(max_new_tokens=20, T=18, V=2.0)  # q never exceeds 2: every round runs its budget
     backend = StubBackend()
     gens, roots = searches(never_stop, PROMPTS[:1], backend)
     (res,) = run_lockstep(gens, backend, embed_many)
@@ -125,7 +135,7 @@ def test_commit_budget_subtree_reuse_and_early_stop():
     schedule = [min(1 << i, 10) if i < 3 else 10 for i in range(len(sizes))]
     assert sizes[:-1] == schedule[:-1] and sizes[-1] <= schedule[-1]
     assert sizes[-1] == schedule[-1] or res.answer_ids[-1] == CODEC.eos_id
-    eager = RainParams(max_new_tokens=20, T=18, T_m=0, V=-2.0)  # stop as soon as the best child has a visit
+    eager = rain_params(max_new_tokens=20, T=18, T_m=0, V=-2.0)  # stop as soon as the best child has a visit
     gens, _ = searches(eager, PROMPTS[:1], StubBackend())
     (res,) = run_lockstep(gens, StubBackend(), embed_many)
     assert res.stats.early_stops == res.stats.commits and res.stats.iterations < st.iterations
@@ -134,7 +144,7 @@ def test_commit_budget_subtree_reuse_and_early_stop():
 def judged_dialogues(prompt: str, n: int) -> list[str]:
     """The dialogues of the first n judge requests of a search (drives the generator by hand)."""
     backend = StubBackend()
-    (gen,), _ = searches(RainParams(max_new_tokens=30, T=20), [prompt], backend)
+    (gen,), _ = searches(rain_params(max_new_tokens=30, T=20), [prompt], backend)
     out, reply = [], None
     req = next(gen)
     while len(out) < n:
@@ -223,7 +233,7 @@ def test_hf_search_builds_the_reference_tree(tiny_llama):
 
     backend = HFBackend(tiny_llama, pad_id=0)
     embedder = LMEmbedder(tiny_llama, CODEC, pad_id=0, bos_id=1)
-    params = RainParams(max_new_tokens=10, T=15, n_candidates=3, token_set_lengths=(1, 2, 3))
+    params = rain_params(max_new_tokens=10, T=15, n_candidates=3, token_set_lengths=(1, 2, 3))
     prompts = PROMPTS[1:2]
     with torch.no_grad():
         gens, roots = searches(params, prompts, backend)
@@ -250,7 +260,7 @@ def test_reward_model_evaluator_extension():
     judge = stub_judge()
     pre_ids = CODEC.encode(judge.preamble)
     gen = rain_search(
-        PROMPTS[0], params=RainParams(max_new_tokens=20, T=16), codec=CODEC, judge=None, judge_prefix=(),
+        PROMPTS[0], params=rain_params(max_new_tokens=20, T=16), codec=CODEC, judge=None, judge_prefix=(),
         judge_prefix_ids=pre_ids, rng=np.random.default_rng(0), use_reward_model=True,
     )  # fmt: skip
     (res,) = run_lockstep([gen], backend, embed_many, score=score)

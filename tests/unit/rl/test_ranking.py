@@ -17,7 +17,7 @@ def test_margin_tables():
     assert [margin_for(r, "small") for r in MARGINS["small"]] == pytest.approx([1, 2 / 3, 1 / 3, 0])
     assert [margin_for(r, "large") for r in MARGINS["large"]] == [3, 2, 1, 0]
     assert margin_for("better", "none") == 0 and margin_for("unsure", "large") == 0
-    with pytest.raises(ValueError, match="stage.margin"):
+    with pytest.raises(ValueError, match="^table='huge'; choose one of none, small, large"):
         margin_for("better", "huge")
     with pytest.raises(ValueError, match="rating"):
         margin_for("much better", "small")
