@@ -36,10 +36,11 @@ def main(cfg: DictConfig) -> int:
 def run(cfg: DictConfig, hydra_cfg) -> int:
     # Imports are deferred so --help / --cfg stay fast and never touch torch or DeepSpeed.
     from alignlab import launch, validate
-    from alignlab.recipes import ORCHESTRATORS, run_stage
+    from alignlab.recipes import run_stage
+    from alignlab.stages import STAGES
 
     stage = hydra_cfg.runtime.choices["stage"]
-    if stage not in ORCHESTRATORS and launch.needs_relaunch(cfg.launcher.name):
+    if not STAGES[stage].orchestrator and launch.needs_relaunch(cfg.launcher.name):
         # Checked here too, so a bad value fails once, before N processes start (each rank checks it again).
         validate.check(cfg, stage, world_size=cfg.launcher.nproc)
         # This job's own overrides (not sys.argv, which under -m or submitit is the whole sweep or another
@@ -51,7 +52,7 @@ def run(cfg: DictConfig, hydra_cfg) -> int:
         if code:
             # Hydra drops a task's return value: the ranks' exit code (75: preempted, 2: an alignlab error each
             # rank has printed) must still reach the shell; a runner killed by signal N reports -N, a shell's 128 + N
-            raise SystemExit(code if code > 0 else 128 - code)
+            raise SystemExit(code if code > 0 else launch.exit_code_for_signal(-code))
         return 0
     run_stage(cfg, stage)
     return 0

@@ -1,8 +1,12 @@
 """Typed config schema: one dataclass per group option, registered in Hydra's ConfigStore.
 
 Hydra validates every override against these dataclasses, so an unknown key or a value of the wrong type fails
-at composition time with Hydra's own message. YAML files under conf/ only set values on top of a schema
-(`defaults: [/schema/<group>@_here_]`), they never add keys.
+at composition time with Hydra's own message; so does a value outside a choice field's set (the Enums of
+alignlab/choices.py). YAML files under conf/ only set values on top of a schema (`defaults:
+[/schema/<group>@_here_]`), they never add keys.
+
+One doc per field: the comment on its line, or the comment lines right above it (alignlab/config_help.py reads
+them for `--help`). A field a subclass restates without a comment keeps its base class's doc.
 """
 
 from __future__ import annotations
@@ -13,7 +17,32 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from alignlab.rain.stage_config import TINYHH_JUDGE_TEMPLATE, RainConfig
+from alignlab.choices import (
+    ChatTemplate,
+    DType,
+    Judge,
+    Keep,
+    KLController,
+    KLEstimator,
+    Launcher,
+    Logger,
+    Margin,
+    MissingEOS,
+    OnMalformed,
+    Ranking,
+    Resume,
+    RewardKind,
+    SourceFormat,
+    Subset,
+    TrainFrom,
+    TrainOn,
+    Truncated,
+    WandbMode,
+)
+from alignlab.config_help import stage_help
+from alignlab.rain.stage_config import TINYHH_JUDGE_TEMPLATE
+from alignlab.stages import PIPELINE_STAGES, STAGES, demo_budget, stage_dir
+from alignlab.tinyhh.world import SAFETY_PREPROMPTS
 
 
 @dataclass
@@ -44,16 +73,17 @@ class ModelConfig:
     name: str = MISSING  # short name used in run names and logs
     name_or_path: str = MISSING  # hub name or local directory (save_pretrained layout)
     tokenizer: str | None = None  # tokenizer path/hub name; None = same as name_or_path
-    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
+    dtype: DType = DType.float32  # float32 | bfloat16 | float16 | auto (the checkpoint's own)
     trust_remote_code: bool = False  # passed to from_pretrained
-    arch: ArchConfig = field(
-        default_factory=ArchConfig
-    )  # used only when a stage builds the model from scratch
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    # used only when a stage builds the model from scratch
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # PEFT LoRA adapter (off by default)
 
 
 @dataclass
 class TinyHHConfig:
+    """The sizes of TinyHH's generated data sets (alignlab/tinyhh/emitters.py's Sizes is this plus its cache key)."""
+
     seed: int = 0  # world sampling seed: same seed -> byte-identical files
     n_corpus: int = 24000  # pretraining documents (dialogues + self-evaluation examples)
     n_preprompt: int = 1500  # extra pretraining dialogues behind a safety preprompt (answered safely)
@@ -61,9 +91,8 @@ class TinyHHConfig:
     n_pref: int = 4000  # preference pairs
     n_rl_prompts: int = 2000  # RL prompts
     n_eval: int = 200  # held-out eval prompts per kind (benign, harmful, harmful + attack suffix)
-    vocab_size: int = (
-        1024  # byte-level BPE vocabulary (a larger softmax costs more than the longer sequences save)
-    )
+    # byte-level BPE vocabulary (a larger softmax costs more than the longer sequences save)
+    vocab_size: int = 1024
     n_ranked: int = 1000  # InstructGPT-style ranked sets (K = 4..9 answers per prompt)
 
 
@@ -71,17 +100,17 @@ class TinyHHConfig:
 class DataConfig:
     name: str = MISSING  # short name used in logs
     source: str = MISSING  # "tinyhh", a hub dataset name, or a local .jsonl/.json/.parquet file or directory
-    format: str = "text"  # hh | prompt_completion | preference | messages | text
+    format: SourceFormat = SourceFormat.text  # hh | prompt_completion | preference | messages | text
     # How conversations are rendered for the model (alignlab/data/chat.py): auto (as the model was trained, else
     # the tokenizer's chat template when it has one, else hh) | hh (HH transcript) | none (plain single-turn text)
-    chat_template: str = "auto"
+    chat_template: ChatTemplate = ChatTemplate.auto
     train_split: str = "train"  # split (or slice, "train[:95%]") for training
     eval_split: str | None = None  # split for evaluation; None = hold out eval_fraction of train
     eval_fraction: float = 0.02  # held-out share of train when eval_split is None
-    on_malformed: str = "error"  # error | skip (skipped rows are counted and logged)
+    on_malformed: OnMalformed = OnMalformed.error  # error | skip (skipped rows are counted and logged)
     max_rows: int | None = None  # keep only the first N training rows (quick runs)
     cache_dir: str = "${paths.data}"  # where generated data (TinyHH) is written
-    tinyhh: TinyHHConfig = field(default_factory=TinyHHConfig)
+    tinyhh: TinyHHConfig = field(default_factory=TinyHHConfig)  # data=tinyhh: the generated data sets' sizes
     # TinyHH's data, prompts and oracle are meant for a TinyHH model (one whose tokenizer is TinyHH's): with any
     # other model a stage refuses to start (data=tinyhh is the default, so this is usually a forgotten data=);
     # true runs them on any model on purpose
@@ -90,7 +119,7 @@ class DataConfig:
 
 @dataclass
 class LauncherConfig:
-    name: str = "local"  # local | deepspeed | torchrun
+    name: Launcher = Launcher.local  # local | deepspeed | torchrun
     nproc: int = 1  # processes per node
     master_port: int = 0  # rendezvous port; 0 = pick a free one
     extra_args: list[str] = field(default_factory=list)  # passed to the runner before the module
@@ -109,12 +138,12 @@ class DeepSpeedConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "jsonl"  # jsonl (metrics.jsonl only) | wandb (metrics.jsonl + W&B)
+    name: Logger = Logger.jsonl  # jsonl (metrics.jsonl only) | wandb (metrics.jsonl + W&B)
     project: str = "alignlab"  # W&B project
     entity: str | None = None  # W&B entity (team or user)
     group: str | None = "${experiment.name}"  # W&B run group (the stages of one experiment side by side)
     job_type: str | None = "${stage.name}"  # W&B job type (filter one stage across experiments)
-    mode: str | None = None  # online | offline | disabled; None = WANDB_MODE or offline when no API key
+    mode: WandbMode | None = None  # online | offline | disabled; None = WANDB_MODE or offline when no API key
     tags: list[str] = field(default_factory=list)  # W&B tags
     progress: bool = True  # tqdm progress bars with throughput
 
@@ -132,50 +161,47 @@ class PathsConfig:
 
 
 @dataclass
-class PretrainConfig:
-    """Causal-LM pretraining (next-token NLL on every non-pad token) of a model built from scratch or loaded."""
+class OptimizerConfig:
+    """AdamW and the metrics / checkpoint cadence every training stage has. A base class, not a nested block, so the
+    keys stay flat (stage.lr, stage.betas, ...); a stage restates a field to change its default."""
 
-    name: str = "pretrain"  # run subdirectory name (the recipe is chosen by `stage=`)
-    from_scratch: bool = (
-        True  # build model.arch with the data's tokenizer instead of loading model.name_or_path
-    )
-    steps: int = 800  # optimizer steps (about 4 minutes on 2 CPU cores with the defaults)
-    batch_size: int = 16  # sequences per optimizer step, over all ranks
-    micro_batch_size: int = 16  # sequences per forward per rank (grad accumulation fills the rest)
-    seq_len: int = 256  # block length in tokens; whole documents are packed into blocks, never split
-    lr: float = 3e-3  # peak learning rate (AdamW)
-    min_lr_ratio: float = 0.1  # cosine decay floor as a fraction of lr
-    warmup_steps: int = 50  # linear warmup
-    weight_decay: float = 0.1  # AdamW weight decay
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
-    grad_clip: float = 1.0  # global gradient-norm clip
-    eval_every: int = 300  # steps between held-out loss evaluations (0 = only at the end)
-    eval_batches: int = 8  # batches per held-out evaluation
-    log_every: int = 10  # steps between metrics.jsonl lines
-    checkpoint_every: int = 0  # steps between checkpoints in checkpoints/ (0 = only at the end)
-    # TinyHH: held-out prompts per set (benign, harmful, attack, self-eval) judged at the end (0 = off)
-    sample_eval: int = 200
-    max_new_tokens: int = 64  # generation budget for the end-of-run sample evaluation
+    lr: float = 2e-5  # peak learning rate (AdamW; Llama 2 SFT: 2e-5)
+    weight_decay: float = 0.1  # AdamW weight decay (Llama 2: 0.1)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas (InstructGPT, Llama 2)
+    grad_clip: float = 1.0  # global gradient-norm clip (PPO: policy and critic)
+    # rows (sequences, comparisons or ranked sets; PPO: episodes) per forward per rank: gradient accumulation
+    # fills the (mini)batch
+    micro_batch_size: int = 16
+    log_every: int = 10  # optimizer steps (PPO: iterations) between metrics.jsonl lines
+    # optimizer steps (PPO: iterations) between resumable checkpoints in checkpoints/ (0 = only at the end)
+    checkpoint_every: int = 0
 
 
 @dataclass
-class SFTConfig:
-    """Supervised fine-tuning (TRL SFTTrainer): mean NLL over answer tokens only, prompt and earlier turns masked."""
+class TrainerConfig(OptimizerConfig):
+    """What the stages trained through transformers' Trainer share (SFT, RM, and the SFT loss of rejection sampling
+    and context distillation)."""
 
-    name: str = "sft"  # run subdirectory name (the recipe is chosen by `stage=`)
-    init_from: str = (
-        "${model.name_or_path}"  # model to fine-tune: the pretrain run's model/ on TinyHH, or a hub name
-    )
-    train_on: str = "last_turn"  # last_turn (Llama 2: every earlier turn masked) | all_assistant_turns
-    epochs: float = 2.0  # passes over the demonstrations (Llama 2: 2)
+    epochs: float = 2.0  # passes over the training rows (Llama 2 SFT: 2)
     steps: int = 0  # optimizer steps; 0 = derived from epochs
-    batch_size: int = 32  # sequences per optimizer step, over all ranks
-    micro_batch_size: int = 16  # sequences per forward per rank (grad accumulation fills the rest)
-    max_length: int = 256  # longest tokenized prompt+answer; longer rows are truncated (counted and logged)
-    packing: bool = False  # TRL "bfd" padding-free packing; needs flash attention (GPU), refused on sdpa
+    # rows (sequences; RM: comparisons or ranked sets) per optimizer step, over all ranks
+    batch_size: int = 32
+    # longest tokenized prompt + answer: longer rows are truncated (SFT) or dropped (RM), counted and logged
+    max_length: int = 256
     # Recompute activations during backward (memory for time: a big model on a small GPU). Off by default, unlike
     # TRL's SFTConfig/RewardConfig: on a model that fits it only slows training (1.2-1.3x, docs/benchmarks.md)
     gradient_checkpointing: bool = False
+    lr_scheduler: str = "cosine_with_min_lr"  # transformers scheduler name
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr (InstructGPT: to 10%)
+    warmup_ratio: float = 0.03  # share of steps in linear warmup (Llama 2: 3%)
+
+
+@dataclass
+class FinetuneConfig(TrainerConfig):
+    """The SFT loss: stage=sft's, and on a stage's own generated data (rejection sampling, context distillation)."""
+
+    # last_turn (Llama 2: every earlier turn masked) | all_assistant_turns
+    train_on: TrainOn = TrainOn.last_turn
     # Batches of similar-length rows (Trainer's group_by_length sampler): less padding, faster steps, but batches
     # are no longer uniformly random
     group_by_length: bool = False
@@ -185,19 +211,41 @@ class SFTConfig:
     # torch.compile the model in place (fused elementwise kernels): 1.3x per step on TinyHH's CPU model, same
     # numbers, after a one-time compile of ~35 s (docs/benchmarks.md): for runs longer than a few minutes
     compile: bool = False
-    lr: float = 2e-5  # peak learning rate (Llama 2: 2e-5)
-    lr_scheduler: str = "cosine_with_min_lr"  # transformers scheduler name
-    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr (InstructGPT: to 10%)
-    warmup_ratio: float = 0.03  # share of steps in linear warmup
-    weight_decay: float = 0.1  # AdamW weight decay (Llama 2: 0.1)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas (InstructGPT, Llama 2)
-    grad_clip: float = 1.0  # global gradient-norm clip
     eval_every: int = 0  # steps between held-out answer-loss evaluations (0 = before and after training only)
-    log_every: int = 10  # steps between metrics.jsonl lines
-    checkpoint_every: int = 0  # steps between checkpoints in checkpoints/ (0 = only at the end)
-    eval_rows: int = (
-        200  # held-out demonstrations for the answer-token loss (TinyHH: eval_fraction of sft rows)
-    )
+    eval_rows: int = 32  # rows held out for the answer-token loss (generated rows: at most a fifth of them)
+
+
+@dataclass
+class PretrainConfig(OptimizerConfig):
+    """Causal-LM pretraining (next-token NLL on every non-pad token) of a model built from scratch or loaded."""
+
+    name: str = "pretrain"  # run subdirectory name (the recipe is chosen by `stage=`)
+    # build model.arch with the data's tokenizer instead of loading model.name_or_path
+    from_scratch: bool = True
+    steps: int = 800  # optimizer steps (about 4 minutes on 2 CPU cores with the defaults)
+    batch_size: int = 16  # sequences per optimizer step, over all ranks
+    seq_len: int = 256  # block length in tokens; whole documents are packed into blocks, never split
+    lr: float = 3e-3  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1  # cosine decay floor as a fraction of lr
+    warmup_steps: int = 50  # linear warmup
+    eval_every: int = 300  # steps between held-out loss evaluations (0 = only at the end)
+    eval_batches: int = 8  # batches per held-out evaluation
+    # TinyHH: held-out prompts per set (benign, harmful, attack, self-eval) judged at the end (0 = off)
+    sample_eval: int = 200
+    max_new_tokens: int = 64  # generation budget for the end-of-run sample evaluation
+
+
+@dataclass
+class SFTConfig(FinetuneConfig):
+    """Supervised fine-tuning (TRL SFTTrainer): mean NLL over answer tokens only, prompt and earlier turns masked.
+    FinetuneConfig's fields, plus the model, packing and the oracle evaluation."""
+
+    name: str = "sft"  # run subdirectory name (the recipe is chosen by `stage=`)
+    # model to fine-tune: the pretrain run's model/ on TinyHH, or a hub name
+    init_from: str = "${model.name_or_path}"
+    packing: bool = False  # TRL "bfd" padding-free packing; needs flash attention (GPU), refused on sdpa
+    # held-out demonstrations for the answer-token loss (TinyHH: eval_fraction of sft rows)
+    eval_rows: int = 200
     # TinyHH: held-out prompts per set (benign, harmful, attack, self-eval) judged at the end, for the starting
     # model and the fine-tuned one on the same prompts (0 = off)
     sample_eval: int = 200
@@ -205,41 +253,23 @@ class SFTConfig:
 
 
 @dataclass
-class RMConfig:
+class RMConfig(TrainerConfig):
     """Pairwise ranking reward model (TRL RewardTrainer; our K-way collator and loss for ranked sets)."""
 
     name: str = "rm"  # run subdirectory name; the two-RM setup uses rm_helpful and rm_safety
-    init_from: str = (
-        "${paths.runs}/${experiment.name}/sft/model"  # backbone: the SFT model (InstructGPT, Llama 2)
-    )
-    subset: str = "all"  # all | helpful | safety: preference rows by their is_safety flag (Llama 2's two RMs)
-    ranking: str = "pairwise"  # pairwise (chosen/rejected) | kway (InstructGPT: K ranked answers per prompt)
-    margin: str = (
-        "small"  # Llama 2 margin by rating level: none | small (1, 2/3, 1/3, 0) | large (3, 2, 1, 0)
-    )
-    center_coef: float = (
-        0.0  # coef * mean((r_c + r_r)^2) keeps scores near 0 (TRL center_rewards_coefficient)
-    )
+    init_from: str = "${stage_dir:sft}/model"  # backbone: the SFT model (InstructGPT, Llama 2)
+    # all | helpful | safety: preference rows by their is_safety flag (Llama 2's two RMs)
+    subset: Subset = Subset.all
+    # pairwise (chosen/rejected) | kway (InstructGPT: K ranked answers per prompt)
+    ranking: Ranking = Ranking.pairwise
+    # Llama 2 margin by rating level: none | small (1, 2/3, 1/3, 0) | large (3, 2, 1, 0)
+    margin: Margin = Margin.small
+    # coef * mean((r_c + r_r)^2) keeps scores near 0 (TRL center_rewards_coefficient)
+    center_coef: float = 0.0
     epochs: float = 1.0  # passes over the comparisons (longer overfits: InstructGPT, Llama 2)
-    steps: int = 0  # optimizer steps; 0 = derived from epochs
-    batch_size: int = 32  # comparisons (pairwise) or ranked sets (kway) per optimizer step, over all ranks
-    micro_batch_size: int = 16  # comparisons or ranked sets per forward per rank
-    max_length: int = 256  # longest tokenized prompt+response; longer rows are dropped (counted and logged)
-    # Recompute activations during backward (memory for time: a big model on a small GPU). Off by default, unlike
-    # TRL's SFTConfig/RewardConfig: on a model that fits it only slows training (1.2-1.3x, docs/benchmarks.md)
-    gradient_checkpointing: bool = False
     lr: float = 1e-4  # peak learning rate (Llama 2: 1e-5 at 7B+; the tiny model wants more)
-    lr_scheduler: str = "cosine_with_min_lr"  # transformers scheduler name
-    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
-    warmup_ratio: float = 0.03  # share of steps in linear warmup (Llama 2: 3%)
-    weight_decay: float = 0.1  # AdamW weight decay
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
-    grad_clip: float = 1.0  # global gradient-norm clip
-    log_every: int = 10  # steps between metrics.jsonl lines
-    checkpoint_every: int = 0  # steps between checkpoints in checkpoints/ (0 = only at the end)
-    eval_rows: int = (
-        400  # held-out pairs for accuracy (at most a quarter of the data when data.eval_split is unset)
-    )
+    # held-out pairs for accuracy (at most a quarter of the data when data.eval_split is unset)
+    eval_rows: int = 400
     # Reward normalisation (lm-human-preferences): gain/bias so the SFT model's own answers to this many RL prompts
     # score mean 0, std 1; stored in model/reward_normalization.json and applied by every reward= scorer (0 = off)
     normalize_samples: int = 256
@@ -247,48 +277,42 @@ class RMConfig:
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(OptimizerConfig):
     """KL-penalised PPO (InstructGPT / Ziegler et al.) and PPO-ptx: actor from SFT, critic from the reward model."""
 
     name: str = "ppo"  # run subdirectory name (stage=ppo_ptx writes ppo_ptx/)
-    init_from: str = (
-        "${paths.runs}/${experiment.name}/sft/model"  # policy and frozen reference: the SFT model
-    )
+    init_from: str = "${stage_dir:sft}/model"  # policy and frozen reference: the SFT model
     value_from: str = "${reward.reward_model}"  # critic initialisation: the reward model (InstructGPT)
     iterations: int = 100  # PPO iterations: roll out rollout_batch_size episodes, then ppo_epochs of updates
     rollout_batch_size: int = 64  # episodes per iteration, over all ranks (InstructGPT / Llama 2: 512)
     minibatch_size: int = 32  # episodes per optimizer step, over all ranks (InstructGPT / Llama 2: 64)
-    micro_batch_size: int = 16  # episodes per forward per rank (gradient accumulation fills the minibatch)
     ppo_epochs: int = 2  # passes over each rollout batch (InstructGPT: 1)
     max_prompt_length: int = 128  # longer prompts are dropped (counted and logged)
     max_new_tokens: int = 96  # response budget; an answer without EOS by then gets the missing-EOS treatment
     temperature: float = 1.0  # rollout temperature (InstructGPT 1.0; TRL 0.7); logits / T in every log-prob
     lr: float = 1e-5  # policy learning rate, constant (Llama 2: 1e-6 at 7B+; the tiny model wants more)
     value_lr: float = 3e-5  # critic learning rate (its own optimizer; InstructGPT: 9e-6 at 175B)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas (Llama 2)
     adam_eps: float = 1e-5  # AdamW epsilon (Llama 2)
     weight_decay: float = 0.0  # AdamW weight decay (Llama 2: 0.1)
-    grad_clip: float = 1.0  # global gradient-norm clip, policy and critic (Llama 2: 1.0)
     clip_range: float = 0.2  # PPO ratio clip eps
     clip_range_value: float = 0.2  # value clip around the rollout's values
-    vf_coef: float = (
-        0.1  # value-loss weight (the critic has its own optimizer; kept for parity with shared trunks)
-    )
+    # value-loss weight (the critic has its own optimizer; kept for parity with shared trunks)
+    vf_coef: float = 0.1
     gamma: float = 1.0  # discount
     lam: float = 0.95  # GAE lambda
     kl_coef: float = 0.2  # initial beta of the per-token KL penalty (InstructGPT 0.02; Llama 2 0.01 at 7B)
-    kl_estimator: str = "k1"  # k1 = log pi - log pi_ref | k3 = (rho - 1) - log rho (never negative)
-    kl_controller: str = "fixed"  # fixed | adaptive (Ziegler: beta follows kl_target)
+    # k1 = log pi - log pi_ref | k3 = (rho - 1) - log rho (never < 0)
+    kl_estimator: KLEstimator = KLEstimator.k1
+    kl_controller: KLController = KLController.fixed  # fixed | adaptive (Ziegler: beta follows kl_target)
     kl_target: float = 6.0  # adaptive controller's target of the per-sequence summed KL (nats)
     kl_horizon: int = 10000  # adaptive controller's horizon (episodes)
     score_clip: float = 5.0  # clip the normalised RM score to [-score_clip, score_clip] (0 = off)
-    missing_eos: str = (
-        "replace"  # none | replace (score := -missing_eos_penalty) | subtract (score -= penalty)
-    )
+    # what an answer without EOS within max_new_tokens scores: none (its RM score) | replace
+    # (-missing_eos_penalty) | subtract (its RM score - missing_eos_penalty)
+    missing_eos: MissingEOS = MissingEOS.replace
     missing_eos_penalty: float = 1.0  # penalty for an answer that did not end within max_new_tokens
-    whiten_rewards: bool = (
-        False  # whiten per-token rewards over the rollout batch (shift_mean=False; >= 8 per rank)
-    )
+    # whiten per-token rewards over the rollout batch (shift_mean=False; >= 8 per rank)
+    whiten_rewards: bool = False
     whiten_advantages: bool = True  # whiten advantages over the rollout batch's valid tokens (pads stay 0)
     # PPO-ptx (InstructGPT): loss = ppo_loss + ptx_coef * lm_loss on a separate pretraining micro-batch per PPO
     # micro-batch, one backward and one optimizer step. lm_loss is the mean NLL per token, the normalisation
@@ -298,65 +322,22 @@ class PPOConfig:
     ptx_micro_batch_size: int = 8  # pretraining blocks (~4 TinyHH documents each) per PPO micro-batch
     ptx_seq_len: int = 256  # pretraining block length (documents packed whole, as in stage=pretrain)
     log_every: int = 1  # iterations between metrics.jsonl lines
-    samples_every: int = (
-        20  # iterations between sample tables (prompt, response, score) in samples.jsonl (0 = off)
-    )
+    # iterations between sample tables (prompt, response, score) in samples.jsonl (0 = off)
+    samples_every: int = 20
     samples_per_table: int = 8  # rows per sample table
     eval_every: int = 0  # iterations between held-out evaluations (0 = at the start and the end only)
-    eval_prompts: int = (
-        64  # held-out RL prompts for RM score and KL (TinyHH: eval prompts not used in training)
-    )
-    checkpoint_every: int = 0  # iterations between checkpoints in checkpoints/ (0 = only at the end)
+    # held-out RL prompts for RM score and KL (TinyHH: eval prompts not used in training)
+    eval_prompts: int = 64
     # TinyHH: held-out prompts per set (benign, harmful, attack) judged by the oracle for the starting model and
     # the PPO model on the same prompts (0 = off); the pretraining loss (alignment tax) is measured alongside
     sample_eval: int = 200
-    eval_max_new_tokens: int = (
-        96  # generation budget for the oracle evaluation (TinyHH answers: up to ~95 tokens)
-    )
+    # generation budget for the oracle evaluation (TinyHH answers: up to ~95 tokens)
+    eval_max_new_tokens: int = 96
 
 
-@dataclass
-class FinetuneConfig:
-    """The SFT loss on a stage's own generated data (rejection sampling, context distillation): stage=sft's path."""
-
-    train_on: str = "last_turn"  # last_turn | all_assistant_turns (which answer tokens carry the loss)
-    epochs: float = 2.0  # passes over the generated rows (Llama 2 SFT: 2)
-    steps: int = 0  # optimizer steps; 0 = derived from epochs
-    batch_size: int = 32  # sequences per optimizer step, over all ranks
-    micro_batch_size: int = 16  # sequences per forward per rank
-    max_length: int = 256  # longest prompt+answer in tokens; longer rows are truncated (counted and logged)
-    # Recompute activations during backward (memory for time: a big model on a small GPU). Off by default, unlike
-    # TRL's SFTConfig/RewardConfig: on a model that fits it only slows training (1.2-1.3x, docs/benchmarks.md)
-    gradient_checkpointing: bool = False
-    # Batches of similar-length rows (Trainer's group_by_length sampler): less padding, faster steps, but batches
-    # are no longer uniformly random
-    group_by_length: bool = False
-    # TRL's chunked LM-head kernel for the loss (never materialises the [tokens, vocab] logits: memory for a large
-    # vocabulary on a GPU); off: one log-softmax over the logits, 1.2x faster per step on TinyHH (docs/benchmarks.md)
-    fused_lm_head: bool = False
-    # torch.compile the model in place (fused elementwise kernels): 1.3x per step on TinyHH's CPU model, same
-    # numbers, after a one-time compile of ~35 s (docs/benchmarks.md): for runs longer than a few minutes
-    compile: bool = False
-    lr: float = 2e-5  # peak learning rate (Llama 2 SFT: 2e-5)
-    lr_scheduler: str = "cosine_with_min_lr"  # transformers scheduler name
-    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
-    warmup_ratio: float = 0.03  # share of steps in linear warmup
-    weight_decay: float = 0.1  # AdamW weight decay (Llama 2: 0.1)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
-    grad_clip: float = 1.0  # global gradient-norm clip
-    eval_every: int = 0  # steps between held-out answer-loss evaluations (0 = before and after only)
-    log_every: int = 10  # steps between metrics.jsonl lines
-    checkpoint_every: int = 0  # steps between checkpoints in checkpoints/ (0 = only at the end)
-    eval_rows: int = 32  # generated rows held out for the answer-token loss (at most a fifth of them)
-
-
-# Llama 2's safety preprompts are of this kind; TinyHH's pretraining corpus contains these three
-# (alignlab/tinyhh/world.py SAFETY_PREPROMPTS), so the TinyHH base model follows them.
-DEFAULT_PREPROMPTS = [
-    "You are a safe and responsible assistant.",
-    "You are a helpful assistant who never helps anyone cause harm.",
-    "Answer as a careful assistant that keeps people safe.",
-]
+# Llama 2's safety preprompts are of this kind; these are TinyHH's (its pretraining corpus contains them), so the
+# TinyHH base model follows them.
+DEFAULT_PREPROMPTS = list(SAFETY_PREPROMPTS)
 
 
 @dataclass
@@ -364,24 +345,24 @@ class RejectionSamplingConfig:
     """Rejection-sampling fine-tuning (Llama 2 §3.2.3): K samples per prompt, the RM's best kept, SFT loss on them."""
 
     name: str = "rejection_sampling"  # run subdirectory name
-    init_from: str = "${paths.runs}/${experiment.name}/sft/model"  # the starting model (samples iteration 1)
-    iterations: int = (
-        2  # sample -> select -> fine-tune rounds; iteration i samples from iteration i-1's model
-    )
+    init_from: str = "${stage_dir:sft}/model"  # the starting model (samples iteration 1)
+    # sample -> select -> fine-tune rounds; iteration i samples from iteration i-1's model
+    iterations: int = 2
     prompts_per_iteration: int = 512  # prompts sampled per iteration (consecutive slices of a seeded order)
     samples_per_prompt: int = 8  # K answers per prompt; best-of-N curves run N = 1..K
     # sampling temperature per iteration, the last one repeated (Llama 2 re-tunes it per iteration; 1.2-1.3 was
     # best for 10-100 samples of its models)
     temperatures: list[float] = field(default_factory=lambda: [1.0])
-    keep: str = "all"  # all (Llama 2 RLHF-V3 on: best over the samples of ALL prior iterations) | last
-    train_from: str = "start"  # start (each iteration fine-tunes init_from on the kept set) | previous
+    keep: Keep = Keep.all  # all (Llama 2 RLHF-V3 on: best over the samples of ALL prior iterations) | last
+    # start (each iteration fine-tunes init_from on the kept set) | previous
+    train_from: TrainFrom = TrainFrom.start
     max_prompt_length: int = 128  # longer prompts are dropped (counted and logged)
     max_new_tokens: int = 96  # answer budget; answers without EOS by then get the missing-EOS treatment
-    missing_eos: str = "replace"  # none | replace (score := -missing_eos_penalty) | subtract: as in stage=ppo
+    missing_eos: MissingEOS = MissingEOS.replace  # none | replace | subtract: as in stage=ppo
     missing_eos_penalty: float = 1.0  # penalty for an answer that did not end within max_new_tokens
     # answers without EOS within max_new_tokens: drop (Llama 2 fine-tunes on complete samples; a prompt whose every
     # answer is truncated keeps nothing) | keep (compete and train with an EOS appended: teaches stopping mid-answer)
-    truncated: str = "drop"
+    truncated: Truncated = Truncated.drop
     generation_batch_size: int = 64  # sequences per generate call per rank
     eval_prompts: int = 64  # held-out prompts (never sampled for training): mean RM score per model
     eval_temperature: float = 1.0  # sampling temperature of the held-out RM-score measurement
@@ -397,33 +378,29 @@ class ContextDistillationConfig:
     distilled with the SFT loss into the model's answers to the prompt WITHOUT the preprompt."""
 
     name: str = "context_distillation"  # run subdirectory name
-    init_from: str = "${paths.runs}/${experiment.name}/sft/model"  # teacher (with preprompt) and student
+    init_from: str = "${stage_dir:sft}/model"  # teacher (with preprompt) and student
     prompts: int = 512  # prompts distilled (safety-tagged ones only when only_safety)
-    only_safety: bool = (
-        True  # Llama 2: adversarial prompts only (on helpful prompts CD raises false refusals)
-    )
+    # Llama 2: adversarial prompts only (on helpful prompts CD raises false refusals)
+    only_safety: bool = True
     preprompts: list[str] = field(default_factory=lambda: list(DEFAULT_PREPROMPTS))  # one drawn per prompt
     # optional per-risk-category answer templates appended to the preprompt, keyed by the prompt row's
     # category_field value ("{category}" in a template is replaced by it); rows without a match get none.
     # Add one on the command line: '+stage.answer_templates.violence="Refuse ... {category} ..."'
     answer_templates: dict[str, str] = field(default_factory=dict)
     category_field: str = "category"  # prompt-row column naming the risk category
-    prompt_template: str = (
-        "{preprompt}{prompt}"  # how the preprompt joins the prompt text (HH: before "Human:")
-    )
-    gate: bool = (
-        True  # Llama 2: keep a sample only when the gate RM scores it above the un-preprompted answer
-    )
-    gate_model: str = (
-        "${reward.reward_model}"  # the (safety) RM of the gate; reward=llama2: ${reward.safety_model}
-    )
+    # how the preprompt joins the prompt text (HH: before "Human:")
+    prompt_template: str = "{preprompt}{prompt}"
+    # Llama 2: keep a sample only when the gate RM scores it above the un-preprompted answer
+    gate: bool = True
+    # the (safety) RM of the gate; reward=llama2: ${reward.safety_model}
+    gate_model: str = "${reward.reward_model}"
     gate_margin: float = 0.0  # required score gain of the preprompted answer over the plain one
     temperature: float = 1.0  # sampling temperature of both answers
     max_prompt_length: int = 160  # longest preprompted prompt in tokens; longer prompts are dropped (counted)
     max_new_tokens: int = 96  # answer budget
     # preprompted answers without EOS within max_new_tokens: drop (never distilled, counted) | keep (distilled with
     # an EOS appended: teaches stopping mid-answer)
-    truncated: str = "drop"
+    truncated: Truncated = Truncated.drop
     generation_batch_size: int = 64  # sequences per generate call per rank
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # the SFT loss on the distilled rows
     # TinyHH: held-out prompts per set judged by the oracle for the starting model (with and without a preprompt)
@@ -441,28 +418,28 @@ class SystemConfig:
     temperature: float = 1.0  # sampling temperature of sample / best_of_n
     n: int = 8  # best_of_n: samples per prompt
     preprompt: str = ""  # text shown before every prompt (a prompting baseline); the judge never sees it
-    answers: str | None = (
-        None  # a samples.jsonl with {set, prompt, <answers_field>} rows for the same prompts
-    )
+    # a samples.jsonl with {set, prompt, <answers_field>} rows for the same prompts
+    answers: str | None = None
     answers_field: str = "response"  # the field holding the answer (stage=rain's samples.jsonl: rain)
 
 
 def _default_systems() -> dict[str, Any]:
-    runs = "${paths.runs}/${experiment.name}"
+    def model(stage: str) -> str:
+        return f"${{stage_dir:{stage}}}/model"
+
     systems = {
-        "base": SystemConfig(model=f"{runs}/pretrain/model"),
-        "sft": SystemConfig(model=f"{runs}/sft/model"),
-        "sft_preprompt": SystemConfig(model=f"{runs}/sft/model", preprompt=DEFAULT_PREPROMPTS[0]),
-        "sft_best_of_8": SystemConfig(model=f"{runs}/sft/model", decoding="best_of_n", n=8),
-        "ppo": SystemConfig(model=f"{runs}/ppo/model"),
-        "ppo_ptx": SystemConfig(model=f"{runs}/ppo_ptx/model"),
-        "rejection_sampling": SystemConfig(model=f"{runs}/rejection_sampling/model"),
-        "context_distillation": SystemConfig(model=f"{runs}/context_distillation/model"),
-        "rain": SystemConfig(answers=f"{runs}/rain/samples.jsonl", answers_field="rain"),
+        "base": SystemConfig(model=model("pretrain")),
+        "sft": SystemConfig(model=model("sft")),
+        "sft_preprompt": SystemConfig(model=model("sft"), preprompt=DEFAULT_PREPROMPTS[0]),
+        "sft_best_of_8": SystemConfig(model=model("sft"), decoding="best_of_n", n=8),
+        "ppo": SystemConfig(model=model("ppo")),
+        "ppo_ptx": SystemConfig(model=model("ppo_ptx")),
+        "rejection_sampling": SystemConfig(model=model("rejection_sampling")),
+        "context_distillation": SystemConfig(model=model("context_distillation")),
+        "rain": SystemConfig(answers="${stage_dir:rain}/samples.jsonl", answers_field="rain"),
     }
-    return {
-        name: asdict(c) for name, c in systems.items()
-    }  # every field present: stage.systems.x.n=4 overrides
+    # every field present, so stage.systems.x.n=4 overrides
+    return {name: asdict(c) for name, c in systems.items()}
 
 
 @dataclass
@@ -476,19 +453,18 @@ class EvalConfig:
     systems: dict[str, Any] = field(default_factory=_default_systems)
     skip_missing: bool = True  # skip (and list) systems whose model or answers file does not exist yet
     baseline: str = "sft"  # the system every other one is compared with first (win rates, report order)
-    judge: str = "oracle"  # oracle (TinyHH) | rm (the reward= model's score) | template (model-as-judge)
-    judge_model: str = "${paths.runs}/${experiment.name}/pretrain/model"  # judge=template: the judging model
-    judge_template: str = (
-        TINYHH_JUDGE_TEMPLATE  # judge=template: {dialogue} {option_a} {option_b} (RAIN's format)
-    )
-    prompt_sets: list[str] = field(
-        default_factory=lambda: ["benign", "harmful", "attack"]
-    )  # TinyHH eval sets
+    # oracle (TinyHH) | rm (the reward= model's score) | template (model-as-judge)
+    judge: Judge = Judge.oracle
+    judge_model: str = "${stage_dir:pretrain}/model"  # judge=template: the judging model
+    # judge=template: {dialogue} {option_a} {option_b} (RAIN's format)
+    judge_template: str = TINYHH_JUDGE_TEMPLATE
+    # TinyHH eval sets
+    prompt_sets: list[str] = field(default_factory=lambda: ["benign", "harmful", "attack"])
     prompts: str = "tinyhh"  # tinyhh, or a file / hub dataset with `prompt` (and `set`) columns
     n_prompts: int = 200  # prompts per set (0 = all)
     max_new_tokens: int = 96  # answer budget
     batch_size: int = 32  # prompts per generate call
-    reference: str = "${paths.runs}/${experiment.name}/sft/model"  # KL reference for sampled systems
+    reference: str = "${stage_dir:sft}/model"  # KL reference for sampled systems
     rm_score: bool = True  # also score every answer with the reward= model (when it exists)
     # held-out pretraining blocks per model for the alignment tax, tokenized with each model's own tokenizer (0 = off)
     ptx_blocks: int = 32
@@ -496,42 +472,7 @@ class EvalConfig:
     # None = TinyHH's ptx data on data=tinyhh, otherwise the tax is not measured (logged, noted in report.md)
     ptx_source: str | None = None
     # training curves to plot (reward and KL per iteration): run directories with ppo/* metrics
-    curves: list[str] = field(
-        default_factory=lambda: [
-            "${paths.runs}/${experiment.name}/ppo",
-            "${paths.runs}/${experiment.name}/ppo_ptx",
-        ]
-    )
-
-
-# stage=pipeline's stages in the order a user reads them; stage=pipeline runs them in dependency order
-# (alignlab/recipes/pipeline.py DEPENDS), independent ones at the same time.
-PIPELINE_STAGES = [
-    "pretrain",
-    "sft",
-    "rm",
-    "ppo",
-    "ppo_ptx",
-    "rejection_sampling",
-    "context_distillation",
-    "rain",
-    "eval",
-]
-
-
-def _demo_budget() -> dict[str, list[str]]:
-    # stage=eval judges every system once, so the training stages skip their own before/after oracle evaluation;
-    # RAIN's search (the costliest stage per prompt) and eval answer 100 prompts per set, the same prompts;
-    # PPO-ptx mixes 4 pretraining blocks (not 8) into each PPO micro-batch; rejection sampling samples 256 prompts
-    # per iteration (not 512). Measured: docs/results.md, "The pipeline".
-    budget = {s: [] for s in PIPELINE_STAGES}
-    for s in ("sft", "ppo", "ppo_ptx", "rejection_sampling", "context_distillation"):
-        budget[s] = ["stage.sample_eval=0"]
-    budget["ppo_ptx"].append("stage.ptx_micro_batch_size=4")
-    budget["rejection_sampling"].append("stage.prompts_per_iteration=256")
-    budget["rain"] = ["stage.n_prompts=100"]
-    budget["eval"] = ["stage.n_prompts=100"]
-    return budget
+    curves: list[str] = field(default_factory=lambda: ["${stage_dir:ppo}", "${stage_dir:ppo_ptx}"])
 
 
 @dataclass
@@ -540,18 +481,15 @@ class PipelineConfig:
     report. Each stage runs as `python -m alignlab stage=<s>` with this command line's other overrides."""
 
     name: str = "pipeline"  # run subdirectory name (the pipeline's log, per-stage logs and pipeline.json)
-    stages: list[str] = field(
-        default_factory=lambda: list(PIPELINE_STAGES)
-    )  # stages to run (a subset is fine)
+    # stages to run (a subset is fine)
+    stages: list[str] = field(default_factory=lambda: list(PIPELINE_STAGES))
     # stage -> extra overrides for that stage only, e.g. 'stage.overrides.ppo=["stage.kl_coef=0.05"]' (replaces
     # that stage's list). The defaults fit `make demo` into 20 minutes on 2 CPU cores (docs/pipeline.md).
-    overrides: dict[str, list[str]] = field(default_factory=_demo_budget)
-    rerun: list[str] = field(
-        default_factory=list
-    )  # stages to run again although finished with the same config
-    jobs: int = (
-        0  # stages run at once when their inputs are ready (0 = auto: 1 with a GPU, else min(4, cores))
-    )
+    # alignlab/stages.py: the demo budget
+    overrides: dict[str, list[str]] = field(default_factory=demo_budget)
+    rerun: list[str] = field(default_factory=list)  # stages to run again although finished with the same config
+    # stages run at once when their inputs are ready (0 = auto: 1 with a GPU, else min(4, cores))
+    jobs: int = 0
     # CPU threads per stage (OMP_NUM_THREADS; 0 = the cores shared among the stages that can run when it starts,
     # so a stage alone gets them all); an exported OMP_NUM_THREADS wins
     threads: int = 0
@@ -563,13 +501,13 @@ class RewardConfig:
     """How PPO and rejection sampling score a response: one reward model, or Llama 2's helpfulness + safety pair."""
 
     name: str = "rm"  # preset name
-    kind: str = "single"  # single (reward_model) | llama2 (helpful_model and safety_model, combined)
-    reward_model: str = "${paths.runs}/${experiment.name}/rm/model"  # the RM for kind=single
-    helpful_model: str = "${paths.runs}/${experiment.name}/rm_helpful/model"  # helpfulness RM for kind=llama2
-    safety_model: str = "${paths.runs}/${experiment.name}/rm_safety/model"  # safety RM for kind=llama2
-    safety_threshold: float = (
-        0.15  # Llama 2: use the safety score when sigmoid(R_s) < this, even on benign prompts
-    )
+    # single (reward_model) | llama2 (helpful_model and safety_model, combined)
+    kind: RewardKind = RewardKind.single
+    reward_model: str = "${stage_dir:rm}/model"  # the RM for kind=single
+    helpful_model: str = "${stage_dir:rm_helpful}/model"  # helpfulness RM for kind=llama2 (stage=rm, stage.name=)
+    safety_model: str = "${stage_dir:rm_safety}/model"  # safety RM for kind=llama2 (stage=rm, stage.name=)
+    # Llama 2: use the safety score when sigmoid(R_s) < this, even on benign prompts
+    safety_threshold: float = 0.15
     normalize: bool = True  # apply each RM's stored gain/bias (reward_normalization.json) before combining
     whiten: bool = True  # kind=llama2: whiten logit(R_c) per batch (Llama 2); kind=single ignores it
     batch_size: int = 32  # sequences per scoring forward
@@ -578,37 +516,21 @@ class RewardConfig:
 @dataclass
 class Config:
     stage: Any = MISSING  # the stage to run; see `stage=` options in --help
-    model: ModelConfig = MISSING
-    data: DataConfig = MISSING
-    launcher: LauncherConfig = MISSING
-    deepspeed: DeepSpeedConfig = MISSING
-    logger: LoggerConfig = MISSING
-    experiment: ExperimentConfig = MISSING
-    reward: RewardConfig = MISSING
-    paths: PathsConfig = field(default_factory=PathsConfig)
+    model: ModelConfig = MISSING  # model=<preset>: the model a stage builds or starts from
+    data: DataConfig = MISSING  # data=<preset>: the data set (TinyHH, a hub data set or a local file)
+    launcher: LauncherConfig = MISSING  # launcher=<preset>: how many processes run the stage, and how
+    deepspeed: DeepSpeedConfig = MISSING  # deepspeed=<preset>: the ZeRO stage of the training engines
+    logger: LoggerConfig = MISSING  # logger=<preset>: where metrics go besides metrics.jsonl
+    experiment: ExperimentConfig = MISSING  # experiment=<preset>: a named set of presets
+    reward: RewardConfig = MISSING  # reward=<preset>: how PPO and rejection sampling score an answer
+    paths: PathsConfig = field(default_factory=PathsConfig)  # where runs and data go
     seed: int = 0  # global seed (torch, numpy, python; data shuffling)
     # the ONE directory this stage writes; in a -m sweep each job's own <hydra.sweep.dir>/<hydra.sweep.subdir>
-    run_dir: str = "${alignlab_run_dir:${paths.runs}/${experiment.name}/${stage.name}}"
+    run_dir: str = "${alignlab_run_dir:${stage_dir:${stage.name}}}"
     # never: start fresh | auto: continue a training stage from the newest intact checkpoint in
     # <run_dir>/checkpoints whose config matches (else start fresh, saying why); the sbatch templates set auto
-    resume: str = "never"
+    resume: Resume = Resume.never
     keep_checkpoints: int = 2  # resumable checkpoints kept per run (older ones are deleted after a save)
-
-
-# stage option -> its schema: a dataclass, or an instance for a preset of another stage's recipe (ppo_ptx runs
-# alignlab/recipes/ppo.py with the ptx term on; see alignlab/recipes/__init__.py)
-STAGES: dict[str, Any] = {
-    "pretrain": PretrainConfig,
-    "sft": SFTConfig,
-    "rm": RMConfig,
-    "ppo": PPOConfig,
-    "ppo_ptx": PPOConfig(name="ppo_ptx", ptx_coef=1.0),
-    "rejection_sampling": RejectionSamplingConfig,
-    "context_distillation": ContextDistillationConfig,
-    "rain": RainConfig,
-    "eval": EvalConfig,
-    "pipeline": PipelineConfig,
-}
 
 
 def sweep_aware_run_dir(default: str) -> str:
@@ -625,12 +547,14 @@ def sweep_aware_run_dir(default: str) -> str:
 
 
 def register_configs() -> None:
-    """Register the schema, every stage and the run_dir resolver (idempotent)."""
+    """Register the schema, every stage of the registry (alignlab/stages.py) and the path resolvers (idempotent)."""
     OmegaConf.register_new_resolver("alignlab_run_dir", sweep_aware_run_dir, replace=True)
+    OmegaConf.register_new_resolver("stage_dir", stage_dir, replace=True)
+    OmegaConf.register_new_resolver("alignlab_stage_help", stage_help, replace=True)  # --help's stage.* block
     cs = ConfigStore.instance()
     cs.store(name="alignlab_schema", node=Config)
-    for name, node in STAGES.items():
-        cs.store(group="stage", name=name, node=node)
+    for name, spec in STAGES.items():
+        cs.store(group="stage", name=name, node=spec.schema_node())
     schemas = {
         "model": ModelConfig,
         "data": DataConfig,

@@ -8,7 +8,9 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 
+from alignlab import checkpoint
 from alignlab.distributed import free_port
 from alignlab.errors import ConfigError
 
@@ -17,6 +19,25 @@ log = logging.getLogger("alignlab.launch")
 # Set in the children so they run the stage instead of relaunching again.
 CHILD_ENV = "ALIGNLAB_LAUNCHED"
 LAUNCHERS = ("local", "deepspeed", "torchrun")
+# What a process that starts others passes on to them: a scheduler's signals (checkpoint and stop) and Ctrl-C.
+FORWARDED = (*checkpoint.SIGNALS, signal.SIGINT)
+
+
+def exit_code_for_signal(signum: int) -> int:
+    """A shell's exit status for a process killed by signal signum (Popen reports it as -signum)."""
+    return 128 + signum
+
+
+@contextlib.contextmanager
+def forward_signals(forward: Callable[[int], None]) -> Iterator[None]:
+    """While inside, each FORWARDED signal calls forward(signum), the policy of how children get it (relaunch:
+    the ranks; stage=pipeline: every stage's process group, then it stops); the previous handlers after."""
+    previous = {sig: signal.signal(sig, lambda signum, _frame: forward(signum)) for sig in FORWARDED}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def needs_relaunch(launcher: str, environ: dict[str, str] | None = None) -> bool:
@@ -96,7 +117,7 @@ def relaunch(launcher_cfg, args: list[str]) -> int:
     log.info("launching %d processes: %s", launcher_cfg.nproc, " ".join(cmd))
     proc = subprocess.Popen(cmd, env=child_env(launcher_cfg.nproc), start_new_session=True)
 
-    def forward(signum, _frame):
+    def to_ranks(signum: int) -> None:
         # A scheduler's SIGTERM/SIGUSR1/SIGUSR2 goes to the ranks only: they checkpoint and exit 75, and the runner
         # passes that code on. Signalled itself, DeepSpeed's runner would die (USR1/USR2) or kill the ranks
         # mid-save (TERM). Ctrl-C goes to the whole group.
@@ -107,9 +128,8 @@ def relaunch(launcher_cfg, args: list[str]) -> int:
         if not ranks:
             os.killpg(proc.pid, signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, forward)
-    code = proc.wait()
+    with forward_signals(to_ranks):
+        code = proc.wait()
     if code != 0:
         log.error("the %s launcher exited with code %d", launcher_cfg.name, code)
     return code

@@ -1,4 +1,4 @@
-"""A run's identity: make's rule on resolved configs.
+"""A run's identity: make's rule on resolved configs, and the checks of resume=auto.
 
 A finished run writes DONE with its resolved config; a stage runs again only when the part of the config that
 decides its outputs changed. resume=auto, rejection sampling's iteration resume and the pipeline all use this rule.
@@ -9,16 +9,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from alignlab.errors import ConfigError
+from alignlab.stages import uses_reward
+
 DONE = "done.json"  # written last by a finished run: {"config": <resolved config>, ...}
-# The config groups that decide a stage's outputs (launcher, deepspeed and logger decide only how it runs).
+RESUME = ("never", "auto")  # resume: start fresh | the newest intact checkpoint made by the same config
+# The config groups that decide a stage's outputs (launcher, deepspeed and logger decide only how it runs); the
+# stages that score with reward= (alignlab/stages.py) compare it too.
 COMPARED = ("stage", "model", "data", "seed")
-USES_REWARD = {"ppo", "ppo_ptx", "rejection_sampling", "eval"}
 IGNORED = {"data.cache_dir", "data.tinyhh_any_model"}  # where the data lives; a guard, not what it is
 
 
 def compared(stage: str, config: dict) -> dict:
     """The part of a resolved config that decides the stage's outputs."""
-    groups = COMPARED + (("reward",) if stage in USES_REWARD else ())
+    groups = COMPARED + (("reward",) if uses_reward(stage) else ())
     out = {g: config.get(g) for g in groups}
     for dotted in IGNORED:
         group, key = dotted.split(".", 1)
@@ -54,3 +58,21 @@ def read_done(run_dir: Path) -> dict | None:
         return json.loads((run_dir / DONE).read_text())
     except (OSError, ValueError):
         return None
+
+
+def resume_requested(resume: str) -> bool:
+    """True for resume=auto, False for never; a ConfigError (a ValueError) for any other value."""
+    if resume not in RESUME:
+        raise ConfigError(f"resume={resume!r}: choose never (start fresh) or auto (newest intact checkpoint)")
+    return resume == "auto"
+
+
+def check_world_size(checkpoint: Path, manifest: dict, world_size: int) -> None:
+    """resume=auto: a ConfigError when the checkpoint was saved by another number of ranks (its ZeRO shards and
+    every rank's RNG state belong to that layout); manifest is the checkpoint's (alignlab/checkpoint.py)."""
+    saved_by = manifest.get("world_size", world_size)
+    if saved_by != world_size:
+        raise ConfigError(
+            f"resume=auto: {checkpoint} was saved by {saved_by} ranks, this run has {world_size}; resume "
+            f"with the same number of processes, or start fresh with resume=never"
+        )

@@ -2,10 +2,11 @@
 
 run_stage (alignlab/recipes/__init__.py) calls check() first, and `python -m alignlab` calls it before a launcher
 relaunches the command on N processes, so a bad value never deletes or overwrites a finished run's files
-(done.json, checkpoints/, config.yaml). Hydra has already rejected unknown keys and wrong types; this adds what a
-type cannot say: a string outside its set of choices, batch arithmetic that cannot work, settings that contradict,
-missing inputs, and a model that is not TinyHH's meeting TinyHH's data (alignlab/tinyhh/recognise.py). Each set of
-choices is imported from the module that acts on it, never copied here.
+(done.json, checkpoints/, config.yaml). Hydra has already rejected unknown keys, wrong types and a value outside
+a choice field's set (the Enums of alignlab/choices.py); this adds what a type cannot say: a value outside a set
+that is open or decided elsewhere (transformers' schedulers, ZeRO stages, TinyHH's prompt sets, pipeline stages),
+batch arithmetic that cannot work, settings that contradict, missing inputs, and a model that is not TinyHH's
+meeting TinyHH's data (alignlab/tinyhh/recognise.py). Each set is imported from where it is decided.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from alignlab.errors import AlignlabError, ConfigError, MissingInputError
+from alignlab.stage_inputs import stage_models
 
 
 def check(cfg: DictConfig, stage: str, *, world_size: int) -> None:
     """Raise a ConfigError listing every bad value of this stage's config (MissingInputError for a missing model);
     `stage` is the stage= option, world_size the number of processes that will run it."""
-    from alignlab.recipes import RECIPE_OF
+    from alignlab.stages import recipe_of
     from alignlab.tinyhh.recognise import check_tinyhh_models
 
-    recipe = RECIPE_OF.get(stage, stage)
+    recipe = recipe_of(stage)
     resolve(cfg)
     problems = [
         p for key, choices in choice_table(cfg, recipe).items() if (p := bad_choice(cfg, key, choices))
@@ -62,69 +64,22 @@ def bad_choice(cfg: DictConfig, key: str, choices) -> str | None:
 
 
 def choice_table(cfg: DictConfig, recipe: str) -> dict[str, tuple]:
-    """key -> its choices, for the keys every stage has and those of `recipe`."""
-    from alignlab import distributed, launch, models, scoring, tracking
-    from alignlab.data import chat, formats
-    from alignlab.recipes.common import RESUME
+    """key -> its choices, for the keys every stage has and those of `recipe` whose set is not an Enum's (eval's
+    stage.systems.<name>.decoding: its check_systems, which stage_problems calls)."""
+    from alignlab import distributed
 
-    table: dict[str, tuple] = {
-        "resume": RESUME,
-        "model.dtype": (*models.DTYPES, "auto"),
-        "data.format": formats.SOURCE_FORMATS,
-        "data.on_malformed": formats.ON_MALFORMED,
-        "data.chat_template": chat.CHAT_TEMPLATES,
-        "launcher.name": launch.LAUNCHERS,
-        "logger.name": tracking.LOGGERS,
-        "logger.mode": (None, *tracking.WANDB_MODES),
-        "deepspeed.zero_stage": distributed.ZERO_STAGES,
-        "reward.kind": scoring.KINDS,
-    }
+    table: dict[str, tuple] = {"deepspeed.zero_stage": distributed.ZERO_STAGES}
     s = cfg.stage
     if recipe in ("sft", "rm"):
         table["stage.lr_scheduler"] = schedulers()
-    if recipe == "sft":
-        from alignlab.data.examples import TRAIN_ON
-
-        table["stage.train_on"] = TRAIN_ON
     if recipe in ("rejection_sampling", "context_distillation"):
-        from alignlab.data.examples import TRAIN_ON
-        from alignlab.rl.selection import TRUNCATED
-
-        table.update({"stage.finetune.train_on": TRAIN_ON, "stage.finetune.lr_scheduler": schedulers()})
-        if recipe == "context_distillation":  # rejection sampling's check_options checks its own
-            table["stage.truncated"] = TRUNCATED
-    if recipe == "rm":
-        from alignlab.recipes.rm import SUBSETS
-        from alignlab.rl.ranking import MARGINS, RANKINGS
-
-        table.update(
-            {"stage.ranking": RANKINGS, "stage.subset": tuple(SUBSETS), "stage.margin": tuple(MARGINS)}
-        )
-    if recipe in ("ppo", "rejection_sampling"):
-        from alignlab.rl.kl import CONTROLLERS, MISSING_EOS
-
-        table["stage.missing_eos"] = MISSING_EOS
-        # kl_estimator: ppo's check_sizes; keep, train_from, truncated: rejection sampling's check_options; eval's
-        # judge and systems: its check_systems (stage_problems calls all three)
-        if recipe == "ppo":
-            table["stage.kl_controller"] = CONTROLLERS
-    if recipe == "rain":
-        from alignlab.rain.stage_config import COMMITS, EMBEDDERS, EVALUATORS, PROMPT_FORMATS
-
-        table.update(
-            {
-                "stage.commit": COMMITS,
-                "stage.evaluator": EVALUATORS,
-                "stage.embedder": EMBEDDERS,
-                "stage.prompt_format": PROMPT_FORMATS,
-            }
-        )
+        table["stage.finetune.lr_scheduler"] = schedulers()
     if recipe in ("rain", "eval") and s.prompts == "tinyhh":
         from alignlab.evaluation.tinyhh import PROMPT_SETS
 
         table.update({f"stage.prompt_sets[{i}]": PROMPT_SETS for i in range(len(s.prompt_sets))})
     if recipe == "pipeline":
-        from alignlab.config import PIPELINE_STAGES
+        from alignlab.stages import PIPELINE_STAGES
 
         table.update({f"stage.stages[{i}]": tuple(PIPELINE_STAGES) for i in range(len(s.stages))})
         table.update({f"stage.rerun[{i}]": tuple(PIPELINE_STAGES) for i in range(len(s.rerun))})
@@ -188,6 +143,11 @@ def stage_problems(cfg: DictConfig, recipe: str, world: int) -> list[str]:
         from alignlab.recipes.ppo import check_sizes
 
         expect(check_sizes, s, world)
+        if s.kl_controller == "adaptive" and (s.kl_target <= 0 or s.kl_horizon <= 0):
+            problems.append(
+                f"stage.kl_controller=adaptive needs stage.kl_target > 0 and stage.kl_horizon > 0 "
+                f"(got {s.kl_target}, {s.kl_horizon})"
+            )
         if s.ptx_coef and not s.ptx_source and cfg.data.source != "tinyhh":
             problems.append(
                 f"stage.ptx_coef={s.ptx_coef} needs stage.ptx_source=<text dataset> (data is not TinyHH)"
@@ -205,7 +165,7 @@ def stage_problems(cfg: DictConfig, recipe: str, world: int) -> list[str]:
             except FileNotFoundError as e:
                 raise MissingInputError(str(e)) from None
     if recipe == "pipeline":
-        from alignlab.config import PIPELINE_STAGES
+        from alignlab.stages import PIPELINE_STAGES
 
         problems += [
             f"stage.overrides.{name}: {name!r} is not a pipeline stage; choose from {', '.join(PIPELINE_STAGES)}"
@@ -224,36 +184,6 @@ def quiet(logger: str):
         yield
     finally:
         log.setLevel(level)
-
-
-def reward_models(cfg: DictConfig) -> list[tuple[str, str]]:
-    """(key, path) of the reward= models PPO and rejection sampling score with."""
-    r = cfg.reward
-    if r.kind == "single":
-        return [("reward.reward_model", r.reward_model)]
-    return [("reward.helpful_model", r.helpful_model), ("reward.safety_model", r.safety_model)]
-
-
-def stage_models(cfg: DictConfig, recipe: str) -> list[tuple[str, str]]:
-    """(key, path) of every model the stage loads that must exist before it starts (eval's systems: its own
-    check_systems, which skips missing ones under skip_missing)."""
-    s = cfg.stage
-    if recipe == "pretrain":
-        return [] if s.from_scratch else [("model.name_or_path", cfg.model.name_or_path)]
-    if recipe in ("sft", "rm", "context_distillation", "rain", "ppo", "rejection_sampling"):
-        out = [("stage.init_from", s.init_from)]
-        if recipe == "ppo":
-            out += [("stage.value_from", s.value_from), *reward_models(cfg)]
-        if recipe == "rejection_sampling":
-            out += reward_models(cfg)
-        if recipe == "context_distillation" and s.gate:
-            out.append(("stage.gate_model", s.gate_model))
-        if recipe == "rain" and s.evaluator == "reward_model":
-            out.append(("stage.reward_model", s.reward_model))
-        return out
-    if recipe == "eval" and s.judge == "template":
-        return [("stage.judge_model", s.judge_model)]
-    return []
 
 
 def check_inputs(cfg: DictConfig, recipe: str) -> None:

@@ -14,19 +14,15 @@ from omegaconf import DictConfig, OmegaConf
 from alignlab import checkpoint, distributed, validate
 from alignlab.checkpoint import atomic_write_text
 from alignlab.runs import DONE
+from alignlab.stages import STAGES
 
 log = logging.getLogger("alignlab")
 
-# Stage presets that run another stage's recipe with different defaults (see STAGES in alignlab/config.py).
-RECIPE_OF = {"ppo_ptx": "ppo"}
-# Stages that only start other stages: they run in one process whatever launcher= says (their stages relaunch).
-ORCHESTRATORS = {"pipeline"}
-# Stages that save resumable checkpoints and stop on SIGTERM/SIGUSR1/SIGUSR2 with one (docs/resume.md).
-RESUMABLE = {"pretrain", "sft", "rm", "ppo", "ppo_ptx", "rejection_sampling", "context_distillation"}
-
 
 def run_stage(cfg: DictConfig, stage: str) -> None:
-    """Run the recipe of the chosen `stage=` option (cfg.stage.name only names the run directory)."""
+    """Run the recipe of the chosen `stage=` option (cfg.stage.name only names the run directory); what the
+    registry (alignlab/stages.py) says of it decides the recipe and whether a scheduler's signal checkpoints."""
+    spec = STAGES[stage]
     # before and after the recipe the process group may not exist: the launcher's variables say who we are
     env = distributed.env_from(dict(os.environ))
     # Every key and value first: a bad one must fail before the run directory is touched (done.json below, then
@@ -36,7 +32,7 @@ def run_stage(cfg: DictConfig, stage: str) -> None:
     # never mistaken for a finished one (alignlab/runs.py).
     done = Path(cfg.run_dir) / DONE
     main = env.is_main
-    if stage in RESUMABLE:
+    if spec.resumable:
         checkpoint.preemption()  # from now on a scheduler's signal means "checkpoint and stop", not "die"
     if main and done.exists():
         if cfg.resume == "auto":
@@ -47,7 +43,7 @@ def run_stage(cfg: DictConfig, stage: str) -> None:
         done.unlink()
     start = time.time()
     try:
-        importlib.import_module(f"alignlab.recipes.{RECIPE_OF.get(stage, stage)}").run(cfg)
+        importlib.import_module(f"alignlab.recipes.{spec.recipe}").run(cfg)
     except checkpoint.Preempted as e:
         # No done.json: the stage is not finished. The sbatch templates requeue on this exit code and the
         # requeued job continues with resume=auto; under submitit its own handler requeues (chain()).

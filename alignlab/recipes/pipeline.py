@@ -15,6 +15,7 @@ resolved config standing in for the file's contents.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -30,35 +31,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from alignlab.checkpoint import PREEMPTED_EXIT, atomic_write_json
+from alignlab.launch import exit_code_for_signal, forward_signals
 from alignlab.recipes.common import start_run, tinyhh_dir
 from alignlab.runs import config_changes, read_done
+from alignlab.stages import PIPELINE_STAGES, STAGES
 
 log = logging.getLogger("alignlab.pipeline")
 
-# stage -> the stages whose outputs it reads under the default paths (eval reads every other stage's outputs).
-DEPENDS = {
-    "pretrain": [],
-    "sft": ["pretrain"],
-    "rm": ["sft"],
-    "ppo": ["sft", "rm"],
-    "ppo_ptx": ["sft", "rm"],
-    "rejection_sampling": ["sft", "rm"],
-    "context_distillation": ["sft", "rm"],
-    "rain": ["pretrain"],
-    "eval": ["pretrain", "sft", "rm", "ppo", "ppo_ptx", "rejection_sampling", "context_distillation", "rain"],
-}
-# Minutes each stage takes with its defaults on TinyHH, 2 CPU cores: only to start the longest chain first.
-COST = {
-    "pretrain": 4,
-    "sft": 1,
-    "rm": 1,
-    "ppo": 6,
-    "ppo_ptx": 10,
-    "rejection_sampling": 3,
-    "context_distillation": 1,
-    "rain": 6,
-    "eval": 2,
-}
 BAR = re.compile(r"([^\r\n:|]*):\s+\d+%\|[^|\r\n]*\|\s*(\d+)/(\d+) \[")
 LIBRARY_BARS = ("Loading", "Writing", "Saving", "Map", "Filter", "Generating", "Creating", "Tokenizing")
 RANK_VARIABLES = {
@@ -98,13 +77,14 @@ def common_overrides(task_overrides: list[str]) -> list[str]:
     return keep
 
 
-def check_stages(p: DictConfig) -> list[str]:
+def pipeline_stages(p: DictConfig) -> list[str]:
+    """The stages to run (stage.stages), once its stage.stages, stage.rerun and stage.overrides are checked."""
     stages = list(p.stages)
-    unknown = [s for s in [*stages, *p.rerun, *p.overrides] if s not in DEPENDS]
+    unknown = [s for s in [*stages, *p.rerun, *p.overrides] if s not in PIPELINE_STAGES]
     if unknown:
         raise ValueError(
             f"stage.stages / stage.rerun / stage.overrides name unknown stages {unknown}; the pipeline's stages "
-            f"are {list(DEPENDS)}"
+            f"are {list(PIPELINE_STAGES)}"
         )
     if len(set(stages)) != len(stages) or not stages:
         raise ValueError(f"stage.stages={stages} must list each stage once (and at least one)")
@@ -161,14 +141,19 @@ def continues(step: Step, steps: dict[str, Step], runs_again: list[str]) -> bool
 
 
 def topological(stages: list[str]) -> list[str]:
-    """The chosen stages in DEPENDS' order, which lists every stage after its inputs."""
-    return [s for s in DEPENDS if s in stages]
+    """The chosen stages in the registry's order, which lists every stage after its inputs."""
+    return [s for s in PIPELINE_STAGES if s in stages]
 
 
 def priority(stage: str, stages: list[str]) -> float:
     """Minutes from this stage's start to the end of the longest chain through it (longest first)."""
-    after = [t for t in stages if stage in DEPENDS[t]]
-    return COST[stage] + max((priority(t, stages) for t in after), default=0)
+    after = [t for t in stages if stage in STAGES[t].inputs]
+    return STAGES[stage].cost + max((priority(t, stages) for t in after), default=0)
+
+
+def run_order(steps: dict[str, Step], stages: list[str]) -> list[str]:
+    """The stages that run (a reason set by decide), the one heading the longest chain first."""
+    return sorted((s for s in steps if steps[s].reason), key=lambda s: -priority(s, stages))
 
 
 def auto_jobs(cores: int) -> int:
@@ -194,167 +179,141 @@ def minutes(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
-def run(cfg: DictConfig) -> None:
-    run = start_run(cfg)
-    p = cfg.stage
-    stages = check_stages(p)
-    cores = os.cpu_count() or 1
-    jobs = p.jobs or auto_jobs(cores)
-    common = common_overrides(list(HydraConfig.get().overrides.task))
-
-    # 1. Compose every stage's config before anything runs: a typo in an override fails now, not 15 minutes in.
+def compose_steps(stages: list[str], common: list[str], overrides: DictConfig) -> dict[str, Step]:
+    """Every chosen stage's command line and resolved config, in dependency order, before anything runs."""
     steps: dict[str, Step] = {}
     for s in topological(stages):
-        args = [f"stage={s}", *common, *p.overrides.get(s, [])]
+        args = [f"stage={s}", *common, *overrides.get(s, [])]
         try:
             composed = compose(config_name="config", overrides=args)
             config = OmegaConf.to_container(composed, resolve=True)
         except Exception as e:  # Hydra's own message names the override; add which stage it came from
             raise ValueError(f"stage {s} of the pipeline does not compose with {args}: {e}") from e
-        steps[s] = Step(s, args, config, Path(config["run_dir"]), [d for d in DEPENDS[s] if d in stages])
+        steps[s] = Step(
+            s, args, config, Path(config["run_dir"]), [d for d in STAGES[s].inputs if d in stages]
+        )
+    return steps
 
-    # 2. Which stages run, and why.
-    decide(steps, set(p.rerun))
-    order = sorted((s for s in steps if steps[s].reason), key=lambda s: -priority(s, stages))
-    log.info(
-        "pipeline: %d stages, %d to run, up to %d at once on %d cores; logs in %s/logs",
-        len(steps), len(order), jobs, cores, run.run_dir,
+
+def save_status(path: Path, steps: dict[str, Step]) -> None:
+    """pipeline.json: every stage's state, why it ran, its time, run directory, log and command line."""
+    atomic_write_json(
+        path,
+        {
+            s: {"state": st.state, "reason": st.reason, "wall_s": round(st.wall_s, 1), "run_dir": str(st.run_dir),
+                "log": str(st.log_path) if st.log_path else None, "command": ["python", "-m", "alignlab", *st.args]}
+            for s, st in steps.items()
+        },
     )  # fmt: skip
-    for s, step in steps.items():
-        log.info("  %-22s %s", s, f"runs: {step.reason}" if step.reason else f"finished ({step.run_dir})")
 
-    # 3. TinyHH's data once, before stages that read it start together.
-    if any(step.config["data"]["name"] == "tinyhh" for step in steps.values() if step.reason):
-        tinyhh_dir(cfg)
 
+@dataclass
+class Scheduler:
+    """Starts the stages whose inputs are ready (longest chain first), up to `jobs` at once, each as its own process
+    group with its log; collects the finished ones. After a failure nothing new starts; the running ones finish."""
+
+    steps: dict[str, Step]
+    order: list[str]  # the stages to run, longest chain first
+    jobs: int
+    threads: int  # CPU threads per stage (0: the cores shared among the stages that can run when it starts)
+    cores: int
+    log_dir: Path
+    status: Path  # pipeline.json, rewritten after every change
+    failed: list[str] = field(default_factory=list)
     # The pipeline's own (one-process) rank layout must not leak: each stage sets up its own, on a free port.
-    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
+    env: dict[str, str] = field(
+        default_factory=lambda: {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
+    )
 
-    def env_for(n_sharing: int) -> dict[str, str]:
-        threads = p.threads or max(1, cores // max(1, min(jobs, n_sharing)))
-        # a thread count the user exported wins over ours
-        return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **env}
+    def running(self) -> list[Step]:
+        return [st for st in self.steps.values() if st.state == "running"]
 
-    log_dir = run.run_dir / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    bar = run.tracker.progress(total=len(order), desc="pipeline")
-    start, failed = time.time(), []
-    interactive, last_line = sys.stderr.isatty(), 0.0
+    def advance(self) -> list[Step]:
+        """Collect the stages that exited (returned), then start those now ready."""
+        finished = [st for st in self.running() if st.proc.poll() is not None]
+        for st in finished:
+            self.finish(st, st.proc.poll())
+        running, waiting = self.running(), [s for s in self.order if self.steps[s].state == "pending"]
+        if self.failed:
+            for s in waiting:
+                self.steps[s].state = "cancelled"
+            return finished
+        ready = [s for s in waiting if self.inputs_ready(self.steps[s])]
+        for i, s in enumerate(ready):
+            if len(running) >= self.jobs:
+                break
+            self.start(self.steps[s], sharing=len(running) + len(ready) - i)
+            running.append(self.steps[s])
+        return finished
 
-    def save_status() -> None:
-        atomic_write_json(
-            run.run_dir / "pipeline.json",
-            {
-                s: {"state": st.state, "reason": st.reason, "wall_s": round(st.wall_s, 1), "run_dir": str(st.run_dir),
-                    "log": str(st.log_path) if st.log_path else None, "command": ["python", "-m", "alignlab", *st.args]}
-                for s, st in steps.items()
-            },
+    def inputs_ready(self, st: Step) -> bool:
+        return all(self.steps[d].state in ("done", "skipped") for d in st.deps)
+
+    def finish(self, st: Step, code: int) -> None:
+        st.wall_s = time.time() - st.started
+        st.log_file.close()
+        if code == 0 and read_done(st.run_dir) is not None:
+            st.state = "done"
+            log.info("%s finished in %s", st.stage, minutes(st.wall_s))
+        else:
+            st.state = "failed"
+            self.failed.append(st.stage)
+            log.error(
+                "%s failed (exit code %d) after %s; its log: %s",
+                st.stage,
+                code,
+                minutes(st.wall_s),
+                st.log_path,
+            )
+        save_status(self.status, self.steps)
+
+    def start(self, st: Step, sharing: int) -> None:
+        """Start st with the cores shared among `sharing` stages (a thread count the user exported wins over ours)."""
+        threads = self.threads or max(1, self.cores // max(1, min(self.jobs, sharing)))
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **self.env}
+        st.log_path = self.log_dir / f"{st.stage}.log"
+        st.log_file = open(st.log_path, "w")
+        log.info(
+            "starting %s (%s threads): python -m alignlab %s",
+            st.stage,
+            env["OMP_NUM_THREADS"],
+            " ".join(st.args),
+        )
+        st.proc = subprocess.Popen(
+            [sys.executable, "-m", "alignlab", *st.args], stdout=st.log_file, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,
         )  # fmt: skip
+        st.state, st.started = "running", time.time()
+        save_status(self.status, self.steps)
 
-    def stop_all(signum=None, _frame=None) -> None:
-        # Every stage is its own process group (a DeepSpeed stage is several processes): signal them all.
-        alive = [st for st in steps.values() if st.state == "running" and st.proc.poll() is None]
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        """Signal every running stage's process group (a DeepSpeed stage is several processes); wait for them."""
+        alive = [st for st in self.running() if st.proc.poll() is None]
         for st in alive:
-            os.killpg(st.proc.pid, signum or signal.SIGTERM)
+            os.killpg(st.proc.pid, signum)
             st.state = "cancelled"
         for st in alive:
             try:
                 st.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(st.proc.pid, signal.SIGKILL)
-        if signum is not None:
-            # a scheduler's signal: the stages checkpointed (exit 75), so the requeued pipeline continues them
-            raise SystemExit(PREEMPTED_EXIT if signum != signal.SIGINT else 128 + signum)
 
-    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
-    previous = {sig: signal.signal(sig, stop_all) for sig in signals}
-    try:
-        # 4. Start every stage whose inputs are ready (longest chain first), up to `jobs` at once; poll.
-        while True:
-            running = [st for st in steps.values() if st.state == "running"]
-            for st in running:
-                code = st.proc.poll()
-                if code is None:
-                    continue
-                st.wall_s = time.time() - st.started
-                st.log_file.close()
-                if code == 0 and read_done(st.run_dir) is not None:
-                    st.state = "done"
-                    log.info("%s finished in %s", st.stage, minutes(st.wall_s))
-                else:
-                    st.state = "failed"
-                    failed.append(st.stage)
-                    log.error(
-                        "%s failed (exit code %d) after %s; its log: %s",
-                        st.stage,
-                        code,
-                        minutes(st.wall_s),
-                        st.log_path,
-                    )
-                bar.update(1)
-                finished = sum(x.state in ("done", "failed") for x in steps.values())
-                run.tracker.log(
-                    {
-                        f"pipeline/{st.stage}_wall_s": st.wall_s,
-                        f"pipeline/{st.stage}_ok": int(st.state == "done"),
-                    },
-                    step=finished,
-                )
-                save_status()
-            running = [st for st in steps.values() if st.state == "running"]
-            waiting = [s for s in order if steps[s].state == "pending"]
-            if failed:
-                for s in waiting:
-                    steps[s].state = "cancelled"
-                waiting = []
-            ready = [s for s in waiting if all(steps[d].state in ("done", "skipped") for d in steps[s].deps)]
-            for s in ready:
-                st = steps[s]
-                if len(running) >= jobs:
-                    break
-                st.log_path = log_dir / f"{s}.log"
-                out = open(st.log_path, "w")
-                stage_env = env_for(len(running) + len(ready) - ready.index(s))
-                log.info(
-                    "starting %s (%s threads): python -m alignlab %s",
-                    s,
-                    stage_env["OMP_NUM_THREADS"],
-                    " ".join(st.args),
-                )
-                st.proc = subprocess.Popen(
-                    [sys.executable, "-m", "alignlab", *st.args], stdout=out, stderr=subprocess.STDOUT,
-                    env=stage_env,
-                    start_new_session=True,
-                )  # fmt: skip
-                st.log_file = out
-                st.state, st.started = "running", time.time()
-                running.append(st)
-                save_status()
-            if not running:
-                break
-            now = time.time()
-            # on a terminal the bar redraws every refresh_s; into a file (CI, sbatch) one line every 30 s
-            redraw = interactive or now - last_line >= 30
-            last_line = now if redraw else last_line
-            bar.set_postfix_str(
-                ", ".join(
-                    f"{st.stage}{progress_of(st.log_path)} {minutes(now - st.started)}" for st in running
-                )
-                + f" | total {minutes(now - start)}",
-                refresh=redraw,
-            )
-            time.sleep(p.refresh_s)
-    finally:
-        stop_all()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        bar.close()
-        save_status()
+    def on_signal(self, signum: int) -> None:
+        """The pipeline's policy for a forwarded signal: every stage gets it, then the pipeline stops."""
+        self.stop(signum)
+        # a scheduler's signal: the stages checkpointed (exit 75), so the requeued pipeline continues them
+        raise SystemExit(PREEMPTED_EXIT if signum != signal.SIGINT else exit_code_for_signal(signum))
 
-    # 5. Summary: every stage's status and time, then the evaluation report's table.
-    total = time.time() - start
-    run.tracker.log({"pipeline/wall_s": total, "pipeline/failed": len(failed)}, step=len(order))
-    run.tracker.close()
+    def progress(self, now: float, start: float) -> str:
+        """'ppo_ptx 45/100 4m10s, rain 312/600 4m55s | total 9m02s': each running stage's own progress bar."""
+        stages = [
+            f"{st.stage}{progress_of(st.log_path)} {minutes(now - st.started)}" for st in self.running()
+        ]
+        return ", ".join(stages) + f" | total {minutes(now - start)}"
+
+
+def summarise(steps: dict[str, Step], failed: list[str], total: float) -> None:
+    """Every stage's status and time; the failing stage's log tail as the error, else the evaluation report's table."""
     lines = [f"pipeline finished in {minutes(total)}" + (f"; FAILED: {', '.join(failed)}" if failed else "")]
     for s, st in steps.items():
         lines.append(f"  {s:<22} {st.state:<9} {minutes(st.wall_s) if st.wall_s else '':>7}  {st.run_dir}")
@@ -368,3 +327,65 @@ def run(cfg: DictConfig) -> None:
         report = steps["eval"].run_dir / "report.md"
         table = report.read_text().split("## ")[0]
         log.info("%s\nfull report with plots: %s", table.strip(), report)
+
+
+def run(cfg: DictConfig) -> None:
+    run = start_run(cfg)
+    p = cfg.stage
+    stages = pipeline_stages(p)
+    cores = os.cpu_count() or 1
+    jobs = p.jobs or auto_jobs(cores)
+
+    # 1. Compose every stage's config before anything runs: a typo in an override fails now, not 15 minutes in.
+    steps = compose_steps(stages, common_overrides(list(HydraConfig.get().overrides.task)), p.overrides)
+
+    # 2. Which stages run, and why.
+    decide(steps, set(p.rerun))
+    order = run_order(steps, stages)
+    log.info(
+        "pipeline: %d stages, %d to run, up to %d at once on %d cores; logs in %s/logs",
+        len(steps), len(order), jobs, cores, run.run_dir,
+    )  # fmt: skip
+    for s, step in steps.items():
+        log.info("  %-22s %s", s, f"runs: {step.reason}" if step.reason else f"finished ({step.run_dir})")
+
+    # 3. TinyHH's data once, before stages that read it start together.
+    if any(step.config["data"]["name"] == "tinyhh" for step in steps.values() if step.reason):
+        tinyhh_dir(cfg)
+
+    # 4. Start every stage whose inputs are ready (longest chain first), up to `jobs` at once; poll.
+    (run.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    status = run.run_dir / "pipeline.json"
+    scheduler = Scheduler(steps, order, jobs, p.threads, cores, log_dir=run.run_dir / "logs", status=status)
+    bar = run.tracker.progress(total=len(order), desc="pipeline")
+    start, finished, interactive, last_line = time.time(), 0, sys.stderr.isatty(), 0.0
+    with forward_signals(scheduler.on_signal), contextlib.closing(bar):
+        try:
+            while True:
+                for st in scheduler.advance():
+                    finished += 1
+                    bar.update(1)
+                    run.tracker.log(
+                        {
+                            f"pipeline/{st.stage}_wall_s": st.wall_s,
+                            f"pipeline/{st.stage}_ok": int(st.state == "done"),
+                        },
+                        step=finished,
+                    )
+                if not scheduler.running():
+                    break
+                # on a terminal the bar redraws every refresh_s; into a file (CI, sbatch) one line every 30 s
+                now = time.time()
+                redraw = interactive or now - last_line >= 30
+                last_line = now if redraw else last_line
+                bar.set_postfix_str(scheduler.progress(now, start), refresh=redraw)
+                time.sleep(p.refresh_s)
+        finally:
+            scheduler.stop()
+            save_status(status, steps)
+
+    # 5. Summary: every stage's status and time, then the evaluation report's table.
+    total = time.time() - start
+    run.tracker.log({"pipeline/wall_s": total, "pipeline/failed": len(scheduler.failed)}, step=len(order))
+    run.tracker.close()
+    summarise(steps, scheduler.failed, total)

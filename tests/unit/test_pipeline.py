@@ -1,32 +1,29 @@
-"""stage=pipeline's planning: overrides passed through, dependency order, make's rule on resolved configs."""
+"""stage=pipeline's planning and scheduling: overrides passed through, dependency order, make's rule on resolved
+configs, the scheduler on stand-in processes."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from alignlab.config import PIPELINE_STAGES
+from alignlab.recipes import pipeline
 from alignlab.recipes.pipeline import (
-    DEPENDS,
+    Scheduler,
     Step,
-    check_stages,
     common_overrides,
     decide,
-    priority,
+    pipeline_stages,
     progress_of,
+    run_order,
     topological,
 )
 from alignlab.runs import DONE, config_changes, differences
-
-
-def test_stages_and_dependencies_agree():
-    assert list(DEPENDS) == PIPELINE_STAGES
-    for stage, deps in DEPENDS.items():
-        assert all(PIPELINE_STAGES.index(d) < PIPELINE_STAGES.index(stage) for d in deps), stage
-    assert set(DEPENDS["eval"]) == set(PIPELINE_STAGES) - {"eval"}
+from alignlab.stages import PIPELINE_STAGES, STAGES
 
 
 def test_common_overrides_drop_the_pipelines_own_keys():
@@ -44,28 +41,24 @@ def pipeline_cfg(**kw):
     return OmegaConf.create({**base, **kw})
 
 
-def test_check_stages_names_the_bad_entry():
-    assert check_stages(pipeline_cfg(stages=["sft", "eval"])) == ["sft", "eval"]
+def test_pipeline_stages_names_the_bad_entry():
+    assert pipeline_stages(pipeline_cfg(stages=["sft", "eval"])) == ["sft", "eval"]
     with pytest.raises(ValueError, match="unknown stages \\['dpo'\\]"):
-        check_stages(pipeline_cfg(stages=["sft", "dpo"]))
+        pipeline_stages(pipeline_cfg(stages=["sft", "dpo"]))
     with pytest.raises(ValueError, match="each stage once"):
-        check_stages(pipeline_cfg(stages=["sft", "sft"]))
+        pipeline_stages(pipeline_cfg(stages=["sft", "sft"]))
     with pytest.raises(ValueError, match="not in stage.stages: \\['ppo'\\]"):
-        check_stages(pipeline_cfg(stages=["sft"], rerun=["ppo"]))
+        pipeline_stages(pipeline_cfg(stages=["sft"], rerun=["ppo"]))
     with pytest.raises(ValueError, match="stage.overrides.ppo may not set run_dir"):
-        check_stages(pipeline_cfg(overrides={"ppo": ["run_dir=/elsewhere"]}))
+        pipeline_stages(pipeline_cfg(overrides={"ppo": ["run_dir=/elsewhere"]}))
+    with pytest.raises(ValueError, match="unknown stages \\['pipeline'\\]"):
+        pipeline_stages(pipeline_cfg(stages=["pipeline"]))  # an orchestrator is not a stage of the pipeline
 
 
-def test_topological_order_and_longest_chain_first():
+def test_topological_order_lists_every_stage_after_its_inputs():
     assert topological(["eval", "rain", "ppo", "rm", "sft", "pretrain"]) == [
         "pretrain", "sft", "rm", "ppo", "rain", "eval"
     ]  # fmt: skip
-    everything = list(PIPELINE_STAGES)
-    # after pretrain, the SFT chain (sft -> rm -> ppo_ptx -> eval) is longer than RAIN's: it starts first
-    assert priority("sft", everything) > priority("rain", everything)
-    after_rm = ["ppo", "ppo_ptx", "rejection_sampling", "context_distillation"]
-    assert max(after_rm, key=lambda s: priority(s, everything)) == "ppo_ptx"
-    assert priority("eval", everything) == 2
 
 
 def test_differences_report_leaves_and_whole_subtrees():
@@ -112,7 +105,7 @@ def finish(run_dir: Path, stage: str, cfg: dict, when: float) -> None:
 def make_steps(root: Path, **stage_fields) -> dict[str, Step]:
     stages = ["pretrain", "sft", "rm", "ppo", "rain"]
     return {
-        s: Step(s, [f"stage={s}"], config(s, **stage_fields.get(s, {})), root / s, [d for d in DEPENDS[s] if d in stages])
+        s: Step(s, [f"stage={s}"], config(s, **stage_fields.get(s, {})), root / s, [d for d in STAGES[s].inputs if d in stages])
         for s in stages
     }  # fmt: skip
 
@@ -170,3 +163,114 @@ def test_progress_of_reads_the_last_bar_position(tmp_path):
     with open(log, "a") as f:  # a model loading bar after it is not the stage's progress
         f.write("\nLoading weights: 100%|##########| 39/39 [00:00<00:00, 9976.08it/s]\n")
     assert progress_of(log) == " 45/100"
+
+
+class FakeProcess:
+    """subprocess.Popen for the scheduler: records what it started; the test decides when it exits."""
+
+    def __init__(self, cmd, *, env, **_):
+        self.stage, self.env, self.pid, self.returncode = cmd[3].removeprefix("stage="), env, 0, None
+
+    def poll(self):
+        return self.returncode
+
+    def wait(self, timeout=None):
+        self.returncode = -15
+        return self.returncode
+
+
+def scheduler(tmp_path, monkeypatch, stages, jobs, cores=2) -> Scheduler:
+    monkeypatch.setattr(pipeline.subprocess, "Popen", FakeProcess)
+    steps = {
+        s: Step(s, [f"stage={s}"], config(s), tmp_path / s, [d for d in STAGES[s].inputs if d in stages])
+        for s in topological(stages)
+    }
+    decide(steps, set())
+    (tmp_path / "logs").mkdir()
+    order = run_order(steps, stages)
+    return Scheduler(steps, order, jobs, 0, cores, tmp_path / "logs", tmp_path / "pipeline.json", env={})
+
+
+def stage_exits(st: Step, code: int = 0) -> None:
+    if code == 0:
+        finish(st.run_dir, st.stage, st.config, when=1.0)
+    st.proc.returncode = code
+
+
+def test_the_stage_heading_the_longest_chain_starts_first(tmp_path, monkeypatch):
+    sched = scheduler(tmp_path, monkeypatch, list(PIPELINE_STAGES), jobs=1)
+    started = []
+    while True:
+        sched.advance()
+        running = sched.running()
+        if not running:
+            break
+        assert len(running) == 1  # jobs=1
+        started.append(running[0].stage)
+        stage_exits(running[0])
+    # after pretrain the SFT chain (sft -> rm -> ppo_ptx -> eval) is longer than RAIN's; after rm, PPO-ptx's is
+    # the longest (docs/pipeline.md); eval reads everything, so it runs last
+    assert started[:3] == ["pretrain", "sft", "rm"] and started.index("rain") > started.index("sft")
+    assert started[3] == "ppo_ptx" and started[-1] == "eval"
+    assert sorted(started) == sorted(PIPELINE_STAGES)
+    assert all(st.state == "done" for st in sched.steps.values())
+    status = json.loads((tmp_path / "pipeline.json").read_text())
+    assert status["eval"]["state"] == "done" and status["eval"]["command"] == [
+        "python",
+        "-m",
+        "alignlab",
+        "stage=eval",
+    ]
+
+
+def test_stages_side_by_side_share_the_cores(tmp_path, monkeypatch):
+    sched = scheduler(tmp_path, monkeypatch, ["pretrain", "sft", "rain", "eval"], jobs=2, cores=2)
+    sched.advance()
+    (alone,) = sched.running()
+    assert alone.stage == "pretrain" and alone.proc.env["OMP_NUM_THREADS"] == "2"  # alone: every core
+    stage_exits(alone)
+    sched.advance()
+    assert {st.stage: st.proc.env["OMP_NUM_THREADS"] for st in sched.running()} == {"sft": "1", "rain": "1"}
+
+
+def test_a_failure_starts_nothing_new_and_lets_running_stages_finish(tmp_path, monkeypatch):
+    sched = scheduler(tmp_path, monkeypatch, ["pretrain", "sft", "rain", "eval"], jobs=2)
+    sched.advance()
+    stage_exits(sched.steps["pretrain"])
+    sched.advance()
+    stage_exits(sched.steps["rain"], code=1)
+    finished = sched.advance()
+    assert [st.stage for st in finished] == ["rain"] and sched.failed == ["rain"]
+    assert sched.steps["sft"].state == "running" and sched.steps["eval"].state == "cancelled"
+    stage_exits(sched.steps["sft"])
+    assert [st.stage for st in sched.advance()] == ["sft"] and not sched.running()
+    assert sched.steps["sft"].state == "done"
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 75), (signal.SIGUSR1, 75), (signal.SIGINT, 130)])
+def test_a_signal_goes_to_every_running_stage_and_stops_the_pipeline(tmp_path, monkeypatch, signum, code):
+    sched = scheduler(tmp_path, monkeypatch, ["pretrain", "rm", "sft", "rain"], jobs=2)
+    sched.advance()
+    stage_exits(sched.steps["pretrain"])
+    sched.advance()
+    sent = []
+    monkeypatch.setattr(pipeline.os, "killpg", lambda pid, sig: sent.append(sig))
+    # SIGTERM, SIGUSR1: a scheduler's; the stages checkpoint, exit 75 and the requeued pipeline continues them
+    with pytest.raises(SystemExit) as stopped:
+        sched.on_signal(signum)
+    assert stopped.value.code == code and sent == [signum, signum]
+    assert {s: st.state for s, st in sched.steps.items()} == {
+        "pretrain": "done", "sft": "cancelled", "rm": "pending", "rain": "cancelled"
+    }  # fmt: skip
+
+
+def test_forward_signals_hands_each_signal_to_the_policy_then_restores_the_handlers():
+    from alignlab.launch import exit_code_for_signal, forward_signals
+
+    seen, before = [], signal.getsignal(signal.SIGUSR2)
+    with forward_signals(seen.append):
+        os.kill(os.getpid(), signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert seen == [signal.SIGUSR2, signal.SIGTERM]
+    assert signal.getsignal(signal.SIGUSR2) is before
+    assert exit_code_for_signal(signal.SIGINT) == 130 and exit_code_for_signal(signal.SIGTERM) == 143

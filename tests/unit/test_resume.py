@@ -97,3 +97,38 @@ def test_preemption_watch_flags_a_signal_and_chains_the_previous_handler():
         watch.uninstall()
         signal.signal(signal.SIGUSR2, old)
     assert signal.getsignal(signal.SIGUSR2) is old
+
+
+def test_resume_auto_takes_the_newest_checkpoint_of_the_same_config_and_world_size(tmp_path):
+    from omegaconf import OmegaConf
+
+    from alignlab.errors import ConfigError
+    from alignlab.recipes.common import newest_checkpoint
+
+    root = tmp_path / "checkpoints"
+    fake_checkpoint(root, 10)
+    newest = fake_checkpoint(root, 20)  # both made by config {"seed": 0} on 1 rank
+
+    def cfg(resume):
+        return OmegaConf.create({"resume": resume, "run_dir": str(tmp_path), "stage": {"name": "sft"}})
+
+    assert newest_checkpoint(cfg("auto"), {"seed": 0}, world_size=1) == (20, newest)
+    assert newest_checkpoint(cfg("never"), {"seed": 0}, world_size=1) is None
+    assert newest_checkpoint(cfg("auto"), {"seed": 1}, world_size=1) is None  # another config: a fresh start
+    with pytest.raises(ConfigError, match="saved by 1 ranks, this run has 2; resume with the same number"):
+        newest_checkpoint(cfg("auto"), {"seed": 0}, world_size=2)
+    with pytest.raises(ConfigError, match="resume='yes': choose never"):
+        newest_checkpoint(cfg("yes"), {"seed": 0}, world_size=1)
+
+
+def test_the_resume_checks_rejection_sampling_shares(tmp_path):
+    from alignlab.errors import ConfigError
+    from alignlab.runs import check_world_size, resume_requested
+
+    assert resume_requested("auto") and not resume_requested("never")
+    with pytest.raises(ConfigError, match="resume='always': choose never \\(start fresh\\) or auto"):
+        resume_requested("always")
+    check_world_size(tmp_path, {"world_size": 2}, 2)
+    check_world_size(tmp_path, {}, 4)  # a manifest that does not say: taken as this run's
+    with pytest.raises(ConfigError, match=f"{tmp_path} was saved by 2 ranks, this run has 4"):
+        check_world_size(tmp_path, {"world_size": 2}, 4)

@@ -1,0 +1,125 @@
+"""The stage registry: every `stage=` option and what the rest of alignlab needs to know about it, in one table.
+
+config.py registers each stage's schema in Hydra's ConfigStore from it, run_stage picks the recipe and whether
+the stage checkpoints, stage=pipeline reads the inputs (its dependency order), the costs (longest chain first) and
+the demo budget, runs.py which stages score with the reward model, and docs/pipeline.md's stage table is printed
+from it (`python -m alignlab.stages`, checked by tests/unit/test_stages.py). It imports nothing of alignlab's: a
+schema is named by its import path and loaded by whoever registers it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str  # the stage= option; also its default run directory name (stage.name)
+    schema: str  # "module:Class", the stage's config dataclass
+    recipe: str = ""  # the module under alignlab/recipes that runs it ("" = the stage's own name)
+    preset: dict[str, Any] = field(default_factory=dict)  # schema defaults this stage changes (a preset)
+    inputs: tuple[str, ...] = ()  # the stages whose outputs it reads under the default paths (stage_dir)
+    # minutes with its defaults on TinyHH, 2 CPU cores: only for stage=pipeline to start the longest chain first
+    cost: float = 0
+    resumable: bool = (
+        False  # saves resumable checkpoints and stops on SIGTERM/SIGUSR1/SIGUSR2 (docs/resume.md)
+    )
+    uses_reward: bool = False  # scores with reward= (so reward.* decides its outputs: alignlab/runs.py)
+    orchestrator: bool = (
+        False  # only starts other stages: one process whatever launcher= says; not a pipeline stage
+    )
+    demo: tuple[
+        str, ...
+    ] = ()  # stage=pipeline's default stage.overrides.<name>: the demo budget (docs/pipeline.md)
+
+    def __post_init__(self):
+        if not self.recipe:
+            object.__setattr__(self, "recipe", self.name)
+
+    def schema_node(self):
+        """What config.py stores in Hydra's ConfigStore: the dataclass, or an instance of it for a preset."""
+        module, _, cls = self.schema.partition(":")
+        schema = getattr(importlib.import_module(module), cls)
+        return schema(name=self.name, **self.preset) if self.preset else schema
+
+
+# The demo budget (stage=pipeline's default stage.overrides, so that `make demo` fits in 20 minutes on 2 CPU
+# cores): stage=eval judges every system once, so the training stages skip their own before/after oracle
+# evaluation; RAIN's search (the costliest stage per prompt) and eval answer 100 prompts per set, the same
+# prompts; PPO-ptx mixes 4 pretraining blocks (not 8) into each PPO micro-batch; rejection sampling samples 256
+# prompts per iteration (not 512). Measured: docs/results.md, "The pipeline".
+NO_OWN_EVAL = "stage.sample_eval=0"
+
+# In the order a user reads them, which lists every stage after its inputs (stage=pipeline's dependency order).
+STAGES: dict[str, StageSpec] = {
+    s.name: s
+    for s in [
+        StageSpec("pretrain", "alignlab.config:PretrainConfig", cost=4, resumable=True),
+        StageSpec("sft", "alignlab.config:SFTConfig", inputs=("pretrain",), cost=1, resumable=True,
+                  demo=(NO_OWN_EVAL,)),
+        StageSpec("rm", "alignlab.config:RMConfig", inputs=("sft",), cost=1, resumable=True),
+        StageSpec("ppo", "alignlab.config:PPOConfig", inputs=("sft", "rm"), cost=6, resumable=True,
+                  uses_reward=True, demo=(NO_OWN_EVAL,)),
+        # PPO-ptx: stage=ppo's recipe with the pretraining term on
+        StageSpec("ppo_ptx", "alignlab.config:PPOConfig", recipe="ppo", preset={"ptx_coef": 1.0},
+                  inputs=("sft", "rm"), cost=10, resumable=True, uses_reward=True,
+                  demo=(NO_OWN_EVAL, "stage.ptx_micro_batch_size=4")),
+        StageSpec("rejection_sampling", "alignlab.config:RejectionSamplingConfig", inputs=("sft", "rm"), cost=3,
+                  resumable=True, uses_reward=True, demo=(NO_OWN_EVAL, "stage.prompts_per_iteration=256")),
+        StageSpec("context_distillation", "alignlab.config:ContextDistillationConfig", inputs=("sft", "rm"),
+                  cost=1, resumable=True, demo=(NO_OWN_EVAL,)),
+        StageSpec("rain", "alignlab.rain.stage_config:RainConfig", inputs=("pretrain",), cost=6,
+                  demo=("stage.n_prompts=100",)),
+        StageSpec("eval", "alignlab.config:EvalConfig",
+                  inputs=("pretrain", "sft", "rm", "ppo", "ppo_ptx", "rejection_sampling", "context_distillation",
+                          "rain"),
+                  cost=2, uses_reward=True, demo=("stage.n_prompts=100",)),
+        StageSpec("pipeline", "alignlab.config:PipelineConfig", orchestrator=True),
+    ]
+}  # fmt: skip
+# stage=pipeline's stages (every stage but the orchestrators), in the registry's order
+PIPELINE_STAGES: tuple[str, ...] = tuple(s for s, spec in STAGES.items() if not spec.orchestrator)
+
+
+def recipe_of(stage: str) -> str:
+    """The recipe module (alignlab/recipes/<recipe>.py) that runs the stage= option `stage`."""
+    spec = STAGES.get(stage)
+    return spec.recipe if spec else stage
+
+
+def uses_reward(stage: str) -> bool:
+    """Whether the stage scores with reward= (False for a name that is no stage= option, e.g. stage.name=rm_helpful)."""
+    spec = STAGES.get(stage)
+    return spec is not None and spec.uses_reward
+
+
+def demo_budget() -> dict[str, list[str]]:
+    """stage=pipeline's default stage.overrides: every pipeline stage's demo budget (possibly none)."""
+    return {s: list(STAGES[s].demo) for s in PIPELINE_STAGES}
+
+
+def stage_dir(run_name: str, *, _root_) -> str:
+    """The `${stage_dir:<name>}` resolver: the run directory <paths.runs>/<experiment.name>/<name>, where a stage
+    of this experiment writes by default; `${stage_dir:sft}/model` is the SFT model the later stages start from."""
+    return f"{_root_.paths.runs}/{_root_.experiment.name}/{run_name}"
+
+
+def stage_table() -> str:
+    """stage=pipeline's stages as a markdown table (docs/pipeline.md holds a copy, kept true by a test)."""
+    rows = [
+        "| stage | recipe | reads | resumable | scores with reward= | minutes (TinyHH, 2 cores) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in PIPELINE_STAGES:
+        spec = STAGES[s]
+        rows.append(
+            f"| {s} | {spec.recipe} | {', '.join(spec.inputs) or 'data only'} | {'yes' if spec.resumable else 'no'} "
+            f"| {'yes' if spec.uses_reward else 'no'} | {spec.cost:g} |"
+        )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(stage_table())
