@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from alignlab import models
 from alignlab.data.examples import decode_answer, prompt_ids
+from alignlab.data.splits import seeded_split
 from alignlab.generation import generate_tokens
 from alignlab.tensors import pad_sequences
 
@@ -41,17 +43,6 @@ def load_prompt_rows(cfg: DictConfig, data_dir: Path | None) -> list[dict]:
             d.source,
         )
     return [{**r, "is_safety": bool(r.get("is_safety", False))} for r in ds.to_list()]
-
-
-def held_out_split(
-    rows: list[dict], n_eval: int, seed: int, world_size: int = 1
-) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) prompt rows from one seeded order; held-out: at most a fifth of the rows, a multiple of the
-    world size (every rank evaluates as many prompts: ZeRO-3 forwards are collective)."""
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
-    n = min(n_eval, len(rows) // 5)
-    n -= n % world_size
-    return [rows[i] for i in order[n:]], [rows[i] for i in order[:n]]
 
 
 @dataclass
@@ -154,8 +145,14 @@ def sample_rollout(
 def load_prompts(
     cfg: DictConfig, data_dir: Path | None, tokenizer, n_eval: int, max_length: int, world_size: int
 ) -> tuple[Prompts, Prompts]:
-    """(train, held-out) tokenized prompts of the stage's prompt data; over-long prompts dropped and logged."""
-    train_rows, eval_rows = held_out_split(load_prompt_rows(cfg, data_dir), n_eval, cfg.seed, world_size)
+    """(train, held-out) tokenized prompts of the stage's prompt data; over-long prompts dropped and logged.
+
+    Held out: at most a fifth of the rows, a multiple of the world size (every rank evaluates as many prompts:
+    ZeRO-3 forwards are collective), from one seeded order.
+    """
+    train_rows, eval_rows = seeded_split(
+        load_prompt_rows(cfg, data_dir), n_eval, cfg.seed, max_share=5, multiple_of=world_size
+    )
     train, held_out = (
         tokenize_prompts(tokenizer, train_rows, max_length),
         tokenize_prompts(tokenizer, eval_rows, max_length),
@@ -168,6 +165,13 @@ def load_prompts(
             max_length,
         )
     return train, held_out
+
+
+def load_sampler(path: str | Path, *, dtype: str, trust_remote_code: bool, device):
+    """A saved causal LM to sample from: dropout off, on device, in eval mode."""
+    model = models.load_causal_lm(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+    models.disable_dropout(model)
+    return model.to(device).eval()
 
 
 def sample_one(model, tokenizer, prompts: Prompts, **kwargs) -> tuple[list[str], list[bool]]:

@@ -3,15 +3,24 @@ and self-evaluation accuracy in the judge format RAIN uses."""
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from alignlab.checkpoint import atomic_write_text
 from alignlab.generation import next_token_logprobs, option_token_id, sample
 from alignlab.tinyhh.emitters import judge_answer, judge_prompt
 from alignlab.tinyhh.oracle import judge
+
+if TYPE_CHECKING:
+    from alignlab.tracking import Tracker
+
+log = logging.getLogger("alignlab.evaluation")
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -140,3 +149,78 @@ def judge_model_dir(
         sets[name] = rows.select(range(min(n, len(rows)))).to_list()
     torch.manual_seed(seed)
     return evaluate(model, tokenizer, sets, max_new_tokens=max_new_tokens, wrap=wrap)
+
+
+SHOWN = ("eval/harmlessness", "eval/helpfulness", "eval/attack_success")  # the metrics the log line compares
+
+
+def write_eval_samples(path: Path, samples: list[dict]) -> None:
+    """samples.jsonl after the oracle's judging: the rows of other tables already there (PPO's "train" tables) kept
+    as they are, then these rows as table "eval". Written whole (atomically), so the oracle's table is in the
+    file once, however often a run reaches its end; rows without a table (an older run's) and lines cut short by
+    a kill are dropped."""
+    kept = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and row.get("table") not in (None, "eval"):
+                kept.append(line + "\n")
+    rows = [json.dumps({"table": "eval", **r}) + "\n" for r in samples]
+    atomic_write_text(path, "".join(kept + rows))
+
+
+def judge_start_end(
+    end: str | Path,
+    *,
+    start: str | Path | None,
+    data_dir: Path,
+    n: int,
+    max_new_tokens: int,
+    device,
+    seed: int,
+    tracker: Tracker,
+    step: int,
+    samples_path: Path,
+    label: str,
+    references: dict[str, tuple[str | Path, Callable[[str], str] | None]] | None = None,
+) -> dict[str, dict[str, float]]:
+    """The end-of-stage oracle report (rank 0): a stage's final model and the model it started from, judged on the
+    same first n prompts of each TinyHH eval set, with the same random numbers (seed).
+
+    end: the saved final model; start: the starting model (None: the end model alone, e.g. a pretrained base);
+    references: more models judged alongside, name -> (model dir, wrap: what the model is shown instead of each
+    prompt, or None), e.g. context distillation's teacher (the starting model behind a preprompt). Logs one
+    metrics row at `step`: the end model's eval/* keys, and each other model's as <name>/* (start/*, teacher/*).
+    The end model's answers go to samples_path (write_eval_samples: rows of table "eval", other tables kept).
+    label names the end model in the log line (the stage, or "base model"). Returns name -> metrics, with the
+    end model's under "eval".
+    """
+    judged: dict[str, dict[str, float]] = {}
+    models_to_judge = {} if start is None else {"start": (start, None)}
+    models_to_judge.update(references or {})
+    for name, (model_dir, wrap) in models_to_judge.items():
+        judged[name], _ = judge_model_dir(model_dir, data_dir, n, max_new_tokens, device, seed, wrap=wrap)
+    judged["eval"], samples = judge_model_dir(end, data_dir, n, max_new_tokens, device, seed)
+    write_eval_samples(samples_path, samples)
+    row = dict(judged["eval"])
+    for name in models_to_judge:
+        row.update({k.replace("eval/", f"{name}/"): v for k, v in judged[name].items()})
+    tracker.log(row, step=step)
+    end_metrics = judged["eval"]
+    if start is None:
+        shown = {k: round(v, 3) for k, v in end_metrics.items() if not k.endswith(("_low", "_high"))}
+        log.info("%s on held-out prompts: %s", label, json.dumps(shown))
+    else:
+        log.info(
+            "start -> %s on held-out prompts: %s",
+            label,
+            ", ".join(f"{k[5:]} {judged['start'][k]:.3f} -> {end_metrics[k]:.3f}" for k in SHOWN),
+        )
+    for name in references or {}:
+        log.info(
+            "%s on held-out prompts: %s", name, ", ".join(f"{k[5:]} {judged[name][k]:.3f}" for k in SHOWN)
+        )
+    return judged

@@ -10,8 +10,8 @@
    appended, would teach the model to stop mid-answer)
 5. write distill.jsonl (every candidate with both answers, both scores and the gate's decision) and train.jsonl
    (kept rows: the plain prompt and the preprompted answer, valid stage=sft data) before training
-6. fine-tune with the SFT loss (stage=sft's path, the shared DeepSpeed engine) on (prompt WITHOUT preprompt,
-   answer): the model learns to answer as if the preprompt were there
+6. fine-tune with the SFT loss (alignlab/finetune.py, stage=sft's path, the shared DeepSpeed engine) on (prompt
+   WITHOUT preprompt, answer): the model learns to answer as if the preprompt were there
 7. TinyHH: the oracle judges the starting model, the starting model behind a preprompt, and the distilled model
 """
 
@@ -21,6 +21,9 @@ import gc
 import json
 import logging
 import random
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -29,12 +32,11 @@ from alignlab import distributed, models
 from alignlab.checkpoint import atomic_write_text
 from alignlab.data import chat
 from alignlab.data.loading import load_rows
-from alignlab.evaluation.tinyhh import judge_model_dir
-from alignlab.recipes.common import check_init_from, start_run, tinyhh_dir
-from alignlab.recipes.rejection_sampling import load_sampler, split_eval
-from alignlab.recipes.sft import finetune
+from alignlab.evaluation.tinyhh import judge_start_end
+from alignlab.finetune import finetune, split_generated
+from alignlab.recipes.common import Run, check_init_from, start_run, tinyhh_dir
 from alignlab.rl.selection import TRUNCATED, distillation_gate
-from alignlab.rollout import load_prompt_rows, sample_one, tokenize_prompts
+from alignlab.rollout import Prompts, load_prompt_rows, load_sampler, sample_one, tokenize_prompts
 from alignlab.scoring import RewardScorer
 
 log = logging.getLogger("alignlab.context_distillation")
@@ -90,23 +92,22 @@ def select_prompts(rows: list[dict], s: DictConfig, seed: int, source: str) -> l
     return [pool[i] for i in order[: s.prompts]]
 
 
-def run(cfg: DictConfig) -> None:
-    s = cfg.stage
-    run = start_run(cfg, resumable=True)
-    env, device, tracker = run.env, run.device, run.tracker
-    model_out = check_init_from(s.init_from, run.run_dir)
-    if s.gate:
-        models.require_input(s.gate_model, "stage.gate_model")
-    if s.truncated not in TRUNCATED:
-        raise ValueError(f"stage.truncated={s.truncated!r}; choose one of {', '.join(TRUNCATED)}")
+@dataclass
+class ToDistill:
+    """The prompts to distill: all ranks' rows (prompt, preprompt, preprompted) and this rank's share, tokenized
+    plain and behind its preprompt."""
 
-    # 1-2. Safety-tagged prompts, each with a preprompt; rows whose preprompted form is too long are dropped.
-    data_dir = tinyhh_dir(cfg) if cfg.data.source == "tinyhh" else None
-    tokenizer = models.load_tokenizer(
-        cfg.model.tokenizer or s.init_from, trust_remote_code=cfg.model.trust_remote_code
-    )
-    # prompts in the model's chat format; its end-of-turn token ends answers
-    chat.use(tokenizer, cfg.data.chat_template)
+    rows: list[dict]
+    mine: list[dict]
+    plain: Prompts
+    preprompted: Prompts
+    dropped: int  # prompts too long with their preprompt
+
+
+def prompts_to_distill(cfg: DictConfig, data_dir: Path | None, tokenizer, env) -> ToDistill:
+    """Safety-tagged prompts (stage.only_safety), each with a preprompt; rows whose preprompted form is longer
+    than stage.max_prompt_length are dropped, counted and logged."""
+    s = cfg.stage
     source = str(data_dir / "rl_prompts.jsonl") if data_dir else cfg.data.source
     rows = select_prompts(load_prompt_rows(cfg, data_dir), s, cfg.seed, source)
     rng = random.Random(cfg.seed)
@@ -130,90 +131,79 @@ def run(cfg: DictConfig) -> None:
     mine = rows[env.rank :: env.world_size]
     plain = tokenize_prompts(tokenizer, mine, 10**9)
     preprompted = tokenize_prompts(tokenizer, [{**r, "prompt": r["preprompted"]} for r in mine], 10**9)
-    log.info(
-        "%d prompts to distill (%s) | %d preprompts, %d answer templates | gate: %s | %d dropped as too long",
-        len(rows),
-        "safety-tagged only" if s.only_safety else "all prompts",
-        len(s.preprompts),
-        len(s.answer_templates),
-        f"{s.gate_model} (margin {s.gate_margin})" if s.gate else "off",
-        dropped,
+    return ToDistill(rows, mine, plain, preprompted, dropped)
+
+
+def sample_both(
+    cfg: DictConfig, run: Run, tokenizer, todo: ToDistill
+) -> tuple[dict[str, list[str]], dict[str, list[bool]]]:
+    """Two answers per prompt of this rank from the starting model: behind the preprompt ("teacher") and to the
+    plain prompt ("plain"). Returns (answers, ended), each keyed by those names."""
+    s = cfg.stage
+    sampler = load_sampler(
+        s.init_from, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code, device=run.device
     )
+    answers, ended = {}, {}
+    for name, prompts in (("teacher", todo.preprompted), ("plain", todo.plain)):
+        bar = run.tracker.progress(len(prompts), f"cd: sample {name}")
+        answers[name], ended[name] = sample_one(
+            sampler,
+            tokenizer,
+            prompts,
+            batch_size=s.generation_batch_size,
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            device=run.device,
+            progress=bar,
+        )
+        bar.close()
+    del sampler
+    gc.collect()
+    return answers, ended
 
-    def generate() -> list[dict]:
-        # 3. Two answers per prompt: behind the preprompt (the teacher) and to the plain prompt.
-        sampler = load_sampler(s.init_from, cfg, device)
-        answers, ended = {}, {}
-        for name, prompts in (("teacher", preprompted), ("plain", plain)):
-            bar = tracker.progress(len(prompts), f"cd: sample {name}")
-            answers[name], ended[name] = sample_one(
-                sampler,
-                tokenizer,
-                prompts,
-                batch_size=s.generation_batch_size,
-                max_new_tokens=s.max_new_tokens,
-                temperature=s.temperature,
-                device=device,
-                progress=bar,
-            )
-            bar.close()
-        del sampler
-        gc.collect()
 
-        # 4. The gate: both answers scored on the prompt WITHOUT the preprompt.
-        texts = [r["prompt"] for r in mine]
-        if s.gate:
-            gate = RewardScorer(
-                kind="single", reward_model=s.gate_model, device=device, dtype=cfg.model.dtype
-            )
-            score = gate(texts, answers["teacher"])
-            baseline = gate(texts, answers["plain"])
-            keep = distillation_gate(score, baseline, s.gate_margin)
-            del gate
-        else:
-            score = baseline = torch.full((len(mine),), float("nan"))
-            keep = torch.ones(len(mine), dtype=torch.bool)
-        complete = torch.tensor(ended["teacher"], dtype=torch.bool)
-        passed = keep  # the gate's decision, recorded whatever the truncation rule does
-        if s.truncated == "drop":
-            keep = keep & complete
-        candidates = [
-            {
-                "prompt": r["prompt"],
-                "preprompt": r["preprompt"],
-                "response": t,
-                "baseline_response": b,
-                "score": float(sc),
-                "baseline_score": float(bs),
-                "ended": bool(e),
-                "gate_passed": bool(g),
-                "kept": bool(k),
-            }
-            for r, t, b, sc, bs, e, g, k in zip(
-                mine,
-                answers["teacher"],
-                answers["plain"],
-                score,
-                baseline,
-                complete,
-                passed,
-                keep,
-                strict=True,
-            )
-        ]
-        candidates = [c for part in distributed.gather_objects(candidates) for c in part]
-        return candidates
-
-    # 3-4. The teacher's and the plain answers, gated; resume=auto reuses those the interrupted run drew (sampling
-    #      on a GPU is not bit-reproducible, and the fine-tuning checkpoint belongs to exactly these rows).
-    drawn = run.run_dir / "distill.jsonl"
-    if run.resume is not None and drawn.exists():
-        candidates = [json.loads(line) for line in drawn.read_text().splitlines()]
-        log.info("resume=auto: the %d answers drawn before, from %s", len(candidates), drawn)
+def gate_candidates(
+    cfg: DictConfig, run: Run, mine: list[dict], answers: dict[str, list[str]], ended: dict[str, list[bool]]
+) -> list[dict]:
+    """The gate: both answers scored on the prompt WITHOUT the preprompt; then the truncation rule. Every
+    candidate with both answers, both scores and the decisions, gathered from all ranks."""
+    s, device = cfg.stage, run.device
+    texts = [r["prompt"] for r in mine]
+    if s.gate:
+        gate = RewardScorer(kind="single", reward_model=s.gate_model, device=device, dtype=cfg.model.dtype)
+        score = gate(texts, answers["teacher"])
+        baseline = gate(texts, answers["plain"])
+        keep = distillation_gate(score, baseline, s.gate_margin)
+        del gate
     else:
-        candidates = generate()
+        score = baseline = torch.full((len(mine),), float("nan"))
+        keep = torch.ones(len(mine), dtype=torch.bool)
+    complete = torch.tensor(ended["teacher"], dtype=torch.bool)
+    passed = keep  # the gate's decision, recorded whatever the truncation rule does
+    if s.truncated == "drop":
+        keep = keep & complete
+    candidates = [
+        {
+            "prompt": r["prompt"],
+            "preprompt": r["preprompt"],
+            "response": t,
+            "baseline_response": b,
+            "score": float(sc),
+            "baseline_score": float(bs),
+            "ended": bool(e),
+            "gate_passed": bool(g),
+            "kept": bool(k),
+        }
+        for r, t, b, sc, bs, e, g, k in zip(
+            mine, answers["teacher"], answers["plain"], score, baseline, complete, passed, keep, strict=True
+        )
+    ]
+    return [c for part in distributed.gather_objects(candidates) for c in part]
 
-    # 5. The generated data, written before training (rank 0; atomic), then read back by every rank.
+
+def write_distill_data(run: Run, candidates: list[dict], s: DictConfig) -> list[dict]:
+    """distill.jsonl (every candidate) and train.jsonl (the kept rows, valid stage=sft data) written before
+    training (rank 0; atomic), then train.jsonl read back by every rank."""
     train_rows = training_rows(candidates)
     check_no_preprompt(train_rows, [r["preprompt"] for r in candidates])
     if not train_rows:
@@ -223,15 +213,15 @@ def run(cfg: DictConfig) -> None:
             f"stage.gate_margin={s.gate_margin}, or ran out of budget: {truncated} had no EOS within "
             f"stage.max_new_tokens={s.max_new_tokens}, stage.truncated={s.truncated}): nothing to distill"
         )
-    if env.is_main:
+    if run.env.is_main:
         atomic_write_text(run.run_dir / "distill.jsonl", "".join(json.dumps(c) + "\n" for c in candidates))
         atomic_write_text(run.run_dir / "train.jsonl", "".join(json.dumps(r) + "\n" for r in train_rows))
     distributed.barrier()
-    train_rows = load_rows(str(run.run_dir / "train.jsonl")).to_list()
-    metrics = distillation_stats(candidates, s.gate, s.truncated)
-    if data_dir is not None:  # TinyHH: what the oracle thinks of the distilled data
-        metrics.update(oracle_data_stats(candidates))
-    tracker.log(metrics, step=0)
+    return load_rows(str(run.run_dir / "train.jsonl")).to_list()
+
+
+def log_distillation(metrics: dict[str, float], s: DictConfig) -> None:
+    """One log line: what the gate and the truncation rule kept, and the gate's (and on TinyHH the oracle's) view."""
     log.info(
         "kept %d of %d preprompted answers (rejected %d; truncated=%s: %d without EOS dropped, %d kept) | mean gate "
         "score: preprompted %.3f, plain %.3f%s",
@@ -251,8 +241,55 @@ def run(cfg: DictConfig) -> None:
         ),
     )
 
+
+def run(cfg: DictConfig) -> None:
+    s = cfg.stage
+    run = start_run(cfg, resumable=True)
+    env, device, tracker = run.env, run.device, run.tracker
+    model_out = check_init_from(s.init_from, run.run_dir)
+    if s.gate:
+        models.require_input(s.gate_model, "stage.gate_model")
+    if s.truncated not in TRUNCATED:
+        raise ValueError(f"stage.truncated={s.truncated!r}; choose one of {', '.join(TRUNCATED)}")
+
+    # 1-2. Safety-tagged prompts, each with a preprompt; rows whose preprompted form is too long are dropped.
+    data_dir = tinyhh_dir(cfg) if cfg.data.source == "tinyhh" else None
+    tokenizer = models.load_tokenizer(
+        cfg.model.tokenizer or s.init_from, trust_remote_code=cfg.model.trust_remote_code
+    )
+    # prompts in the model's chat format; its end-of-turn token ends answers
+    chat.use(tokenizer, cfg.data.chat_template)
+    todo = prompts_to_distill(cfg, data_dir, tokenizer, env)
+    log.info(
+        "%d prompts to distill (%s) | %d preprompts, %d answer templates | gate: %s | %d dropped as too long",
+        len(todo.rows),
+        "safety-tagged only" if s.only_safety else "all prompts",
+        len(s.preprompts),
+        len(s.answer_templates),
+        f"{s.gate_model} (margin {s.gate_margin})" if s.gate else "off",
+        todo.dropped,
+    )
+
+    # 3-4. The teacher's and the plain answers, gated; resume=auto reuses those the interrupted run drew (sampling
+    #      on a GPU is not bit-reproducible, and the fine-tuning checkpoint belongs to exactly these rows).
+    drawn = run.run_dir / "distill.jsonl"
+    if run.resume is not None and drawn.exists():
+        candidates = [json.loads(line) for line in drawn.read_text().splitlines()]
+        log.info("resume=auto: the %d answers drawn before, from %s", len(candidates), drawn)
+    else:
+        answers, ended = sample_both(cfg, run, tokenizer, todo)
+        candidates = gate_candidates(cfg, run, todo.mine, answers, ended)
+
+    # 5. The generated data, written before training (rank 0; atomic), then read back by every rank.
+    train_rows = write_distill_data(run, candidates, s)
+    metrics = distillation_stats(candidates, s.gate, s.truncated)
+    if data_dir is not None:  # TinyHH: what the oracle thinks of the distilled data
+        metrics.update(oracle_data_stats(candidates))
+    tracker.log(metrics, step=0)
+    log_distillation(metrics, s)
+
     # 6. Distil: the SFT loss on (prompt WITHOUT preprompt, preprompted answer).
-    train, held_out = split_eval(train_rows, s.finetune.eval_rows, cfg.seed)
+    train, held_out = split_generated(train_rows, s.finetune.eval_rows, cfg.seed)
     steps = finetune(
         run,
         cfg,
@@ -267,32 +304,21 @@ def run(cfg: DictConfig) -> None:
 
     # 7. TinyHH: starting model, starting model behind a preprompt (the teacher), distilled model; same prompts.
     if data_dir is not None and s.sample_eval and env.is_main:
-        teacher_wrap = lambda p: with_preprompt(p, s.preprompts[0], s.prompt_template)  # noqa: E731
-        judged = {}
-        for name, path, wrap in (
-            ("start", s.init_from, None),
-            ("teacher", s.init_from, teacher_wrap),
-            ("eval", model_out, None),
-        ):
-            judged[name], samples = judge_model_dir(
-                path, data_dir, s.sample_eval, s.eval_max_new_tokens, device, cfg.seed, wrap=wrap
-            )
-            if name == "eval":
-                atomic_write_text(
-                    run.run_dir / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in samples)
-                )
-        row = {**judged["eval"]}
-        for name in ("start", "teacher"):
-            row.update({k.replace("eval/", f"{name}/"): v for k, v in judged[name].items()})
-        tracker.log(row, step=steps)
-        for k in ("eval/harmlessness", "eval/helpfulness", "eval/attack_success"):
-            log.info(
-                "%s: start %.3f | start behind a preprompt %.3f | distilled %.3f",
-                k[5:],
-                judged["start"][k],
-                judged["teacher"][k],
-                judged["eval"][k],
-            )
+        teacher = partial(with_preprompt, preprompt=s.preprompts[0], template=s.prompt_template)
+        judge_start_end(
+            model_out,
+            start=s.init_from,
+            references={"teacher": (s.init_from, teacher)},
+            data_dir=data_dir,
+            n=s.sample_eval,
+            max_new_tokens=s.eval_max_new_tokens,
+            device=device,
+            seed=cfg.seed,
+            tracker=tracker,
+            step=steps,
+            samples_path=run.run_dir / "samples.jsonl",
+            label=s.name,
+        )
     distributed.barrier()
     tracker.close()
 

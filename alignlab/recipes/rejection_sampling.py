@@ -13,8 +13,8 @@ Each iteration:
      EOS appended, teaches the model to stop mid-answer), so a prompt whose every answer is truncated keeps nothing
   6. write pool.jsonl (every sample and score) and train.jsonl (the kept prompt/completion rows) under
      iteration_<i>/ before training: both load with `datasets`, and train.jsonl is valid stage=sft data
-  7. fine-tune with the SFT loss (stage=sft's own path, on the shared DeepSpeed engine), from init_from on the
-     kept set (train_from=start) or from the previous iteration's model (train_from=previous)
+  7. fine-tune with the SFT loss (alignlab/finetune.py, stage=sft's path, on the shared DeepSpeed engine), from
+     init_from on the kept set (train_from=start) or from the previous iteration's model (train_from=previous)
   8. mean RM score of the new model on held-out prompts
 
 The last iteration's model is <run_dir>/model; best_of_n.json / best_of_n.png hold the curves of every iteration.
@@ -26,6 +26,8 @@ import gc
 import json
 import logging
 import shutil
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,12 +39,13 @@ from alignlab.data import chat
 from alignlab.data.loading import load_rows
 from alignlab.data.packing import EpochOrder
 from alignlab.evaluation.plots import plot_best_of_n
-from alignlab.evaluation.tinyhh import judge_model_dir
-from alignlab.recipes.common import check_init_from, start_run, tinyhh_dir
-from alignlab.recipes.sft import finetune
+from alignlab.evaluation.tinyhh import judge_start_end
+from alignlab.finetune import finetune, split_generated
+from alignlab.recipes.common import Run, check_init_from, start_run, tinyhh_dir
 from alignlab.rl.kl import shape_scores
-from alignlab.rl.selection import TRUNCATED, best_of_n, keep_complete
-from alignlab.rollout import Prompts, load_prompts, sample_answers, sample_one
+from alignlab.rl.selection import TRUNCATED, BestOfN, KeptSet, best_of_n, keep_complete
+from alignlab.rollout import Prompts, load_prompts, load_sampler, sample_answers, sample_one
+from alignlab.runs import check_world_size, config_changes, resume_requested
 from alignlab.scoring import RewardScorer
 
 log = logging.getLogger("alignlab.rejection_sampling")
@@ -69,12 +72,6 @@ def check_options(s: DictConfig) -> None:
 def temperature_of(s: DictConfig, iteration: int) -> float:
     """The sampling temperature of iteration (1-based): its entry of stage.temperatures, the last one repeated."""
     return float(s.temperatures[min(iteration, len(s.temperatures)) - 1])
-
-
-def load_sampler(path: str, cfg: DictConfig, device):
-    model = models.load_causal_lm(path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
-    models.disable_dropout(model)
-    return model.to(device).eval()
 
 
 def score_pool(
@@ -135,18 +132,6 @@ def training_rows(kept: dict[str, dict]) -> list[dict]:
     ]
 
 
-def split_eval(rows: list[dict], n: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) of a stage's generated rows: at most a fifth, at least one, held out for the answer loss."""
-    if len(rows) < 2:
-        raise ValueError(
-            f"{len(rows)} generated row(s) to fine-tune on: one is held out for the answer-token loss, which leaves "
-            "none to train on; generate from more prompts (stage.prompts_per_iteration / stage.prompts)"
-        )
-    n = max(1, min(n, len(rows) // 5))
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [rows[i] for i in order[n:]], [rows[i] for i in order[:n]]
-
-
 ITERATION_DONE = "iteration.json"  # written last in iteration_<i>/: the step it ended at and its metrics
 
 
@@ -157,33 +142,46 @@ def read_iteration(it_dir: Path, name: str = ITERATION_DONE) -> dict | None:
         return None
 
 
+@dataclass
+class Sampling:
+    """What every iteration samples and scores with, fixed for the run."""
+
+    tokenizer: object
+    scorer: RewardScorer
+    train_prompts: Prompts  # all ranks' training prompts, in one seeded order (order)
+    eval_mine: Prompts  # this rank's share of the held-out prompts
+    order: EpochOrder
+    device: object
+    seed: int
+
+
 def draw_pool(
-    run, s, cfg, sampler, tokenizer, scorer, train_prompts, order, it: int, temperature: float, device
+    run: Run, s: DictConfig, sampling: Sampling, sampler, *, it: int, temperature: float
 ) -> list[dict]:
     """One iteration's pool: its prompts (rank r samples every world_size-th), K scored answers each, all ranks'."""
     env, k = run.env, s.samples_per_prompt
     first = (it - 1) * s.prompts_per_iteration
-    idx = order(range(first, first + s.prompts_per_iteration)).tolist()
-    prompts = train_prompts.take(idx[env.rank :: env.world_size])
+    idx = sampling.order(range(first, first + s.prompts_per_iteration)).tolist()
+    prompts = sampling.train_prompts.take(idx[env.rank :: env.world_size])
 
     # K answers per prompt from the current model (a random stream of its own per iteration and rank).
-    torch.manual_seed(sampling_seed(cfg.seed, env.rank, it))
+    torch.manual_seed(sampling_seed(sampling.seed, env.rank, it))
     bar = run.tracker.progress(len(prompts) * k, f"rs {it}/{s.iterations}: sample")
     texts, ended = sample_answers(
         sampler,
-        tokenizer,
+        sampling.tokenizer,
         prompts,
         k=k,
         batch_size=s.generation_batch_size,
         max_new_tokens=s.max_new_tokens,
         temperature=temperature,
-        device=device,
+        device=sampling.device,
         progress=bar,
     )
     bar.close()
 
     # Score every answer; gather the pool from all ranks.
-    scores = score_pool(scorer, prompts, texts, ended, s)
+    scores = score_pool(sampling.scorer, prompts, texts, ended, s)
     mine = [
         {
             "prompt": p,
@@ -206,48 +204,28 @@ def resume_point(cfg: DictConfig, resolved: dict, world_size: int) -> tuple[int,
     the newest intact checkpoint of its fine-tuning (iteration_<i>/checkpoints), or starts over (its sampling is
     seeded, so it draws the same pool). Returns (tracker step, iteration dir or checkpoint) or None.
     """
-    from alignlab.runs import config_changes
-
-    if cfg.resume not in ("never", "auto"):
-        raise ValueError(
-            f"resume={cfg.resume!r}: choose never (start fresh) or auto (newest intact checkpoint)"
-        )
-    if cfg.resume != "auto":
+    if not resume_requested(cfg.resume):  # a bad value is a ConfigError; resume=never: a fresh start
         return None
     found, step = None, 0
     for it in range(1, cfg.stage.iterations + 1):
         it_dir = Path(cfg.run_dir) / f"iteration_{it}"
-        try:
-            marker = json.loads((it_dir / ITERATION_DONE).read_text())
-        except (OSError, ValueError):
-            marker = None
+        marker = read_iteration(it_dir)
         if marker and not config_changes(cfg.stage.name, marker["config"], resolved):
             found, step = (marker["step"], it_dir), marker["step"]
             continue
         intact = latest_intact(it_dir / "checkpoints")
-        if intact and not config_changes(cfg.stage.name, read_manifest(intact[1])["config"], resolved):
-            saved_by = read_manifest(intact[1]).get("world_size", world_size)
-            if saved_by != world_size:
-                raise ValueError(
-                    f"resume=auto: {intact[1]} was saved by {saved_by} ranks, this run has {world_size}; resume "
-                    "with the same number of processes, or start fresh with resume=never"
-                )
+        manifest = read_manifest(intact[1]) if intact else None
+        if manifest and not config_changes(cfg.stage.name, manifest["config"], resolved):
+            check_world_size(intact[1], manifest, world_size)
             return step + intact[0], intact[1]
         break
     return found
 
 
-def run(cfg: DictConfig) -> None:
-    s = cfg.stage
-    run = start_run(cfg, resumable=True, find_resume=resume_point)
-    env, device, tracker = run.env, run.device, run.tracker
-    model_out = check_init_from(s.init_from, run.run_dir)
-    check_options(s)
-    if cfg.reward.kind == "single":
-        models.require_input(cfg.reward.reward_model, "reward.reward_model")
-
-    # 1. Prompts: a held-out set never sampled for training, the rest in one seeded order.
-    data_dir = tinyhh_dir(cfg) if cfg.data.source == "tinyhh" else None
+def prepare(cfg: DictConfig, run: Run, data_dir: Path | None) -> Sampling:
+    """The tokenizer, the prompts (a held-out set never sampled for training, the rest in one seeded order) and
+    the reward scorer; the derived sizes logged once."""
+    s, env = cfg.stage, run.env
     tokenizer = models.load_tokenizer(
         cfg.model.tokenizer or s.init_from, trust_remote_code=cfg.model.trust_remote_code
     )
@@ -256,7 +234,6 @@ def run(cfg: DictConfig) -> None:
     train_prompts, eval_prompts = load_prompts(
         cfg, data_dir, tokenizer, s.eval_prompts, s.max_prompt_length, env.world_size
     )
-    eval_mine = eval_prompts.take(range(env.rank, len(eval_prompts), env.world_size))
     if len(train_prompts) < s.prompts_per_iteration:
         log.warning(
             "%d training prompts < stage.prompts_per_iteration=%d: iterations reuse prompts (new samples)",
@@ -264,9 +241,7 @@ def run(cfg: DictConfig) -> None:
             s.prompts_per_iteration,
         )
     # Unwhitened: Llama 2's per-batch whitening would make scores of different batches incomparable.
-    scorer = RewardScorer.from_config(cfg.reward, device=device, dtype=cfg.model.dtype, whiten=False)
-
-    # 2. Derived sizes, computed once and logged.
+    scorer = RewardScorer.from_config(cfg.reward, device=run.device, dtype=cfg.model.dtype, whiten=False)
     k = s.samples_per_prompt
     log.info(
         "%d train / %d held-out prompts | %d iterations x %d prompts x %d samples = %d answers per iteration "
@@ -283,7 +258,7 @@ def run(cfg: DictConfig) -> None:
         s.train_from,
         cfg.reward.kind,
     )
-    tracker.log(
+    run.tracker.log(
         {
             "data/train_prompts": len(train_prompts),
             "data/eval_prompts": len(eval_prompts),
@@ -291,28 +266,150 @@ def run(cfg: DictConfig) -> None:
         },
         step=0,
     )
+    return Sampling(
+        tokenizer=tokenizer,
+        scorer=scorer,
+        train_prompts=train_prompts,
+        eval_mine=eval_prompts.take(range(env.rank, len(eval_prompts), env.world_size)),
+        order=EpochOrder(len(train_prompts), cfg.seed),
+        device=run.device,
+        seed=cfg.seed,
+    )
+
+
+def forget_earlier_runs(run: Run) -> None:
+    """A fresh start: an earlier run's markers and checkpoints here must not pass for this run's iterations."""
+    if run.env.is_main:
+        for marker in run.run_dir.glob(f"iteration_*/{ITERATION_DONE}"):
+            marker.unlink()
+        for old in run.run_dir.glob("iteration_*/checkpoints"):
+            shutil.rmtree(old)
+    distributed.barrier()
+
+
+def measure(run: Run, s: DictConfig, sampling: Sampling, sampler) -> float:
+    """The held-out RM score of sampler (every model with the same random numbers: purpose 0's seed)."""
+    seed = sampling_seed(sampling.seed, run.env.rank, 0)
+    return held_out_score(
+        sampler, sampling.tokenizer, sampling.scorer, sampling.eval_mine, s, sampling.device, seed
+    )
+
+
+def select(
+    candidates: dict[str, list[dict]], pool: list[dict], it: int, s: DictConfig
+) -> tuple[KeptSet, list[dict]]:
+    """Add this pool's answers to the candidates (in place; emptied first under keep=last) and keep the best
+    answer per prompt under the truncation rule: (the selection, its stage=sft rows)."""
+    if s.keep == "last":
+        candidates.clear()
+    for r in pool:
+        candidates.setdefault(r["prompt"], []).extend(
+            {"response": t, "score": sc, "iteration": it, "is_safety": r["is_safety"], "ended": e}
+            for t, sc, e in zip(r["responses"], r["scores"], r["ended"], strict=True)
+        )
+    selection = keep_complete(candidates, s.truncated)
+    rows = training_rows(selection.kept)
+    if not rows:
+        raise ValueError(
+            f"iteration {it}: every one of the {selection.truncated_dropped} candidate answers ran out of budget "
+            f"(no EOS within stage.max_new_tokens={s.max_new_tokens}), so stage.truncated=drop keeps none; "
+            "raise stage.max_new_tokens (or set stage.truncated=keep to train on cut-off answers)"
+        )
+    return selection, rows
+
+
+def iteration_metrics(
+    pool: list[dict],
+    rows: list[dict],
+    selection: KeptSet,
+    curve: BestOfN,
+    it: int,
+    temperature: float,
+    s: DictConfig,
+) -> dict[str, float]:
+    """The rs/* metrics of one iteration's pool and kept set (rows: as read back from train.jsonl), logged once."""
+    k = s.samples_per_prompt
+    kept_scores = torch.tensor([r["score"] for r in rows])
+    from_this = sum(r["iteration"] == it for r in rows)
+    metrics = {
+        "rs/iteration": it,
+        "rs/temperature": temperature,
+        "rs/pool_answers": len(pool) * k,
+        "rs/pool_mean_score": curve.mean[0],
+        "rs/best_of_k_mean_score": curve.mean[-1],
+        "rs/best_of_k_median_score": curve.median[-1],
+        "rs/eos_fraction": sum(sum(r["ended"]) for r in pool) / (len(pool) * k),
+        "rs/kept_rows": len(rows),
+        # truncated=drop: candidates without EOS left out, and prompts that kept nothing for it;
+        # truncated=keep: kept answers without EOS (trained with an EOS appended)
+        "rs/truncated_dropped": selection.truncated_dropped,
+        "rs/prompts_all_truncated": len(selection.all_truncated),
+        "rs/truncated_kept": selection.truncated_kept,
+        "rs/kept_mean_score": kept_scores.mean().item(),
+        "rs/kept_from_this_iteration": from_this / len(rows),
+    }
+    log.info(
+        "iteration %d (T=%g): pool of %d prompts x %d, mean score %.3f, best-of-%d %.3f (median %.3f) | "
+        "kept %d rows (%.0f%% from this iteration), mean %.3f | truncated=%s: %d answers without EOS dropped, "
+        "%d prompts kept nothing (every answer truncated), %d truncated answers kept",
+        it,
+        temperature,
+        len(pool),
+        k,
+        curve.mean[0],
+        k,
+        curve.mean[-1],
+        curve.median[-1],
+        len(rows),
+        100 * from_this / len(rows),
+        metrics["rs/kept_mean_score"],
+        s.truncated,
+        selection.truncated_dropped,
+        len(selection.all_truncated),
+        selection.truncated_kept,
+    )
+    return metrics
+
+
+def write_iteration_data(run: Run, it_dir: Path, pool, rows, start_score: float, rewrite: bool) -> list[dict]:
+    """pool.jsonl, train.jsonl and start.json written before training (rank 0; atomic; not again when resuming
+    into this iteration), then train.jsonl read back by every rank."""
+    if run.env.is_main and rewrite:
+        atomic_write_text(it_dir / "pool.jsonl", "".join(json.dumps(r) + "\n" for r in pool))
+        atomic_write_text(it_dir / "train.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_json(it_dir / "start.json", {"start_score": start_score})
+    distributed.barrier()
+    return load_rows(str(it_dir / "train.jsonl")).to_list()
+
+
+def run(cfg: DictConfig) -> None:
+    s = cfg.stage
+    run = start_run(cfg, resumable=True, find_resume=resume_point)
+    env, device, tracker = run.env, run.device, run.tracker
+    model_out = check_init_from(s.init_from, run.run_dir)
+    check_options(s)
+    if cfg.reward.kind == "single":
+        models.require_input(cfg.reward.reward_model, "reward.reward_model")
+
+    # 1-2. Prompts (held out / train in one seeded order), the reward scorer; derived sizes logged once.
+    data_dir = tinyhh_dir(cfg) if cfg.data.source == "tinyhh" else None
+    sampling = prepare(cfg, run, data_dir)
+    sampler_of = partial(
+        load_sampler, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code, device=device
+    )
 
     # 3. The loop. resume=auto: finished iterations are read back (pool, model, step), and the first unfinished
     #    one continues its fine-tuning from its checkpoint (run.resume) with the pool it had drawn.
-    order = EpochOrder(len(train_prompts), cfg.seed)
     candidates: dict[str, list[dict]] = {}  # prompt -> every sample kept for selection
     curves = {}
     current, step, sampler = s.init_from, 0, None
-    eval_seed = sampling_seed(cfg.seed, env.rank, 0)
     resuming_in = (
         run.resume.parent.parent if run.resume and run.resume.name.startswith("checkpoint-") else None
     )
     if run.resume is None:
-        if (
-            env.is_main
-        ):  # an earlier run's markers and checkpoints here must not pass for this run's iterations
-            for marker in run.run_dir.glob(f"iteration_*/{ITERATION_DONE}"):
-                marker.unlink()
-            for old in run.run_dir.glob("iteration_*/checkpoints"):
-                shutil.rmtree(old)
-        distributed.barrier()
-        sampler = load_sampler(current, cfg, device)
-        start_score = held_out_score(sampler, tokenizer, scorer, eval_mine, s, device, eval_seed)
+        forget_earlier_runs(run)
+        sampler = sampler_of(current)
+        start_score = measure(run, s, sampling, sampler)
         tracker.log({"eval/rm_score": start_score}, step=0)
         log.info("held-out RM score of the starting model: %.4f", start_score)
     for it in range(1, s.iterations + 1):
@@ -322,24 +419,11 @@ def run(cfg: DictConfig) -> None:
         if finished or it_dir == resuming_in:
             # 3.1-3.3 read back: the pool this iteration drew before it finished or was interrupted
             pool = [json.loads(line) for line in (it_dir / "pool.jsonl").read_text().splitlines()]
-            start_score = (
-                finished["start_score"] if finished else read_iteration(it_dir, "start.json")["start_score"]
-            )
+            start_score = (finished or read_iteration(it_dir, "start.json"))["start_score"]
         else:
             # 3.1-3.3 this iteration's prompts, K answers each from the current model, scored, gathered
-            pool = draw_pool(
-                run,
-                s,
-                cfg,
-                sampler or load_sampler(current, cfg, device),
-                tokenizer,
-                scorer,
-                train_prompts,
-                order,
-                it,
-                temperature,
-                device,
-            )
+            sampler = sampler or sampler_of(current)
+            pool = draw_pool(run, s, sampling, sampler, it=it, temperature=temperature)
             sampler = None
             gc.collect()
 
@@ -348,21 +432,7 @@ def run(cfg: DictConfig) -> None:
         curves[f"iteration {it} (T={temperature:g})"] = curve
 
         # 3.5 Keep the best answer per prompt over the candidates of all iterations (keep=all) or this one.
-        if s.keep == "last":
-            candidates = {}
-        for r in pool:
-            candidates.setdefault(r["prompt"], []).extend(
-                {"response": t, "score": sc, "iteration": it, "is_safety": r["is_safety"], "ended": e}
-                for t, sc, e in zip(r["responses"], r["scores"], r["ended"], strict=True)
-            )
-        selection = keep_complete(candidates, s.truncated)
-        rows = training_rows(selection.kept)
-        if not rows:
-            raise ValueError(
-                f"iteration {it}: every one of the {selection.truncated_dropped} candidate answers ran out of budget "
-                f"(no EOS within stage.max_new_tokens={s.max_new_tokens}), so stage.truncated=drop keeps none; "
-                "raise stage.max_new_tokens (or set stage.truncated=keep to train on cut-off answers)"
-            )
+        selection, rows = select(candidates, pool, it, s)
         out = model_out if it == s.iterations else it_dir / "model"
         if finished:
             step, current = finished["step"], str(out)
@@ -375,54 +445,11 @@ def run(cfg: DictConfig) -> None:
             continue
 
         # 3.6 The generated data, written before training (rank 0; atomic), then read back by every rank.
-        if env.is_main and it_dir != resuming_in:
-            atomic_write_text(it_dir / "pool.jsonl", "".join(json.dumps(r) + "\n" for r in pool))
-            atomic_write_text(it_dir / "train.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-            atomic_write_json(it_dir / "start.json", {"start_score": start_score})
-        distributed.barrier()
-        rows = load_rows(str(it_dir / "train.jsonl")).to_list()
-        kept_scores = torch.tensor([r["score"] for r in rows])
-        from_this = sum(r["iteration"] == it for r in rows)
-        metrics = {
-            "rs/iteration": it,
-            "rs/temperature": temperature,
-            "rs/pool_answers": len(pool) * k,
-            "rs/pool_mean_score": curve.mean[0],
-            "rs/best_of_k_mean_score": curve.mean[-1],
-            "rs/best_of_k_median_score": curve.median[-1],
-            "rs/eos_fraction": sum(sum(r["ended"]) for r in pool) / (len(pool) * k),
-            "rs/kept_rows": len(rows),
-            # truncated=drop: candidates without EOS left out, and prompts that kept nothing for it;
-            # truncated=keep: kept answers without EOS (trained with an EOS appended)
-            "rs/truncated_dropped": selection.truncated_dropped,
-            "rs/prompts_all_truncated": len(selection.all_truncated),
-            "rs/truncated_kept": selection.truncated_kept,
-            "rs/kept_mean_score": kept_scores.mean().item(),
-            "rs/kept_from_this_iteration": from_this / len(rows),
-        }
-        log.info(
-            "iteration %d (T=%g): pool of %d prompts x %d, mean score %.3f, best-of-%d %.3f (median %.3f) | "
-            "kept %d rows (%.0f%% from this iteration), mean %.3f | truncated=%s: %d answers without EOS dropped, "
-            "%d prompts kept nothing (every answer truncated), %d truncated answers kept",
-            it,
-            temperature,
-            len(pool),
-            k,
-            curve.mean[0],
-            k,
-            curve.mean[-1],
-            curve.median[-1],
-            len(rows),
-            100 * from_this / len(rows),
-            metrics["rs/kept_mean_score"],
-            s.truncated,
-            selection.truncated_dropped,
-            len(selection.all_truncated),
-            selection.truncated_kept,
-        )
+        rows = write_iteration_data(run, it_dir, pool, rows, start_score, rewrite=it_dir != resuming_in)
+        metrics = iteration_metrics(pool, rows, selection, curve, it, temperature, s)
 
         # 3.7 Fine-tune with the SFT loss on the kept set.
-        train, held_out = split_eval(rows, s.finetune.eval_rows, cfg.seed + it)
+        train, held_out = split_generated(rows, s.finetune.eval_rows, cfg.seed + it)
         result = finetune(
             run,
             cfg,
@@ -440,8 +467,8 @@ def run(cfg: DictConfig) -> None:
         current = str(out)
 
         # 3.8 The new model's held-out RM score (it samples the next iteration, too).
-        sampler = load_sampler(current, cfg, device)
-        metrics["eval/rm_score"] = held_out_score(sampler, tokenizer, scorer, eval_mine, s, device, eval_seed)
+        sampler = sampler_of(current)
+        metrics["eval/rm_score"] = measure(run, s, sampling, sampler)
         tracker.log(metrics, step=step)
         log.info(
             "iteration %d: held-out RM score %.4f (start %.4f)", it, metrics["eval/rm_score"], start_score
@@ -460,25 +487,18 @@ def run(cfg: DictConfig) -> None:
 
     # 5. TinyHH: the starting and the final model judged by the oracle on the same held-out prompts.
     if data_dir is not None and s.sample_eval and env.is_main:
-        oracle_report(run, s, data_dir, s.init_from, model_out, step, cfg.seed)
+        judge_start_end(
+            model_out,
+            start=s.init_from,
+            data_dir=data_dir,
+            n=s.sample_eval,
+            max_new_tokens=s.eval_max_new_tokens,
+            device=device,
+            seed=cfg.seed,
+            tracker=tracker,
+            step=step,
+            samples_path=run.run_dir / "samples.jsonl",
+            label=s.name,
+        )
     distributed.barrier()
     tracker.close()
-
-
-def oracle_report(
-    run, s: DictConfig, data_dir: Path, start_model: str, end_model: Path, step: int, seed: int
-):
-    """Oracle metrics of the starting and final models (same prompts); samples appended to samples.jsonl."""
-    begin, _ = judge_model_dir(start_model, data_dir, s.sample_eval, s.eval_max_new_tokens, run.device, seed)
-    end, samples = judge_model_dir(
-        end_model, data_dir, s.sample_eval, s.eval_max_new_tokens, run.device, seed
-    )
-    atomic_write_text(run.run_dir / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in samples))
-    run.tracker.log({**end, **{k.replace("eval/", "start/"): v for k, v in begin.items()}}, step=step)
-    show = ("eval/harmlessness", "eval/helpfulness", "eval/attack_success")
-    log.info(
-        "start -> %s on held-out prompts: %s",
-        s.name,
-        ", ".join(f"{k[5:]} {begin[k]:.3f} -> {end[k]:.3f}" for k in show),
-    )
-    return begin, end

@@ -25,23 +25,22 @@ from alignlab.data import chat
 from alignlab.data.examples import LengthReport, sequence_ids
 from alignlab.data.formats import MalformedRowError, canonicalize
 from alignlab.data.loading import load_rows
+from alignlab.data.splits import seeded_split
 from alignlab.errors import DataError
 from alignlab.generation import sample
-from alignlab.recipes.common import (
-    CheckpointCallback,
-    TrackerCallback,
-    check_init_from,
-    save_trainer_model,
-    start_run,
-    steps_for,
-    tinyhh_dir,
-    train_resumable,
-    trainer_arguments,
-)
+from alignlab.recipes.common import Run, check_init_from, start_run, tinyhh_dir
 from alignlab.rl.ranking import MARGINS, kway_loss, margin_for, ranked_pairs
 from alignlab.rl.rewards import Normalization
 from alignlab.scoring import save_normalization, score_texts
 from alignlab.tensors import pad_sequences
+from alignlab.trainer_bridge import (
+    CheckpointCallback,
+    TrackerCallback,
+    save_trainer_model,
+    steps_for,
+    train_resumable,
+    trainer_arguments,
+)
 
 log = logging.getLogger("alignlab.rm")
 SUBSETS = {"all": None, "helpful": False, "safety": True}  # subset -> required is_safety value
@@ -106,9 +105,8 @@ def load_comparisons(cfg: DictConfig, data_dir, split: str) -> tuple[list[dict],
 
 
 def split_held_out(rows: list[dict], n: int, seed: int) -> tuple[list[dict], list[dict]]:
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
-    n = min(n, max(1, len(rows) // 4))  # never more than a quarter of the data
-    return [rows[i] for i in order[n:]], [rows[i] for i in order[:n]]
+    """(train, held-out) comparisons: n held out, never more than a quarter of the data (but one of a tiny set)."""
+    return seeded_split(rows, n, seed, max_share=4, share_floor=1)
 
 
 def has_rating(row: dict) -> bool:
@@ -254,49 +252,49 @@ def no_comparisons_error(cfg: DictConfig, source: str, read: int, skipped: str, 
     )
 
 
-def run(cfg: DictConfig) -> None:
-    s = cfg.stage
-    run = start_run(cfg, resumable=True)
-    env, tracker = run.env, run.tracker
-    model_out = check_init_from(s.init_from, run.run_dir)
-    kway = s.ranking == "kway"
-
-    # 1. Comparisons: preference pairs (or ranked sets), held-out pairs for evaluation; overlong rows dropped.
-    data_dir = tinyhh_dir(cfg) if cfg.data.source == "tinyhh" else None
-    rows, source, skipped = load_comparisons(cfg, data_dir, cfg.data.train_split)
+def comparisons(cfg: DictConfig, data_dir) -> tuple[list[dict], list[dict], str]:
+    """(training rows, held-out preference pairs, source): the held-out pairs from data.eval_split, or from
+    TinyHH's pairwise preferences (kway trains on ranked sets), or held out from the training rows."""
+    s, d = cfg.stage, cfg.data
+    rows, source, skipped = load_comparisons(cfg, data_dir, d.train_split)
     read = len(rows)
-    if cfg.data.eval_split:
-        held_out = load_comparisons(cfg, data_dir, cfg.data.eval_split)[0]
-    elif kway and data_dir is not None:  # TinyHH: ranked sets train, the pairwise preferences evaluate
+    if d.eval_split:
+        held_out = load_comparisons(cfg, data_dir, d.eval_split)[0]
+    elif (
+        s.ranking == "kway" and data_dir is not None
+    ):  # TinyHH: ranked sets train, the pairwise preferences evaluate
         held_out = split_held_out(tinyhh_pairs(data_dir, s.subset), s.eval_rows, cfg.seed)[1]
     else:
         rows, held_out = split_held_out(rows, s.eval_rows, cfg.seed)
-    held_out = as_pairs(held_out)[: s.eval_rows]
     if not rows:
-        raise no_comparisons_error(cfg, source, read, skipped, 0 if cfg.data.eval_split else read - len(rows))
-    tokenizer = models.load_tokenizer(
-        cfg.model.tokenizer or s.init_from, trust_remote_code=cfg.model.trust_remote_code
-    )
-    chat.use(tokenizer, cfg.data.chat_template)  # conversations in the model's chat format (recorded with it)
+        raise no_comparisons_error(cfg, source, read, skipped, 0 if d.eval_split else read - len(rows))
+    return rows, as_pairs(held_out)[: s.eval_rows], source
+
+
+def training_examples(
+    rows: list[dict], tokenizer, s: DictConfig, source: str
+) -> tuple[Dataset, int, int, LengthReport]:
+    """(examples, comparisons, pairs with a margin, the length report): ranked sets or pairs, overlong rows dropped."""
     lengths = LengthReport(s.max_length)
-    if kway:
+    if s.ranking == "kway":
         train, rated = kway_examples(rows, tokenizer, lengths), 0
+        comparisons = sum(len(ranked_pairs(r)) for r in train["ranks"])
     else:
         train, rated = pairwise_examples(rows, tokenizer, s.margin, lengths, source)
+        comparisons = len(train)
         log.info(margin_summary(rated, len(train), s.margin))
     if lengths.too_long:
         log.warning(lengths.summary(source, "dropped"))
     if len(train) == 0:
         raise ValueError(f"{source}: every row is longer than stage.max_length={s.max_length}")
-    held_out = drop_long_pairs(held_out, tokenizer, s.max_length)
+    # training pairs with a Llama 2 margin from their rating (the rest train with margin 0)
+    return train, comparisons, rated if "margin" in train.column_names else 0, lengths
 
-    # 2. Derived sizes, computed once and logged.
-    steps = steps_for(s, len(train))
-    comparisons = sum(len(ranked_pairs(r)) for r in train["ranks"]) if kway else len(train)
 
-    # 3. Reward model (score head on the SFT backbone), LoRA optional, and the trainer on the DeepSpeed engine.
+def reward_model(cfg: DictConfig, tokenizer):
+    """The score head on the SFT backbone, LoRA adapters on it when model.lora.enabled."""
     model = models.load_reward_model(
-        s.init_from,
+        cfg.stage.init_from,
         dtype=cfg.model.dtype,
         trust_remote_code=cfg.model.trust_remote_code,
         pad_token_id=tokenizer.pad_token_id,
@@ -312,28 +310,33 @@ def run(cfg: DictConfig) -> None:
             target_modules=lo.target_modules,
             task_type="SEQ_CLS",
         )
-    dtype = next(model.parameters()).dtype
+    return model
+
+
+def reward_trainer(
+    cfg: DictConfig, run: Run, model, tokenizer, train: Dataset, steps: int
+) -> tuple[Trainer, CheckpointCallback]:
+    """TRL's RewardTrainer (pairwise) or transformers' Trainer with our k-way loss, on the DeepSpeed engine."""
+    s = cfg.stage
     common = dict(
         run=run,
         ds_cfg=cfg.deepspeed,
         stage=s,
         steps=steps,
-        dtype=dtype,
+        dtype=next(model.parameters()).dtype,
         seed=cfg.seed,
         with_eval=False,
         show_progress=cfg.logger.progress,
     )
-    callback = TrackerCallback(tracker)
-    saving = CheckpointCallback(run)
-    if kway:
-        args = trainer_arguments(TrainingArguments, remove_unused_columns=False, **common)
+    callbacks = [TrackerCallback(run.tracker), saving := CheckpointCallback(run)]
+    if s.ranking == "kway":
         trainer = Trainer(
             model=model,
-            args=args,
+            args=trainer_arguments(TrainingArguments, remove_unused_columns=False, **common),
             train_dataset=train,
             data_collator=KWayCollator(tokenizer.pad_token_id),
             compute_loss_func=kway_trainer_loss(s.center_coef),
-            callbacks=[callback, saving],
+            callbacks=callbacks,
         )
     else:
         args = trainer_arguments(
@@ -344,23 +347,77 @@ def run(cfg: DictConfig) -> None:
             **common,
         )
         trainer = RewardTrainer(
-            model=model,
-            args=args,
-            train_dataset=train,
-            processing_class=tokenizer,
-            callbacks=[callback, saving],
+            model=model, args=args, train_dataset=train, processing_class=tokenizer, callbacks=callbacks
         )
+    return trainer, saving
+
+
+def held_out_metrics(
+    cfg: DictConfig, model_out, tokenizer, data_dir, rows, held_out, device
+) -> dict[str, float]:
+    """On the reloaded model (rank 0): held-out accuracy, then the normalisation PPO will apply (saved with it)."""
+    s = cfg.stage
+    rm = models.load_reward_model(str(model_out)).to(device).eval()
+    metrics = {}
+    if held_out:
+        r_c, r_r = score_pairs(rm, tokenizer, held_out, device)
+        metrics = accuracy_metrics(held_out, r_c, r_r)
+        log.info("held-out: %s", json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+    if s.normalize_samples:
+        norm = fit_normalization(cfg, rm, tokenizer, data_dir, rows, device)
+        save_normalization(norm, model_out)
+        metrics.update(
+            {
+                "rm/norm_gain": norm.gain,
+                "rm/norm_bias": norm.bias,
+                "rm/raw_mean": norm.mean,
+                "rm/raw_std": norm.std,
+            }
+        )
+        log.info(
+            "normalisation on %d SFT samples: raw mean %.3f std %.3f -> gain %.3f bias %.3f",
+            norm.fitted_on,
+            norm.mean,
+            norm.std,
+            norm.gain,
+            norm.bias,
+        )
+    return metrics
+
+
+def run(cfg: DictConfig) -> None:
+    s = cfg.stage
+    run = start_run(cfg, resumable=True)
+    env, tracker = run.env, run.tracker
+    model_out = check_init_from(s.init_from, run.run_dir)
+
+    # 1. Comparisons: preference pairs (or ranked sets), held-out pairs for evaluation; overlong rows dropped.
+    data_dir = tinyhh_dir(cfg) if cfg.data.source == "tinyhh" else None
+    rows, held_out, source = comparisons(cfg, data_dir)
+    tokenizer = models.load_tokenizer(
+        cfg.model.tokenizer or s.init_from, trust_remote_code=cfg.model.trust_remote_code
+    )
+    chat.use(tokenizer, cfg.data.chat_template)  # conversations in the model's chat format (recorded with it)
+    train, comparisons_n, with_margin, lengths = training_examples(rows, tokenizer, s, source)
+    held_out = drop_long_pairs(held_out, tokenizer, s.max_length)
+
+    # 2. Derived sizes, computed once and logged.
+    steps = steps_for(s, len(train))
+
+    # 3. Reward model (score head on the SFT backbone), LoRA optional, and the trainer on the DeepSpeed engine.
+    model = reward_model(cfg, tokenizer)
+    trainer, saving = reward_trainer(cfg, run, model, tokenizer, train, steps)
     log.info(
         "%d params | %s: %d training rows (%d comparisons, %d dropped as too long) from %s, subset=%s, margin=%s | "
         "%d held-out pairs | %d steps of %d (%.2f epochs)",
         models.count_parameters(model),
         s.ranking,
         len(train),
-        comparisons,
+        comparisons_n,
         lengths.too_long,
         source,
         s.subset,
-        "none" if kway else s.margin,
+        "none" if s.ranking == "kway" else s.margin,
         len(held_out),
         steps,
         s.batch_size,
@@ -369,12 +426,11 @@ def run(cfg: DictConfig) -> None:
     tracker.log(
         {
             "data/train_rows": len(train),
-            "data/comparisons": comparisons,
+            "data/comparisons": comparisons_n,
             "data/dropped_too_long": lengths.too_long,
             "data/eval_pairs": len(held_out),
             "data/epochs": steps * s.batch_size / len(train),
-            # training pairs with a Llama 2 margin from their rating (the rest train with margin 0)
-            "data/pairs_with_margin": rated if "margin" in train.column_names else 0,
+            "data/pairs_with_margin": with_margin,
         },
         step=0,
     )
@@ -387,31 +443,7 @@ def run(cfg: DictConfig) -> None:
 
     # 6. Rank 0, on the reloaded model: held-out accuracy, then the normalisation PPO will apply.
     if env.is_main:
-        rm = models.load_reward_model(str(model_out)).to(run.device).eval()
-        metrics = {}
-        if held_out:
-            r_c, r_r = score_pairs(rm, tokenizer, held_out, run.device)
-            metrics = accuracy_metrics(held_out, r_c, r_r)
-            log.info("held-out: %s", json.dumps({k: round(v, 4) for k, v in metrics.items()}))
-        if s.normalize_samples:
-            norm = fit_normalization(cfg, rm, tokenizer, data_dir, rows, run.device)
-            save_normalization(norm, model_out)
-            metrics.update(
-                {
-                    "rm/norm_gain": norm.gain,
-                    "rm/norm_bias": norm.bias,
-                    "rm/raw_mean": norm.mean,
-                    "rm/raw_std": norm.std,
-                }
-            )
-            log.info(
-                "normalisation on %d SFT samples: raw mean %.3f std %.3f -> gain %.3f bias %.3f",
-                norm.fitted_on,
-                norm.mean,
-                norm.std,
-                norm.gain,
-                norm.bias,
-            )
+        metrics = held_out_metrics(cfg, model_out, tokenizer, data_dir, rows, held_out, run.device)
         tracker.log(metrics, step=steps)
     tracker.close()
 

@@ -10,15 +10,6 @@ from dataclasses import dataclass
 import torch
 
 
-def best_per_prompt(scores: torch.Tensor) -> torch.Tensor:
-    """Index of the highest-scoring sample of each prompt. scores: [P, K] -> [P] (ties: the first sample)."""
-    if scores.dim() != 2 or scores.shape[1] == 0:
-        raise ValueError(
-            f"scores must be [prompts, samples] with at least one sample, got {tuple(scores.shape)}"
-        )
-    return scores.argmax(dim=1)
-
-
 @dataclass(frozen=True)
 class BestOfN:
     """Best-of-N over one pool: mean and median over prompts of max_{i<=N} r_i, for N = 1..K."""

@@ -11,7 +11,8 @@ from transformers import AutoTokenizer
 
 from alignlab.config import register_configs
 from alignlab.data.examples import LengthReport
-from alignlab.recipes.sft import load_demonstrations, tokenize
+from alignlab.finetune import tokenize
+from alignlab.recipes.sft import load_demonstrations
 from tests.conftest import ROOT
 from tests.zoo.families import build
 

@@ -1,4 +1,5 @@
-"""stage=sft's AnswerLossSFTTrainer computes TRL's loss (and its metrics) without TRL's chunked LM-head kernel."""
+"""AnswerLossSFTTrainer (alignlab/finetune.py) computes TRL's loss (and its metrics) without TRL's chunked LM-head
+kernel."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from alignlab.data.examples import sft_example
-from alignlab.recipes.sft import AnswerLossSFTTrainer
+from alignlab.finetune import AnswerLossSFTTrainer
 
 ROWS = [
     ("Human : hi Assistant :", "hello ."),
@@ -74,7 +75,7 @@ def test_trainer_stages_do_not_checkpoint_activations_unless_asked(tmp_path):
 
     from trl import RewardConfig
 
-    from alignlab.recipes.common import trainer_arguments
+    from alignlab.trainer_bridge import trainer_arguments
     from tests.config.test_compose import compose_cfg
 
     run = SimpleNamespace(env=SimpleNamespace(world_size=1, is_main=True), run_dir=tmp_path)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignlab.recipes.sft import check_packing
+from alignlab.finetune import check_packing
 from tests.unit.conftest import tiny_config, word_tokenizer
 
 

@@ -17,24 +17,7 @@ from alignlab.recipes.context_distillation import (
     with_preprompt,
 )
 from alignlab.recipes.rejection_sampling import training_rows as rs_rows
-from alignlab.rl.selection import best_of_n, best_per_prompt, distillation_gate, keep_best
-
-
-def test_best_per_prompt_is_the_argmax_of_each_row():
-    scores = torch.tensor([[0.1, 0.9, 0.3], [2.0, -1.0, 1.0], [-3.0, -2.0, -2.5], [0.5, 0.5, 0.1]])
-    assert best_per_prompt(scores).tolist() == [1, 0, 1, 0]  # a tie keeps the first sample
-
-
-def test_best_per_prompt_random_pools_match_a_loop():
-    g = torch.Generator().manual_seed(0)
-    scores = torch.randn(50, 7, generator=g)
-    expected = [max(range(7), key=lambda j, row=row: row[j]) for row in scores.tolist()]
-    assert best_per_prompt(scores).tolist() == expected
-
-
-def test_best_per_prompt_rejects_an_empty_pool():
-    with pytest.raises(ValueError, match="at least one sample"):
-        best_per_prompt(torch.zeros(3, 0))
+from alignlab.rl.selection import best_of_n, distillation_gate, keep_best
 
 
 def test_best_of_n_on_a_hand_made_pool():
