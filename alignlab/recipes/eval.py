@@ -12,22 +12,28 @@
      between all systems
   5. results.json, report.md, PNG plots (alignlab/evaluation/report.py)
 
+Per-system metrics are logged as eval/<system>/<metric> (eval/sft/kl: the sft system's KL to the reference, not
+PPO's ppo/kl).
+
 Runs on one process (rank 0 works, other ranks wait): evaluation is generation-bound and small.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from alignlab import distributed, models
 from alignlab.checkpoint import atomic_write_json, atomic_write_text
+from alignlab.data.text_blocks import load_ptx_texts
 from alignlab.evaluation.judges import OracleJudge, RewardModelJudge, TemplateJudge, Verdict
+from alignlab.evaluation.lm_loss import AlignmentTax, tokenizer_key
 from alignlab.evaluation.metrics import Rate, rate_difference, win_rate
 from alignlab.evaluation.report import write_report
 from alignlab.evaluation.tinyhh import tinyhh_prompts
@@ -215,6 +221,209 @@ def system_metrics(prompts: list[dict], verdicts: list[Verdict], rm: list[float]
     return out
 
 
+PTX_SEQ_LEN = 256  # block length of the alignment-tax measurement (stage=ppo's default ptx_seq_len)
+PTX_MICRO_BATCH_SIZE = 8  # blocks per forward of the alignment-tax measurement
+
+
+def ptx_texts(cfg: DictConfig, data_dir: Path | None) -> tuple[list[str] | None, str]:
+    """(held-out pretraining texts, their source) for the alignment tax, or (None, why there are none).
+
+    stage.ptx_source (hub name or local file, `text` column), else TinyHH's ptx data on data=tinyhh. The held-out
+    part is the one stage=ppo measures its eval/ptx_loss on and never trains PPO-ptx on (data/text_blocks.py).
+    """
+    s = cfg.stage
+    if not s.ptx_blocks:
+        return None, "stage.ptx_blocks=0"
+    ptx = load_ptx_texts(s.ptx_source, data_dir, on_malformed=cfg.data.on_malformed)
+    if ptx is None:
+        return None, (
+            "no pretraining text to measure it on: set stage.ptx_source to a hub dataset or local file with a "
+            "`text` column (data=tinyhh uses TinyHH's)"
+        )
+    if not ptx.held_out:
+        return None, f"{ptx.source} has no text rows"
+    return ptx.held_out, ptx.source
+
+
+def append_notes(report: Path, notes: list[str]) -> None:
+    """Notes (what was not measured and why) at the end of report.md."""
+    if notes and report.exists():
+        text = report.read_text().rstrip("\n")
+        atomic_write_text(report, text + "\n\n## Notes\n\n" + "".join(f"- {n}\n" for n in notes))
+
+
+# ------------------------------------------------------------------ the recipe's steps
+
+
+def load_scorer(cfg: DictConfig, systems: dict[str, DictConfig], device):
+    """The reward scorer (unwhitened), where the RM score, the RM judge or best-of-N needs it and it exists."""
+    s = cfg.stage
+    if (s.rm_score or s.judge == "rm" or any(x.decoding == "best_of_n" for x in systems.values())) and (
+        cfg.reward.kind != "single" or Path(cfg.reward.reward_model).exists()
+    ):
+        from alignlab.scoring import RewardScorer
+
+        return RewardScorer.from_config(cfg.reward, device=device, dtype=cfg.model.dtype, whiten=False)
+    return None
+
+
+def load_judge(s: DictConfig, scorer, device):
+    """stage.judge: the TinyHH oracle, the reward model, or a model in a judge template."""
+    if s.judge == "oracle":
+        return OracleJudge()
+    if s.judge == "rm":
+        if scorer is None:
+            raise ValueError("stage.judge=rm needs the reward= model; run stage=rm first")
+        return RewardModelJudge(scorer)
+    models.require_input(s.judge_model, "stage.judge_model")
+    return TemplateJudge(
+        models.load_causal_lm(s.judge_model).to(device).eval(),
+        models.load_tokenizer(s.judge_model),
+        s.judge_template,
+    )
+
+
+@dataclass
+class Bench:
+    """What every system is measured with: the prompts, the judge, the reward scorer, the KL reference and the
+    alignment tax; notes collect what was not measured and why (they end report.md)."""
+
+    prompts: list[dict]
+    judge: Any
+    scorer: Any  # RewardScorer or None
+    reference_path: str  # stage.reference: the model KL is measured against
+    tax_of: AlignmentTax | None  # None: no pretraining text (or stage.ptx_blocks=0)
+    ptx_from: str  # the pretraining text's source, or why there is none
+    notes: list[str] = field(default_factory=list)
+    reference: Any = None  # the KL reference model, loaded once (for the first system that needs it)
+    tax: dict[str, float | None] = field(default_factory=dict)  # model -> pretraining loss, once per model
+
+    @property
+    def has_reference(self) -> bool:
+        return Path(self.reference_path).exists() or not models.looks_local(self.reference_path)
+
+
+def alignment_tax(cfg: DictConfig, data_dir: Path | None, device, notes: list[str]):
+    """(AlignmentTax or None, the text's source or why there is none); logs which, notes why not."""
+    s = cfg.stage
+    texts, ptx_from = ptx_texts(cfg, data_dir)
+    tax_of = None
+    if texts is not None:
+        tax_of = AlignmentTax(
+            texts, s.ptx_blocks, device, seq_len=PTX_SEQ_LEN, micro_batch_size=PTX_MICRO_BATCH_SIZE
+        )
+    if tax_of is None and not s.ptx_blocks:
+        log.info("pretraining loss (alignment tax) off: stage.ptx_blocks=0")
+    elif tax_of is None:
+        log.warning("pretraining loss (alignment tax) not measured: %s", ptx_from)
+        notes.append(f"Pretraining loss not measured: {ptx_from}.")
+    else:
+        log.info("pretraining loss on %d held-out documents of %s, per model tokenizer", len(texts), ptx_from)
+    return tax_of, ptx_from
+
+
+def evaluate_system(
+    b: Bench, name: str, sys_cfg: DictConfig, s: DictConfig, device, seed: int
+) -> tuple[dict, list[Verdict], list[dict]]:
+    """Steps 2-4 for one system: (metrics, the judge's verdicts, sample rows)."""
+    prompts = b.prompts
+    if sys_cfg.answers is not None:
+        answers = answers_from_file(sys_cfg.answers, sys_cfg.answers_field, prompts, name)
+    else:
+        answers = generate(sys_cfg, prompts, s, b.scorer, device, seed)
+    texts = [p["prompt"] for p in prompts]
+    verdicts = b.judge(texts, answers)
+    rm = b.scorer(texts, answers).tolist() if b.scorer is not None and s.rm_score else None
+    m = system_metrics(prompts, verdicts, rm)
+    if b.has_reference and b.reference is None and sys_cfg.model is not None:
+        b.reference = models.load_causal_lm(b.reference_path).to(device).eval()
+    m["kl"] = kl_to_reference(sys_cfg, b.reference, prompts, s, device, seed) if b.reference else None
+    if b.tax_of is not None and sys_cfg.model and sys_cfg.model not in b.tax:
+        b.tax[sys_cfg.model], why = b.tax_of(sys_cfg.model)  # once per model, not per decoding
+        if why:
+            log.warning("%s: pretraining loss not measured: %s", name, why)
+            b.notes.append(f"Pretraining loss of `{name}` ({sys_cfg.model}) not measured: {why}.")
+    m["ptx_loss"] = b.tax.get(sys_cfg.model)
+    m["system"] = OmegaConf.to_container(sys_cfg)
+    samples = [
+        {
+            "system": name,
+            "set": p["set"],
+            "prompt": p["prompt"],
+            "response": a,
+            "score": v.score,
+            "harmful": v.harmful,
+            "helpful": v.helpful,
+        }
+        for p, a, v in zip(prompts, answers, verdicts, strict=True)
+    ]
+    return m, verdicts, samples
+
+
+def logged_metrics(name: str, m: dict) -> dict[str, float]:
+    """A system's metrics for the tracker, as eval/<system>/<metric> (a rate's value; unmeasured ones left out)."""
+    return {
+        f"eval/{name}/{k}": (v["value"] if isinstance(v, dict) and "value" in v else v)
+        for k, v in m.items()
+        if k != "system" and v is not None
+    }
+
+
+def compare(results: dict, verdicts: dict[str, list[Verdict]], s: DictConfig, b: Bench) -> None:
+    """Pairwise win rates on the judge's scores, every rate's difference to the baseline's, the ptx note."""
+    names = list(results["systems"])
+    results["win_rates"] = {
+        a: {
+            c: win_rate([v.score for v in verdicts[a]], [v.score for v in verdicts[c]]).as_dict()
+            for c in names
+            if c != a
+        }
+        for a in names
+    }
+    results["baseline"] = s.baseline if s.baseline in names else names[0]
+    if len(set(b.tax_of.tokenizers.values()) if b.tax_of else ()) > 1:
+        b.notes.append(
+            "Pretraining loss is in nats per token of each model's own tokenizer: systems whose models have "
+            "different tokenizers do not compare on it."
+        )
+    results["ptx"] = {"source": b.ptx_from if b.tax_of else None, "blocks": s.ptx_blocks if b.tax_of else 0}
+    results["notes"] = b.notes
+    # Every rate's difference to the baseline's, with an interval: "B is more harmless than A" is supported when
+    # the interval lies above 0.
+    base = results["systems"][results["baseline"]]
+    results["differences"] = {
+        name: {
+            k: rate_difference(Rate(**m[k]), Rate(**base[k])).as_dict()
+            for k, _ in SET_METRICS.values()
+            if isinstance(m.get(k), dict) and isinstance(base.get(k), dict)
+        }
+        for name, m in results["systems"].items()
+        if name != results["baseline"]
+    }
+
+
+def write_outputs(run, results: dict, samples: list[dict], notes: list[str], s: DictConfig) -> None:
+    """Step 5: results.json, samples.jsonl, report.md (with the notes) and plots; the same to the tracker."""
+    atomic_write_json(run.run_dir / "results.json", results)
+    atomic_write_text(run.run_dir / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in samples))
+    curves = {Path(c).name: c for c in s.curves if (Path(c) / "metrics.jsonl").exists()}
+    written = write_report(results, run.run_dir, curves=curves)
+    append_notes(run.run_dir / "report.md", notes)
+    run.tracker.log_images({f"eval/{p.stem}": p for p in written if p.suffix == ".png"}, step=0)
+    run.tracker.log_table("eval/samples", samples, step=0)
+    log.info("wrote %s and %s", run.run_dir / "results.json", ", ".join(str(p.name) for p in written))
+    for name, m in results["systems"].items():
+        log.info(
+            "%-22s %s",
+            name,
+            " | ".join(
+                f"{k} {m[k]['value']:.3f}"
+                for k in ("harmlessness", "helpfulness", "attack_success")
+                if k in m
+            ),
+        )
+
+
 def run(cfg: DictConfig) -> None:
     s = cfg.stage
     if s.ptx_source and models.looks_local(s.ptx_source) and not Path(s.ptx_source).exists():
@@ -234,253 +443,41 @@ def run(cfg: DictConfig) -> None:
     if not env.is_main:  # one process does the work; the others wait for it
         distributed.barrier()
         return
+
+    # 1. Prompts; the judge, the reward scorer and the pretraining text every system is measured with.
     prompts = load_eval_prompts(cfg, data_dir)
-
-    # Judge and reward scorer.
-    scorer = None
-    if (s.rm_score or s.judge == "rm" or any(x.decoding == "best_of_n" for x in systems.values())) and (
-        cfg.reward.kind != "single" or Path(cfg.reward.reward_model).exists()
-    ):
-        from alignlab.scoring import RewardScorer
-
-        scorer = RewardScorer.from_config(cfg.reward, device=device, dtype=cfg.model.dtype, whiten=False)
-    if s.judge == "oracle":
-        judge = OracleJudge()
-    elif s.judge == "rm":
-        if scorer is None:
-            raise ValueError("stage.judge=rm needs the reward= model; run stage=rm first")
-        judge = RewardModelJudge(scorer)
-    else:
-        models.require_input(s.judge_model, "stage.judge_model")
-        judge = TemplateJudge(
-            models.load_causal_lm(s.judge_model).to(device).eval(),
-            models.load_tokenizer(s.judge_model),
-            s.judge_template,
-        )
-    reference = None  # the KL reference model, loaded once (for the first system that needs it)
-    has_reference = Path(s.reference).exists() or not models.looks_local(s.reference)
+    scorer = load_scorer(cfg, systems, device)
+    judge = load_judge(s, scorer, device)
     notes: list[str] = []
-    texts, ptx_from = ptx_texts(cfg, data_dir)
-    tax_of = AlignmentTax(texts, s.ptx_blocks, device) if texts is not None else None
-    if tax_of is None and not s.ptx_blocks:
-        log.info("pretraining loss (alignment tax) off: stage.ptx_blocks=0")
-    elif tax_of is None:
-        log.warning("pretraining loss (alignment tax) not measured: %s", ptx_from)
-        notes.append(f"Pretraining loss not measured: {ptx_from}.")
-    else:
-        log.info("pretraining loss on %d held-out documents of %s, per model tokenizer", len(texts), ptx_from)
+    tax_of, ptx_from = alignment_tax(cfg, data_dir, device, notes)
+    bench = Bench(prompts, judge, scorer, s.reference, tax_of, ptx_from, notes)
+    skipped = sorted(set(s.systems) - set(systems))
+    sets = dict.fromkeys(p["set"] for p in prompts)
     log.info(
         "%d systems (%s) x %d prompts (%s) | judge=%s | skipped: %s",
-        len(systems),
-        ", ".join(systems),
-        len(prompts),
-        ", ".join(
-            f"{k} {sum(p['set'] == k for p in prompts)}" for k in dict.fromkeys(p["set"] for p in prompts)
-        ),
-        s.judge,
-        ", ".join(sorted(set(s.systems) - set(systems))) or "none",
+        *(len(systems), ", ".join(systems), len(prompts)),
+        ", ".join(f"{k} {sum(p['set'] == k for p in prompts)}" for k in sets),
+        *(s.judge, ", ".join(skipped) or "none"),
     )
 
     # 2-4. Answers, verdicts and metrics per system.
-    results: dict = {
-        "systems": {},
-        "prompts": len(prompts),
-        "judge": s.judge,
-        "skipped": sorted(set(s.systems) - set(systems)),
-    }
+    results: dict = {"systems": {}, "prompts": len(prompts), "judge": s.judge, "skipped": skipped}
     verdicts: dict[str, list[Verdict]] = {}
-    tax: dict[str, float | None] = {}
-    samples = []
+    samples: list[dict] = []
     bar = tracker.progress(len(systems), "eval")
     for name, sys_cfg in systems.items():
-        if sys_cfg.answers is not None:
-            answers = answers_from_file(sys_cfg.answers, sys_cfg.answers_field, prompts, name)
-        else:
-            answers = generate(sys_cfg, prompts, s, scorer, device, cfg.seed)
-        texts = [p["prompt"] for p in prompts]
-        verdicts[name] = judge(texts, answers)
-        rm = scorer(texts, answers).tolist() if scorer is not None and s.rm_score else None
-        m = system_metrics(prompts, verdicts[name], rm)
-        if has_reference and reference is None and sys_cfg.model is not None:
-            reference = models.load_causal_lm(s.reference).to(device).eval()
-        m["kl"] = kl_to_reference(sys_cfg, reference, prompts, s, device, cfg.seed) if reference else None
-        if tax_of is not None and sys_cfg.model and sys_cfg.model not in tax:
-            tax[sys_cfg.model], why = tax_of(sys_cfg.model)  # once per model, not per decoding
-            if why:
-                log.warning("%s: pretraining loss not measured: %s", name, why)
-                notes.append(f"Pretraining loss of `{name}` ({sys_cfg.model}) not measured: {why}.")
-        m["ptx_loss"] = tax.get(sys_cfg.model)
-        m["system"] = OmegaConf.to_container(sys_cfg)
+        m, verdicts[name], rows = evaluate_system(bench, name, sys_cfg, s, device, cfg.seed)
         results["systems"][name] = m
-        samples += [
-            {
-                "system": name,
-                "set": p["set"],
-                "prompt": p["prompt"],
-                "response": a,
-                "score": v.score,
-                "harmful": v.harmful,
-                "helpful": v.helpful,
-            }
-            for p, a, v in zip(prompts, answers, verdicts[name], strict=True)
-        ]
-        tracker.log(
-            {
-                f"{name}/{k}": (v["value"] if isinstance(v, dict) and "value" in v else v)
-                for k, v in m.items()
-                if k != "system" and v is not None
-            },
-            step=0,
-        )
+        samples += rows
+        tracker.log(logged_metrics(name, m), step=0)
         bar.update(1)
         bar.set_postfix(system=name)
     bar.close()
 
-    # Pairwise win rates on the judge's scores, every system against every other.
-    names = list(results["systems"])
-    results["win_rates"] = {
-        a: {
-            b: win_rate([v.score for v in verdicts[a]], [v.score for v in verdicts[b]]).as_dict()
-            for b in names
-            if b != a
-        }
-        for a in names
-    }
-    results["baseline"] = s.baseline if s.baseline in names else names[0]
-    if len(set(tax_of.tokenizers.values()) if tax_of else ()) > 1:
-        notes.append(
-            "Pretraining loss is in nats per token of each model's own tokenizer: systems whose models have "
-            "different tokenizers do not compare on it."
-        )
-    results["ptx"] = {"source": ptx_from if tax_of else None, "blocks": s.ptx_blocks if tax_of else 0}
-    results["notes"] = notes
-    # Every rate's difference to the baseline's, with an interval: "B is more harmless than A" is supported when
-    # the interval lies above 0.
-    base = results["systems"][results["baseline"]]
-    results["differences"] = {
-        name: {
-            k: rate_difference(Rate(**m[k]), Rate(**base[k])).as_dict()
-            for k, _ in SET_METRICS.values()
-            if isinstance(m.get(k), dict) and isinstance(base.get(k), dict)
-        }
-        for name, m in results["systems"].items()
-        if name != results["baseline"]
-    }
+    # Pairwise win rates and differences to the baseline.
+    compare(results, verdicts, s, bench)
 
     # 5. results.json, report.md, plots.
-    atomic_write_json(run.run_dir / "results.json", results)
-    atomic_write_text(run.run_dir / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in samples))
-    curves = {Path(c).name: c for c in s.curves if (Path(c) / "metrics.jsonl").exists()}
-    written = write_report(results, run.run_dir, curves=curves)
-    append_notes(run.run_dir / "report.md", notes)
-    tracker.log_images({f"eval/{p.stem}": p for p in written if p.suffix == ".png"}, step=0)
-    tracker.log_table("eval/samples", samples, step=0)
-    log.info("wrote %s and %s", run.run_dir / "results.json", ", ".join(str(p.name) for p in written))
-    for name, m in results["systems"].items():
-        log.info(
-            "%-22s %s",
-            name,
-            " | ".join(
-                f"{k} {m[k]['value']:.3f}"
-                for k in ("harmlessness", "helpfulness", "attack_success")
-                if k in m
-            ),
-        )
+    write_outputs(run, results, samples, notes, s)
     tracker.close()
     distributed.barrier()
-
-
-PTX_SEQ_LEN = 256  # block length of the alignment-tax measurement (stage=ppo's default ptx_seq_len)
-
-
-def ptx_texts(cfg: DictConfig, data_dir: Path | None) -> tuple[list[str] | None, str]:
-    """(held-out pretraining texts, their source) for the alignment tax, or (None, why there are none).
-
-    stage.ptx_source (hub name or local file, `text` column), else TinyHH's ptx data on data=tinyhh. The held-out
-    part is the first tenth: the split stage=ppo measures its eval/ptx_loss on and never trains PPO-ptx on.
-    """
-    from alignlab.recipes.pretrain import load_texts
-
-    s = cfg.stage
-    if not s.ptx_blocks:
-        return None, "stage.ptx_blocks=0"
-    if s.ptx_source:
-        source = s.ptx_source
-        texts = load_texts(source, "text", "train", on_malformed=cfg.data.on_malformed, max_rows=None)
-    elif data_dir is not None:
-        source = str(data_dir / "ptx.jsonl")
-        texts = load_texts(source, "text", "train", on_malformed="error", max_rows=None)
-    else:
-        return None, (
-            "no pretraining text to measure it on: set stage.ptx_source to a hub dataset or local file with a "
-            "`text` column (data=tinyhh uses TinyHH's)"
-        )
-    if not texts:
-        return None, f"{source} has no text rows"
-    return texts[: max(1, len(texts) // 10)], source
-
-
-def tokenizer_key(tokenizer) -> str:
-    """What decides a tokenizer's ids: its full definition (fast tokenizers) or vocabulary, and its special ids."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    parts = (type(tokenizer).__name__, tokenizer.eos_token_id, tokenizer.pad_token_id, spec)
-    return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()
-
-
-class AlignmentTax:
-    """Mean next-token NLL (nats per token of the model's OWN tokenizer) of each model on the held-out pretraining
-    text: the text is tokenized with every model's own tokenizer (packed blocks cached per tokenizer), so no model
-    is ever fed another model's token ids. The first n_blocks blocks of each tokenization are measured."""
-
-    def __init__(self, texts: list[str], n_blocks: int, device):
-        self.texts, self.n_blocks, self.device = texts, n_blocks, device
-        self.blocks: dict[tuple[str, int], object] = {}  # (tokenizer key, block length) -> Packed
-        self.tokenizers: dict[str, str] = {}  # model -> tokenizer key (the models measured)
-
-    def blocks_for(self, tokenizer, seq_len: int):
-        from alignlab.recipes.pretrain import tokenize
-
-        key = (tokenizer_key(tokenizer), seq_len)
-        if key not in self.blocks:
-            blocks = tokenize(self.texts, tokenizer, seq_len)
-            self.blocks[key] = blocks.subset(list(range(min(self.n_blocks, len(blocks)))))
-        return self.blocks[key]
-
-    def __call__(self, model_path: str) -> tuple[float | None, str | None]:
-        """(loss, None), or (None, why this model's tax cannot be measured)."""
-        tokenizer = models.load_tokenizer(model_path)
-        model = models.load_causal_lm(model_path).to(self.device).eval()
-        seq_len = min(PTX_SEQ_LEN, getattr(model.config, "max_position_embeddings", None) or PTX_SEQ_LEN)
-        blocks = self.blocks_for(tokenizer, seq_len)
-        rows = model.get_input_embeddings().num_embeddings
-        if int(blocks.tokens.max()) >= rows:
-            return None, (
-                f"its tokenizer produces ids up to {int(blocks.tokens.max())}, beyond the model's {rows} embeddings"
-            )
-        self.tokenizers[model_path] = tokenizer_key(tokenizer)
-        return block_nll(model, blocks, 8, self.device), None
-
-
-@torch.no_grad()
-def block_nll(model, blocks, micro: int, device) -> float:
-    """Mean next-token NLL over every non-pad target of packed blocks (this process only: eval runs on rank 0)."""
-    from alignlab.data.packing import lm_labels
-    from alignlab.rl.losses import lm_loss
-
-    total, count = 0.0, 0
-    for i in range(0, len(blocks), micro):
-        part = blocks.subset(list(range(i, min(i + micro, len(blocks)))))
-        x = part.tokens.to(device)
-        labels = lm_labels(x, part.lengths.to(device))
-        n = int((labels[:, 1:] != -100).sum())
-        total += lm_loss(model(input_ids=x, use_cache=False).logits, labels).item() * n
-        count += n
-    return total / max(1, count)
-
-
-def append_notes(report: Path, notes: list[str]) -> None:
-    """Notes (what was not measured and why) at the end of report.md."""
-    if notes and report.exists():
-        text = report.read_text().rstrip("\n")
-        atomic_write_text(report, text + "\n\n## Notes\n\n" + "".join(f"- {n}\n" for n in notes))

@@ -2,26 +2,31 @@
 
 Actor from the SFT model and critic from the reward model, each a DeepSpeed engine with its own optimizer; the
 frozen reference (the SFT model; with LoRA, the policy with its adapters disabled) and the reward scorer in eval
-mode; dropout off everywhere. One iteration:
+mode; dropout off everywhere. run() numbers its steps: 1 data, 2 engines, 3 derived sizes, 4 the loop, 5 save,
+6 the TinyHH oracle's start/end report. One iteration of the loop:
 
-  1. roll out: sample one answer per prompt (KV cache, temperature T, EOS truncation), decode
-  2. score: reward model(s) on the text, missing-EOS penalty, clip
-  3. old log-probs, reference log-probs (logits / T in both) and values, without gradients
-  4. per-token rewards r_t = -beta * k_t (+ score at the last token), optional reward whitening, GAE, advantage
-     whitening
-  5. ppo_epochs x shuffled minibatches x micro-batches: clipped policy loss (+ ptx_coef * LM loss on a separate
-     pretraining micro-batch, PPO-ptx) and clipped value loss, one optimizer step per minibatch for each engine
-  6. KL controller update, metrics, sample tables
+  4.1 roll out: sample one answer per prompt (KV cache, temperature T, EOS truncation), decode
+  4.2 score: reward model(s) on the text, missing-EOS penalty, clip
+  4.3 old log-probs, reference log-probs (logits / T in both) and values, without gradients
+  4.4 per-token rewards r_t = -beta * k_t (+ score at the last token), optional reward whitening, GAE, advantage
+      whitening                                              (4.1-4.4: make_experience -> Experience)
+  4.5 ppo_epochs x shuffled minibatches x micro-batches: clipped policy loss (+ ptx_coef * LM loss on a separate
+      pretraining micro-batch, PPO-ptx) and clipped value loss, one optimizer step per minibatch for each engine
+                                                             (ppo_update)
+  4.6 metrics, KL controller update, sample tables          (iteration_metrics, append_samples)
 
 Spec: specs/rlhf.md sections 3-4; the tensor math lives in alignlab/rl/ and is unit-tested there.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -29,19 +34,16 @@ from omegaconf import DictConfig
 from alignlab import distributed, models
 from alignlab.checkpoint import atomic_write_text, load_resumable, save_pretrained, save_resumable
 from alignlab.data import chat
-from alignlab.data.packing import EpochOrder, Packed, lm_labels, micro_batch_positions
+from alignlab.data.packing import EpochOrder, Packed
+from alignlab.data.text_blocks import BlockStream, LMBatch, load_ptx_texts, pack_texts
+from alignlab.evaluation.lm_loss import lm_eval_loss
 from alignlab.evaluation.tinyhh import judge_model_dir
 from alignlab.generation import response_logits, token_logprobs
-from alignlab.recipes.common import check_init_from, deepspeed_json, start_run, step_boundary, tinyhh_dir
+from alignlab.recipes.common import Run, check_init_from, deepspeed_json, start_run, step_boundary, tinyhh_dir
 from alignlab.rl.advantages import explained_variance, gae, masked_mean, masked_whiten
 from alignlab.rl.kl import ESTIMATORS, kl_controller, kl_per_token, shape_scores, token_rewards
 from alignlab.rl.losses import entropy_from_logits, lm_loss, policy_loss, value_loss
-from alignlab.rollout import (
-    Prompts,
-    Rollout,
-    load_prompts,
-    sample_rollout,
-)
+from alignlab.rollout import Prompts, Rollout, load_prompts, sample_rollout
 from alignlab.scoring import RewardScorer
 
 log = logging.getLogger("alignlab.ppo")
@@ -80,21 +82,128 @@ def check_sizes(s: DictConfig, world: int) -> tuple[int, int, int]:
 
 def load_ptx_blocks(cfg: DictConfig, data_dir: Path | None, tokenizer) -> tuple[Packed, Packed]:
     """(train, held-out) pretraining blocks: TinyHH's ptx documents, or the text data of stage.ptx_source."""
-    from alignlab.recipes.pretrain import load_texts, tokenize
-
     s = cfg.stage
-    if s.ptx_source:
-        texts = load_texts(s.ptx_source, "text", "train", on_malformed=cfg.data.on_malformed, max_rows=None)
-    elif data_dir is not None:
-        texts = load_texts(str(data_dir / "ptx.jsonl"), "text", "train", on_malformed="error", max_rows=None)
-    else:
+    ptx = load_ptx_texts(s.ptx_source, data_dir, on_malformed=cfg.data.on_malformed)
+    if ptx is None:
         raise ValueError(
             "stage.ptx_source must name a text dataset for PPO-ptx / the pretraining-loss measurement"
         )
-    n_eval = max(1, len(texts) // 10)
-    return tokenize(texts[n_eval:], tokenizer, s.ptx_seq_len), tokenize(
-        texts[:n_eval], tokenizer, s.ptx_seq_len
+    return pack_texts(ptx.train, tokenizer, s.ptx_seq_len), pack_texts(ptx.held_out, tokenizer, s.ptx_seq_len)
+
+
+def ptx_stream(blocks: Packed, micro_batch_size: int, accum: int, world_size: int, seed: int) -> BlockStream:
+    """PPO-ptx's pretraining micro-batches: optimizer step k reads the k-th global batch (ptx_micro_batch_size x
+    accumulation steps x ranks) of a seeded per-epoch order of the blocks."""
+    return BlockStream(
+        blocks, EpochOrder(len(blocks), seed + 1), micro_batch_size, micro_batch_size * accum * world_size
     )
+
+
+# ------------------------------------------------------------------ engines and state
+
+
+@dataclass
+class Engines:
+    """PPO's four models: actor and critic engines, the frozen reference and the reward scorer."""
+
+    policy: Any  # DeepSpeed engine around the actor (the model being trained)
+    critic: Any  # DeepSpeed engine around TokenValueModel(value model from the reward model)
+    reference: torch.nn.Module | None  # the frozen SFT model; None with LoRA (the policy, adapters disabled)
+    scorer: RewardScorer
+    lora: bool
+    synced: bool  # ZeRO-3 on several ranks: every forward is collective, so generation steps together
+    n_params: int  # the actor's parameters (before wrapping)
+
+
+def engine_for(model, lr: float, cfg: DictConfig, accum: int, world_size: int):
+    """A DeepSpeed engine with its own AdamW over the trainable parameters; dropout off for good."""
+    s = cfg.stage
+    models.disable_dropout(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=tuple(s.betas), eps=s.adam_eps, weight_decay=s.weight_decay)
+    config = deepspeed_json(
+        cfg.deepspeed,
+        micro_batch_size=s.micro_batch_size,
+        grad_accum=accum,
+        world_size=world_size,
+        grad_clip=s.grad_clip,
+        dtype=next(model.parameters()).dtype,
+    )
+    return distributed.wrap(model, opt, None, config)[0]
+
+
+def build_engines(cfg: DictConfig, accum: int, world_size: int, device) -> Engines:
+    """Actor and critic engines, frozen reference and reward scorer; dropout off in all of them."""
+    s, m = cfg.stage, cfg.model
+    lora = m.lora.enabled
+    policy_model = models.load_causal_lm(s.init_from, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+    value_model = models.load_reward_model(s.value_from, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+    reference = None
+    if lora:
+        lo = m.lora
+        lora_args = dict(r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=lo.target_modules)
+        policy_model = models.apply_lora(policy_model, **lora_args)
+        value_model = models.apply_lora(value_model, **lora_args, task_type="SEQ_CLS")
+    else:
+        reference = models.load_causal_lm(s.init_from, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+        models.disable_dropout(reference)
+        reference.to(device).eval().requires_grad_(False)
+    n_params = models.count_parameters(policy_model)
+    return Engines(
+        policy=engine_for(policy_model, s.lr, cfg, accum, world_size),
+        critic=engine_for(models.TokenValueModel(value_model), s.value_lr, cfg, accum, world_size),
+        reference=reference,
+        scorer=RewardScorer.from_config(cfg.reward, device=device, dtype=m.dtype),
+        lora=lora,
+        synced=cfg.deepspeed.zero_stage == 3 and world_size > 1,
+        n_params=n_params,
+    )
+
+
+@dataclass
+class PPOState:
+    """What the loop's helpers (evaluate, save_checkpoint, make_experience, ppo_update) read and update."""
+
+    run: Run
+    stage: DictConfig  # cfg.stage
+    tokenizer: Any
+    engines: Engines
+    kl_ctl: Any  # the KL coefficient beta (fixed or adaptive controller)
+    eval_prompts: Prompts  # held-out prompts, never trained on
+    ptx_held_out: Packed | None  # held-out pretraining blocks (eval/ptx_loss), None without pretraining text
+    opt_step: int = 0  # optimizer steps taken: PPO-ptx's position in its pretraining data
+
+
+def save_checkpoint(st: PPOState, it: int, root: Path | None = None) -> Path:
+    """Both engines, every rank's RNG, the KL coefficient and the optimizer-step count (collective)."""
+    return save_resumable(
+        root or st.run.checkpoints,
+        it,
+        {"actor": st.engines.policy, "critic": st.engines.critic},
+        state={"kl_coef": st.kl_ctl.value, "opt_step": st.opt_step},
+        config=st.run.config,
+        keep=st.run.keep_checkpoints,
+    )
+
+
+def check_finite(x: torch.Tensor, what: str, it: int, st: PPOState) -> None:
+    """Stop on NaN/inf (agreed over ranks), after saving the weights as they are now.
+
+    They go to checkpoints/nonfinite/, not among the resumable checkpoints: part of this iteration's updates may
+    already be applied (and the weights may hold NaN themselves), so they are for inspection, and resume=auto
+    continues from the last regular checkpoint instead.
+    """
+    bad = distributed.mean_over_ranks(float(not bool(torch.isfinite(x.detach()).all())))
+    if bad > 0:
+        path = save_checkpoint(st, it, st.run.run_dir / "checkpoints" / "nonfinite")
+        raise FloatingPointError(
+            f"{what} is NaN/inf at iteration {it}; the weights at that point are in {path} (for inspection; "
+            "resume=auto continues from the last regular checkpoint). Usual causes: a learning rate too high "
+            "(stage.lr / stage.value_lr), a reward model producing inf, fp16 overflow (try bfloat16)"
+        )
+
+
+# ------------------------------------------------------------------ experience (4.1-4.4)
 
 
 def trim(ids: torch.Tensor, mask: torch.Tensor, context_len: int, response_len: int):
@@ -104,13 +213,63 @@ def trim(ids: torch.Tensor, mask: torch.Tensor, context_len: int, response_len: 
     return ids[:, lead:end], mask[:, lead:end], context_len - lead
 
 
-def micro_batch(batch: dict[str, torch.Tensor], idx: torch.Tensor, context_len: int) -> dict:
-    """Rows idx of the rollout batch ({input_ids, attention_mask} [B, L]; per-response-token tensors [B, T]),
-    trimmed to their own padding; "ctx" is where their responses start."""
-    response_len = int(batch["response_mask"][idx].sum(1).max())
-    ids, mask, ctx = trim(batch["input_ids"][idx], batch["attention_mask"][idx], context_len, response_len)
-    mb = {k: v[idx][:, :response_len] for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
-    return {"ids": ids, "mask": mask, "ctx": ctx, **mb}
+@dataclass
+class MicroBatch:
+    """Rows of an Experience, trimmed to their own padding: sequences [b, l], per-response-token tensors [b, t]."""
+
+    ids: torch.Tensor  # query + response ids
+    mask: torch.Tensor  # attention mask of ids
+    ctx: int  # where the responses start in ids
+    response: torch.Tensor
+    response_mask: torch.Tensor  # float, 1 on answer tokens (up to and including EOS)
+    old_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    old_values: torch.Tensor
+    returns: torch.Tensor
+
+
+@dataclass
+class Experience:
+    """One iteration's episodes on this rank (B of them, T response tokens): what PPO's update and the iteration's
+    metrics read. Per-token tensors are [B, T] and zero (or meaningless) past each answer, see response_mask."""
+
+    rollout: Rollout  # prompts, sequences, sampled answers and their text
+    raw_scores: torch.Tensor  # [B] the reward model(s) on the text
+    scores: torch.Tensor  # [B] after the missing-EOS penalty and the clip: the reward at the last token
+    response_mask: torch.Tensor  # [B, T] float
+    old_logprobs: (
+        torch.Tensor
+    )  # log-probs of the sampled tokens under the policy that sampled them (logits / T)
+    old_values: torch.Tensor  # the critic's values at sampling time
+    kl: torch.Tensor  # per-token KL estimate to the reference
+    non_score: torch.Tensor  # -beta * kl: the KL penalty part of the rewards
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    seconds: dict[str, float]  # time/generate_s, time/score_s, time/reference_s
+
+    def __len__(self) -> int:
+        return len(self.rollout.texts)
+
+    def micro_batch(self, idx: torch.Tensor) -> MicroBatch:
+        """Rows idx, with query columns that are padding in all of them and answer columns past the longest cut."""
+        ro = self.rollout
+        response_len = int(self.response_mask[idx].sum(1).max())
+        ids, mask, ctx = trim(ro.input_ids[idx], ro.attention_mask[idx], ro.context_len, response_len)
+
+        def cut(t: torch.Tensor) -> torch.Tensor:
+            return t[idx][:, :response_len]
+
+        return MicroBatch(
+            ids=ids,
+            mask=mask,
+            ctx=ctx,
+            response=cut(ro.response),
+            response_mask=cut(self.response_mask),
+            old_logprobs=cut(self.old_logprobs),
+            advantages=cut(self.advantages),
+            old_values=cut(self.old_values),
+            returns=cut(self.returns),
+        )
 
 
 def shaped_scores(
@@ -143,14 +302,83 @@ def forward_stats(policy, reference, critic, ro: Rollout, micro: int, temperatur
     return torch.cat(old), torch.cat(ref), torch.cat(values)
 
 
-def actor_loss(policy, mb: dict, temperature: float, clip_range: float, ptx_coef: float, ptx: dict | None):
+def rollout(st: PPOState, prompts: Prompts) -> Rollout:
+    """One sampled answer per prompt from the current policy (eval mode while sampling)."""
+    s, policy = st.stage, st.engines.policy
+    policy.eval()
+    ro = sample_rollout(
+        policy.module,
+        st.tokenizer,
+        prompts,
+        max_new_tokens=s.max_new_tokens,
+        temperature=s.temperature,
+        device=st.run.device,
+        synced_gpus=st.engines.synced,
+    )
+    policy.train()
+    return ro
+
+
+def make_experience(st: PPOState, prompts: Prompts, it: int) -> Experience:
+    """Steps 4.1-4.4 of iteration `it`: roll out, score, old/reference log-probs and values, rewards and GAE."""
+    s, e = st.stage, st.engines
+    t0 = time.perf_counter()
+    # 4.1 Roll out: one sampled answer per prompt.
+    ro = rollout(st, prompts)
+    t_gen = time.perf_counter()
+
+    # 4.2 Score the text with the reward model(s): normalised, EOS-penalised, clipped.
+    raw, scores = shaped_scores(e.scorer, prompts, ro, s, st.run.device)
+    t_score = time.perf_counter()
+    check_finite(raw, "reward-model scores", it, st)
+
+    # 4.3 Old and reference log-probs and values, without gradients.
+    old_logprobs, ref_logprobs, old_values = forward_stats(
+        e.policy, e.reference, e.critic, ro, s.micro_batch_size, s.temperature, e.lora
+    )
+    t_ref = time.perf_counter()
+
+    # 4.4 Per-token rewards, GAE, whitening.
+    mask = ro.response_mask.float()
+    kl = kl_per_token(old_logprobs, ref_logprobs, mask, s.kl_estimator)
+    rewards, non_score = token_rewards(scores, kl, mask, st.kl_ctl.value)
+    if s.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = gae(rewards, old_values, mask, s.gamma, s.lam)
+    if s.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    return Experience(
+        rollout=ro,
+        raw_scores=raw,
+        scores=scores,
+        response_mask=mask,
+        old_logprobs=old_logprobs,
+        old_values=old_values,
+        kl=kl,
+        non_score=non_score,
+        advantages=advantages,
+        returns=returns,
+        seconds={
+            "time/generate_s": t_gen - t0,
+            "time/score_s": t_score - t_gen,
+            "time/reference_s": t_ref - t_score,
+        },
+    )
+
+
+# ------------------------------------------------------------------ the PPO update (4.5)
+
+
+def actor_loss(
+    policy, mb: MicroBatch, temperature: float, clip_range: float, ptx_coef: float, ptx: LMBatch | None
+):
     """PPO's clipped policy loss on one micro-batch, plus ptx_coef * LM loss on a separate pretraining micro-batch
     (PPO-ptx: one backward of the sum = g_PPO + ptx_coef * g_LM). Returns (loss, stats)."""
-    logits = response_logits(policy, mb["ids"], mb["mask"], mb["ctx"])
-    logprobs = token_logprobs(logits, mb["response"], temperature)
-    out = policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mb["response_mask"], clip_range)
+    logits = response_logits(policy, mb.ids, mb.mask, mb.ctx)
+    logprobs = token_logprobs(logits, mb.response, temperature)
+    out = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, clip_range)
     with torch.no_grad():
-        entropy = masked_mean(entropy_from_logits(logits.float() / temperature), mb["response_mask"])
+        entropy = masked_mean(entropy_from_logits(logits.float() / temperature), mb.response_mask)
     stats = {
         "ppo/policy_loss": out.loss.item(),
         "ppo/clipfrac": out.clipfrac.item(),
@@ -159,25 +387,166 @@ def actor_loss(policy, mb: dict, temperature: float, clip_range: float, ptx_coef
     }
     loss = out.loss
     if ptx is not None:
-        ptx_loss = lm_loss(policy(input_ids=ptx["tokens"], use_cache=False).logits, ptx["labels"])
+        ptx_loss = lm_loss(policy(input_ids=ptx.tokens, use_cache=False).logits, ptx.labels)
         stats["ppo/ptx_loss"] = ptx_loss.item()
         if ptx_coef:
             loss = loss + ptx_coef * ptx_loss
     return loss, stats
 
 
-@torch.no_grad()
-def ptx_eval_loss(policy, blocks: Packed, micro: int, device) -> float:
-    """Mean next-token NLL on held-out pretraining blocks: the 'alignment tax' PPO-ptx is meant to reduce."""
-    total, count = 0.0, 0
-    for i in range(0, len(blocks), micro):
-        part = blocks.subset(list(range(i, min(i + micro, len(blocks)))))
-        x = part.tokens.to(device)
-        labels = lm_labels(x, part.lengths)
-        n = int((labels[:, 1:] != -100).sum())
-        total += lm_loss(policy(input_ids=x, use_cache=False).logits, labels).item() * n
-        count += n
-    return distributed.mean_over_ranks(total) / max(1e-9, distributed.mean_over_ranks(float(count)))
+def train_micro_batch(st: PPOState, mb: MicroBatch, ptx: LMBatch | None, it: int) -> dict[str, float]:
+    """One micro-batch of both engines: actor (policy + ptx loss) backward and step, then critic (value loss).
+    The engines accumulate gradients and take their optimizer step at the minibatch's last micro-batch."""
+    s, policy, critic = st.stage, st.engines.policy, st.engines.critic
+    loss, row = actor_loss(policy, mb, s.temperature, s.clip_range, s.ptx_coef, ptx)
+    check_finite(loss, "policy loss", it, st)
+    policy.backward(loss)
+    policy.step()
+    values = critic(mb.ids, mb.mask)[:, mb.ctx - 1 : -1]
+    vout = value_loss(values, mb.old_values, mb.returns, mb.response_mask, s.clip_range_value)
+    check_finite(vout.loss, "value loss", it, st)
+    critic.backward(s.vf_coef * vout.loss)
+    critic.step()
+    row.update({"ppo/value_loss": vout.loss.item(), "ppo/value_clipfrac": vout.clipfrac.item()})
+    return row
+
+
+def ppo_update(
+    st: PPOState, exp: Experience, it: int, seed: int, minibatches: int, accum: int, ptx: BlockStream | None
+) -> dict[str, float]:
+    """Step 4.5: ppo_epochs x shuffled minibatches x micro-batches; one optimizer step per minibatch and engine.
+    Returns the mean of every per-micro-batch statistic."""
+    s, env, device = st.stage, st.run.env, st.run.device
+    mb_local = s.minibatch_size // env.world_size  # one minibatch's episodes on this rank
+    stats: dict[str, list[float]] = {}
+    g = torch.Generator().manual_seed(seed * 1_000_003 + it)
+    for _epoch in range(s.ppo_epochs):
+        perm = torch.randperm(len(exp), generator=g).to(device)
+        for m in range(minibatches):
+            for a in range(accum):
+                idx = perm[m * mb_local + a * s.micro_batch_size :][: s.micro_batch_size]
+                ptx_batch = ptx.batch(st.opt_step, a, env.rank, env.world_size, device) if ptx else None
+                row = train_micro_batch(st, exp.micro_batch(idx), ptx_batch, it)
+                for k, v in row.items():
+                    stats.setdefault(k, []).append(v)
+            st.opt_step += 1
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+# ------------------------------------------------------------------ metrics, samples, evaluation (4.6)
+
+
+def iteration_metrics(
+    st: PPOState, exp: Experience, stats: dict[str, float], t0: float, t_train: float
+) -> dict[str, float]:
+    """The iteration's metrics, averaged over ranks: the update's statistics, scores, KL, rewards, lengths, times.
+    ppo/kl_coef is the beta this iteration used (the controller updates after)."""
+    s, ro, mask = st.stage, exp.rollout, exp.response_mask
+    seq_kl = exp.kl.sum(1)
+    n_tokens = float(mask.sum())
+    t_gen = exp.seconds["time/generate_s"]
+    metrics = dict(stats)
+    metrics.update(
+        {
+            "ppo/score": exp.scores.mean().item(),
+            "ppo/score_std": exp.scores.std().item() if len(exp.scores) > 1 else 0.0,
+            "ppo/rm_score": exp.raw_scores.mean().item(),
+            "ppo/kl": seq_kl.mean().item(),
+            "ppo/non_score_reward": exp.non_score.sum(1).mean().item(),
+            "ppo/reward": (exp.non_score.sum(1) + exp.scores).mean().item(),
+            "ppo/explained_variance": explained_variance(exp.old_values, exp.returns, mask),
+            "ppo/response_length": ro.lengths.float().mean().item(),
+            "ppo/eos_fraction": ro.ended.float().mean().item(),
+            "ppo/advantage_mean": masked_mean(exp.advantages, mask).item(),
+            **exp.seconds,
+            "time/train_s": t_train - t0 - sum(exp.seconds.values()),
+            "perf/tokens_per_s_generate": n_tokens / max(1e-9, t_gen),
+        }
+    )
+    metrics = distributed.means_over_ranks(metrics)
+    metrics["ppo/kl_coef"] = st.kl_ctl.value
+    elapsed = time.perf_counter() - t0
+    metrics["perf/samples_per_s"] = s.rollout_batch_size / elapsed
+    metrics["perf/tokens_per_s"] = metrics["ppo/response_length"] * s.rollout_batch_size / elapsed
+    return metrics
+
+
+def append_samples(st: PPOState, exp: Experience, it: int, samples_path: Path) -> None:
+    """The first samples_per_table episodes of this rank as a "train" table: samples.jsonl (rank 0) and the tracker."""
+    ro = exp.rollout
+    table = [
+        {"iteration": it, "prompt": p, "response": t, "score": round(float(sc), 4), "kl": round(float(k), 4)}
+        for p, t, sc, k in zip(ro.prompts.texts, ro.texts, exp.scores, exp.kl.sum(1), strict=True)
+    ][: st.stage.samples_per_table]
+    if st.run.env.is_main:
+        with open(samples_path, "a") as f:
+            f.writelines(json.dumps({"table": "train", **r}) + "\n" for r in table)
+    st.run.tracker.log_table("ppo/samples", table, step=it)
+
+
+def evaluate(st: PPOState, step: int) -> None:
+    """RM score and KL on the held-out prompts (this rank's share), plus the pretraining loss."""
+    s, e, env, device = st.stage, st.engines, st.run.env, st.run.device
+    mine = st.eval_prompts.take(range(env.rank, len(st.eval_prompts), env.world_size))
+    ro = rollout(st, mine)
+    _, scores = shaped_scores(e.scorer, mine, ro, s, device)
+    old, ref, _ = forward_stats(
+        e.policy, e.reference, e.critic, ro, s.micro_batch_size, s.temperature, e.lora
+    )
+    kl = kl_per_token(old, ref, ro.response_mask, s.kl_estimator).sum(1)
+    row = distributed.means_over_ranks(
+        {
+            "eval/score": scores.mean().item(),
+            "eval/kl": kl.mean().item(),
+            "eval/response_length": ro.lengths.float().mean().item(),
+        }
+    )
+    if st.ptx_held_out is not None:  # every rank measures every block (the same number), averaged over ranks
+        row["eval/ptx_loss"] = lm_eval_loss(
+            e.policy, st.ptx_held_out, s.micro_batch_size, device, collective=True
+        )
+    st.run.tracker.log(row, step=step)
+    log.info("held-out at iteration %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
+
+
+def keep_sample_rows(path: Path, last_iteration: int) -> None:
+    """Resuming: drop the sample rows of iterations after the checkpoint (they will be sampled again)."""
+    if path.exists():
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by the kill
+            # training tables up to the checkpoint; the end-of-run oracle table ("eval") is written again
+            if row.get("table") == "train" and row.get("iteration", 0) <= last_iteration:
+                rows.append(line)
+        atomic_write_text(path, "".join(r + "\n" for r in rows))
+
+
+def log_sizes(st: PPOState, train_prompts: Prompts, per_rank: int, minibatches: int, accum: int) -> None:
+    """Step 3: the derived sizes, once, in the log and as step-0 metrics."""
+    s, env, n_params = st.stage, st.run.env, st.engines.n_params
+    log.info(
+        "%d params%s | %d train / %d held-out prompts | %d iterations x %d episodes (%d per rank) | %d epochs x "
+        "%d minibatches of %d = %d micro x %d accum x %d ranks | ptx_coef %g | beta %g (%s, %s)",
+        *(n_params, " (LoRA)" if st.engines.lora else "", len(train_prompts), len(st.eval_prompts)),
+        *(s.iterations, s.rollout_batch_size, per_rank, s.ppo_epochs, minibatches, s.minibatch_size),
+        *(s.micro_batch_size, accum, env.world_size, s.ptx_coef, s.kl_coef, s.kl_controller, s.kl_estimator),
+    )
+    st.run.tracker.log(
+        {
+            "data/train_prompts": len(train_prompts),
+            "data/eval_prompts": len(st.eval_prompts),
+            "data/dropped_prompts": train_prompts.dropped + st.eval_prompts.dropped,
+            "model/params": n_params,
+            "ppo/updates_per_iteration": s.ppo_epochs * minibatches,
+        },
+        step=0,
+    )
+
+
+# ------------------------------------------------------------------ the recipe
 
 
 def run(cfg: DictConfig) -> None:
@@ -187,8 +556,6 @@ def run(cfg: DictConfig) -> None:
     model_out = check_init_from(s.init_from, run.run_dir)
     models.require_input(s.value_from, "stage.value_from")
     per_rank, minibatches, accum = check_sizes(s, env.world_size)
-    mb_local = s.minibatch_size // env.world_size
-    lora = cfg.model.lora.enabled
 
     # 1. Prompts (held-out ones for evaluation never train) and pretraining blocks (PPO-ptx; alignment tax).
     data_dir = tinyhh_dir(cfg) if cfg.data.source == "tinyhh" else None
@@ -211,256 +578,42 @@ def run(cfg: DictConfig) -> None:
     )
 
     # 2. Models: actor and critic engines, frozen reference and reward scorer; dropout off in all of them.
-
-    def engine_for(model, lr: float):
-        models.disable_dropout(model)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(
-            params, lr=lr, betas=tuple(s.betas), eps=s.adam_eps, weight_decay=s.weight_decay
-        )
-        config = deepspeed_json(
-            cfg.deepspeed,
-            micro_batch_size=s.micro_batch_size,
-            grad_accum=accum,
-            world_size=env.world_size,
-            grad_clip=s.grad_clip,
-            dtype=next(model.parameters()).dtype,
-        )
-        return distributed.wrap(model, opt, None, config)[0]
-
-    lo = cfg.model.lora
-    policy_model = models.load_causal_lm(
-        s.init_from, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code
-    )
-    value_model = models.load_reward_model(
-        s.value_from, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code
-    )
-    reference = None
-    if lora:
-        lora_args = dict(r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=lo.target_modules)
-        policy_model = models.apply_lora(policy_model, **lora_args)
-        value_model = models.apply_lora(value_model, **lora_args, task_type="SEQ_CLS")
-    else:
-        reference = models.load_causal_lm(
-            s.init_from, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code
-        )
-        models.disable_dropout(reference)
-        reference.to(device).eval().requires_grad_(False)
-    n_params = models.count_parameters(policy_model)
-    policy = engine_for(policy_model, s.lr)
-    critic = engine_for(models.TokenValueModel(value_model), s.value_lr)
-    scorer = RewardScorer.from_config(cfg.reward, device=device, dtype=cfg.model.dtype)
+    engines = build_engines(cfg, accum, env.world_size, device)
     kl_ctl = kl_controller(s.kl_controller, s.kl_coef, s.kl_target, s.kl_horizon)
-    synced = (
-        cfg.deepspeed.zero_stage == 3 and env.world_size > 1
-    )  # every ZeRO-3 forward is collective: step together
+    st = PPOState(run, s, tokenizer, engines, kl_ctl, eval_prompts, ptx_held_out)
 
     # 3. Derived sizes, computed once and logged.
-    updates = s.ppo_epochs * minibatches
-    log.info(
-        "%d params%s | %d train / %d held-out prompts | %d iterations x %d episodes (%d per rank) | %d epochs x "
-        "%d minibatches of %d = %d micro x %d accum x %d ranks | ptx_coef %g | beta %g (%s, %s)",
-        n_params,
-        " (LoRA)" if lora else "",
-        len(train_prompts),
-        len(eval_prompts),
-        s.iterations,
-        s.rollout_batch_size,
-        per_rank,
-        s.ppo_epochs,
-        minibatches,
-        s.minibatch_size,
-        s.micro_batch_size,
-        accum,
-        env.world_size,
-        s.ptx_coef,
-        s.kl_coef,
-        s.kl_controller,
-        s.kl_estimator,
-    )
-    tracker.log(
-        {
-            "data/train_prompts": len(train_prompts),
-            "data/eval_prompts": len(eval_prompts),
-            "data/dropped_prompts": train_prompts.dropped + eval_prompts.dropped,
-            "model/params": n_params,
-            "ppo/updates_per_iteration": updates,
-        },
-        step=0,
-    )
-
-    def rollout(prompts: Prompts) -> Rollout:
-        policy.eval()
-        ro = sample_rollout(
-            policy.module,
-            tokenizer,
-            prompts,
-            max_new_tokens=s.max_new_tokens,
-            temperature=s.temperature,
-            device=device,
-            synced_gpus=synced,
-        )
-        policy.train()
-        return ro
-
-    def evaluate(step: int) -> None:
-        """RM score and KL on the held-out prompts (this rank's share), plus the pretraining loss."""
-        mine = eval_prompts.take(range(env.rank, len(eval_prompts), env.world_size))
-        ro = rollout(mine)
-        _, scores = shaped_scores(scorer, mine, ro, s, device)
-        old, ref, _ = forward_stats(policy, reference, critic, ro, s.micro_batch_size, s.temperature, lora)
-        kl = kl_per_token(old, ref, ro.response_mask, s.kl_estimator).sum(1)
-        row = distributed.means_over_ranks(
-            {
-                "eval/score": scores.mean().item(),
-                "eval/kl": kl.mean().item(),
-                "eval/response_length": ro.lengths.float().mean().item(),
-            }
-        )
-        if ptx_held_out is not None:
-            row["eval/ptx_loss"] = ptx_eval_loss(policy, ptx_held_out, s.micro_batch_size, device)
-        tracker.log(row, step=step)
-        log.info("held-out at iteration %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
-
-    def save(it: int, root: Path | None = None) -> Path:
-        """Both engines, every rank's RNG, the KL coefficient and the optimizer-step count (collective)."""
-        return save_resumable(
-            root or run.checkpoints,
-            it,
-            {"actor": policy, "critic": critic},
-            state={"kl_coef": kl_ctl.value, "opt_step": opt_step},
-            config=run.config,
-            keep=run.keep_checkpoints,
-        )
+    log_sizes(st, train_prompts, per_rank, minibatches, accum)
 
     # 4. The loop. Iteration i reads rollout_batch_size prompts from a seeded per-epoch order; rank r its slice.
     prompt_order = EpochOrder(len(train_prompts), cfg.seed)
-    ptx_order = EpochOrder(len(ptx_train), cfg.seed + 1) if s.ptx_coef else None
+    ptx = (
+        ptx_stream(ptx_train, s.ptx_micro_batch_size, accum, env.world_size, cfg.seed) if s.ptx_coef else None
+    )
     samples_path = run.run_dir / "samples.jsonl"
-    opt_step = 0
+    save = functools.partial(save_checkpoint, st)
     if run.resume:  # resume=auto: engines, RNG, beta and the pretraining-data position of the interrupted run
-        state = load_resumable(run.resume, {"actor": policy, "critic": critic})
-        kl_ctl.value, opt_step = state["kl_coef"], state["opt_step"]
+        state = load_resumable(run.resume, {"actor": engines.policy, "critic": engines.critic})
+        kl_ctl.value, st.opt_step = state["kl_coef"], state["opt_step"]
         if env.is_main:
             keep_sample_rows(samples_path, run.resume_step)
     else:
         if env.is_main:
             samples_path.unlink(missing_ok=True)
-        evaluate(0)  # the starting point: KL is exactly 0 here (policy == reference)
+        evaluate(st, 0)  # the starting point: KL is exactly 0 here (policy == reference)
     bar = tracker.progress(s.iterations, "ppo", initial=run.resume_step)
     for it in range(run.resume_step + 1, s.iterations + 1):
         t0 = time.perf_counter()
         start = (it - 1) * s.rollout_batch_size + env.rank * per_rank
         prompts = train_prompts.take(prompt_order(range(start, start + per_rank)))
-
-        # 4.1 Roll out: one sampled answer per prompt.
-        ro = rollout(prompts)
-        t_gen = time.perf_counter()
-
-        # 4.2 Score the text with the reward model(s): normalised, EOS-penalised, clipped.
-        raw, scores = shaped_scores(scorer, prompts, ro, s, device)
-        t_score = time.perf_counter()
-        check_finite(raw, "reward-model scores", it, run.run_dir, save)
-
-        # 4.3 Old and reference log-probs and values, without gradients.
-        old_logprobs, ref_logprobs, old_values = forward_stats(
-            policy, reference, critic, ro, s.micro_batch_size, s.temperature, lora
-        )
-        t_ref = time.perf_counter()
-
-        # 4.4 Per-token rewards, GAE, whitening.
-        mask = ro.response_mask.float()
-        kl = kl_per_token(old_logprobs, ref_logprobs, mask, s.kl_estimator)
-        rewards, non_score = token_rewards(scores, kl, mask, kl_ctl.value)
-        if s.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
-        advantages, returns = gae(rewards, old_values, mask, s.gamma, s.lam)
-        if s.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
-
+        # 4.1-4.4 Roll out, score, old/reference log-probs and values, per-token rewards and advantages.
+        exp = make_experience(st, prompts, it)
         # 4.5 ppo_epochs x shuffled minibatches x micro-batches; one optimizer step per minibatch and engine.
-        batch = {
-            "input_ids": ro.input_ids,
-            "attention_mask": ro.attention_mask,
-            "response": ro.response,
-            "response_mask": mask,
-            "old_logprobs": old_logprobs,
-            "advantages": advantages,
-            "old_values": old_values,
-            "returns": returns,
-        }
-        stats: dict[str, list[float]] = {}
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
-        for _epoch in range(s.ppo_epochs):
-            perm = torch.randperm(per_rank, generator=g).to(device)
-            for m in range(minibatches):
-                for a in range(accum):
-                    mb = micro_batch(
-                        batch,
-                        perm[m * mb_local + a * s.micro_batch_size :][: s.micro_batch_size],
-                        ro.context_len,
-                    )
-                    ptx = None
-                    if ptx_order is not None:  # this micro-batch's share of the step's pretraining batch
-                        pos = micro_batch_positions(
-                            opt_step,
-                            a,
-                            env.rank,
-                            env.world_size,
-                            s.ptx_micro_batch_size,
-                            s.ptx_micro_batch_size * accum * env.world_size,
-                        )
-                        part = ptx_train.subset(ptx_order(pos))
-                        x = part.tokens.to(device)
-                        ptx = {"tokens": x, "labels": lm_labels(x, part.lengths)}
-                    loss, row = actor_loss(policy, mb, s.temperature, s.clip_range, s.ptx_coef, ptx)
-                    check_finite(loss, "policy loss", it, run.run_dir, save)
-                    policy.backward(loss)
-                    policy.step()
-                    values = critic(mb["ids"], mb["mask"])[:, mb["ctx"] - 1 : -1]
-                    vout = value_loss(
-                        values, mb["old_values"], mb["returns"], mb["response_mask"], s.clip_range_value
-                    )
-                    check_finite(vout.loss, "value loss", it, run.run_dir, save)
-                    critic.backward(s.vf_coef * vout.loss)
-                    critic.step()
-                    row.update(
-                        {"ppo/value_loss": vout.loss.item(), "ppo/value_clipfrac": vout.clipfrac.item()}
-                    )
-                    for k, v in row.items():
-                        stats.setdefault(k, []).append(v)
-                opt_step += 1
+        stats = ppo_update(st, exp, it, cfg.seed, minibatches, accum, ptx)
         t_train = time.perf_counter()
-
-        # 4.6 KL controller, metrics, sample table.
-        seq_kl = kl.sum(1)
-        n_tokens = float(mask.sum())
-        metrics = {k: sum(v) / len(v) for k, v in stats.items()}
-        metrics.update(
-            {
-                "ppo/score": scores.mean().item(),
-                "ppo/score_std": scores.std().item() if len(scores) > 1 else 0.0,
-                "ppo/rm_score": raw.mean().item(),
-                "ppo/kl": seq_kl.mean().item(),
-                "ppo/non_score_reward": non_score.sum(1).mean().item(),
-                "ppo/reward": (non_score.sum(1) + scores).mean().item(),
-                "ppo/explained_variance": explained_variance(old_values, returns, mask),
-                "ppo/response_length": ro.lengths.float().mean().item(),
-                "ppo/eos_fraction": ro.ended.float().mean().item(),
-                "ppo/advantage_mean": masked_mean(advantages, mask).item(),
-                "time/generate_s": t_gen - t0,
-                "time/score_s": t_score - t_gen,
-                "time/reference_s": t_ref - t_score,
-                "time/train_s": t_train - t_ref,
-                "perf/tokens_per_s_generate": n_tokens / max(1e-9, t_gen - t0),
-            }
-        )
-        metrics = distributed.means_over_ranks(metrics)
-        metrics["ppo/kl_coef"] = kl_ctl.value
+        # 4.6 Metrics, KL controller, sample table.
+        metrics = iteration_metrics(st, exp, stats, t0, t_train)
         kl_ctl.update(metrics["ppo/kl"], s.rollout_batch_size)
-        elapsed = time.perf_counter() - t0
-        metrics["perf/samples_per_s"] = s.rollout_batch_size / elapsed
-        metrics["perf/tokens_per_s"] = metrics["ppo/response_length"] * s.rollout_batch_size / elapsed
         if it % s.log_every == 0 or it == s.iterations:
             tracker.log(metrics, step=it)
         bar.update(1)
@@ -470,33 +623,20 @@ def run(cfg: DictConfig) -> None:
             len=f"{metrics['ppo/response_length']:.0f}",
         )
         if s.samples_every and (it % s.samples_every == 0 or it == 1):
-            table = [
-                {
-                    "iteration": it,
-                    "prompt": p,
-                    "response": t,
-                    "score": round(float(sc), 4),
-                    "kl": round(float(k), 4),
-                }
-                for p, t, sc, k in zip(prompts.texts, ro.texts, scores, seq_kl, strict=True)
-            ][: s.samples_per_table]
-            if env.is_main:
-                with open(samples_path, "a") as f:
-                    f.writelines(json.dumps({"table": "train", **r}) + "\n" for r in table)
-            tracker.log_table("ppo/samples", table, step=it)
+            append_samples(st, exp, it, samples_path)
         if s.eval_every and it % s.eval_every == 0 and it != s.iterations:
-            evaluate(it)
+            evaluate(st, it)
         step_boundary(run, it, s.iterations, s.checkpoint_every, save, bar)
     bar.close()
     if run.resume_step < s.iterations:
-        evaluate(s.iterations)
+        evaluate(st, s.iterations)
 
     # 5. Save: resumable engine states, then the policy for later stages (gathered on rank 0 under ZeRO-3).
     if run.resume_step < s.iterations:
         save(s.iterations)
-    state = distributed.full_state_dict(policy)
+    state = distributed.full_state_dict(engines.policy)
     if env.is_main:
-        save_pretrained(policy.module, tokenizer, model_out, state_dict=state)
+        save_pretrained(engines.policy.module, tokenizer, model_out, state_dict=state)
         log.info("saved %s", model_out)
     distributed.barrier()
 
@@ -518,34 +658,3 @@ def run(cfg: DictConfig) -> None:
             ", ".join(f"{k[5:]} {begin[k]:.3f} -> {end[k]:.3f}" for k in show),
         )
     tracker.close()
-
-
-def keep_sample_rows(path: Path, last_iteration: int) -> None:
-    """Resuming: drop the sample rows of iterations after the checkpoint (they will be sampled again)."""
-    if path.exists():
-        rows = []
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by the kill
-            # training tables up to the checkpoint; the end-of-run oracle table ("eval") is written again
-            if row.get("table") == "train" and row.get("iteration", 0) <= last_iteration:
-                rows.append(line)
-        atomic_write_text(path, "".join(r + "\n" for r in rows))
-
-
-def check_finite(x: torch.Tensor, what: str, it: int, run_dir: Path, save) -> None:
-    """Stop on NaN/inf (agreed over ranks), after saving the weights as they are (before this update).
-
-    They go to checkpoints/nonfinite/, not among the resumable checkpoints: part of this iteration's updates
-    is already applied, so resume=auto continues from the last regular checkpoint instead.
-    """
-    bad = distributed.mean_over_ranks(float(not bool(torch.isfinite(x.detach()).all())))
-    if bad > 0:
-        path = save(it, run_dir / "checkpoints" / "nonfinite")
-        raise FloatingPointError(
-            f"{what} is NaN/inf at iteration {it}; the last good weights are in {path}. "
-            "Usual causes: a learning rate too high (stage.lr / stage.value_lr), a reward model producing inf, "
-            "fp16 overflow (try bfloat16)"
-        )

@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 
 from alignlab import models
 from alignlab.config import Config
-from alignlab.recipes.eval import AlignmentTax, append_notes, ptx_texts, tokenizer_key
+from alignlab.evaluation.lm_loss import AlignmentTax, tokenizer_key
+from alignlab.recipes.eval import append_notes, ptx_texts
 from tests.conftest import alignlab
 from tests.zoo.families import build, corpus
 

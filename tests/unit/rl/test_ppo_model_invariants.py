@@ -4,14 +4,16 @@ values, PPO-ptx gradients, dropout (spec invariants 5, 11, 12 and 14)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from alignlab.data.text_blocks import LMBatch
 from alignlab.generation import generate_tokens, response_logits, token_logprobs, truncate_after_eos
 from alignlab.models import TokenValueModel, disable_dropout, token_values
-from alignlab.recipes.ppo import actor_loss, forward_stats, trim
+from alignlab.recipes.ppo import Experience, actor_loss, forward_stats, trim
 from alignlab.rl.advantages import masked_mean
 from alignlab.rl.kl import kl_per_token, shape_scores
 from alignlab.rl.losses import lm_loss, policy_loss
@@ -52,21 +54,24 @@ def rollout(lm, tokenizer, temperature: float = 1.0, seed: int = 0, max_new_toke
 
 
 def micro_batch(ro, rows, old_logprobs, advantages):
-    """A training micro-batch exactly as recipes.ppo builds it (trimmed query padding and response length)."""
-    idx = torch.as_tensor(rows)
+    """A training micro-batch exactly as recipes.ppo builds it: Experience.micro_batch (trimmed query padding and
+    response length). Values, returns, scores and KL are not read by the actor loss: zeros."""
     mask = ro.response_mask.float()
-    response_len = int(mask[idx].sum(1).max())
-    ids, amask, ctx = trim(ro.input_ids[idx], ro.attention_mask[idx], ro.context_len, response_len)
-    cut = slice(0, response_len)
-    return {
-        "ids": ids,
-        "mask": amask,
-        "ctx": ctx,
-        "response": ro.response[idx][:, cut],
-        "response_mask": mask[idx][:, cut],
-        "old_logprobs": old_logprobs[idx][:, cut],
-        "advantages": advantages[idx][:, cut],
-    }
+    zeros, no_scores = torch.zeros_like(mask), torch.zeros(len(ro.texts))
+    exp = Experience(
+        rollout=ro,
+        raw_scores=no_scores,
+        scores=no_scores,
+        response_mask=mask,
+        old_logprobs=old_logprobs,
+        old_values=zeros,
+        kl=zeros,
+        non_score=zeros,
+        advantages=advantages,
+        returns=zeros,
+        seconds={},
+    )
+    return exp.micro_batch(torch.as_tensor(rows))
 
 
 def grads(model) -> list[torch.Tensor]:
@@ -100,10 +105,8 @@ def test_step_zero_kl_exactly_zero_and_ratio_one(tiny_lm, tiny_rm, tokenizer, te
     torch.manual_seed(1)
     advantages = torch.randn(ro.response.shape) * mask
     mb = micro_batch(ro, list(range(B)), old, advantages)
-    logprobs = token_logprobs(
-        response_logits(policy, mb["ids"], mb["mask"], mb["ctx"]), mb["response"], temperature
-    )
-    ratio = torch.exp(logprobs - mb["old_logprobs"])
+    logprobs = token_logprobs(response_logits(policy, mb.ids, mb.mask, mb.ctx), mb.response, temperature)
+    ratio = torch.exp(logprobs - mb.old_logprobs)
     assert torch.equal(ratio, torch.ones_like(ratio))
     loss, stats = actor_loss(policy, mb, temperature, 0.2, 0.0, None)
     assert stats["ppo/clipfrac"] == 0.0
@@ -260,13 +263,15 @@ def test_actor_loss_ignores_pad_tokens_and_gives_them_no_gradient(tiny_lm, token
 
     loss_a, grads_a = loss_and_grads(mb)
     # other token ids, log-probs and advantages wherever the attention / response masks are 0
-    junk = dict(mb)
     other = tokenizer.convert_tokens_to_ids("yes")
-    junk["ids"] = mb["ids"].masked_fill(mb["mask"] == 0, other)
-    rpad = mb["response_mask"] == 0
-    junk["response"] = mb["response"].masked_fill(rpad, other)
-    junk["old_logprobs"] = mb["old_logprobs"].masked_fill(rpad, -50.0)
-    junk["advantages"] = mb["advantages"].masked_fill(rpad, 1e3)
+    rpad = mb.response_mask == 0
+    junk = dataclasses.replace(
+        mb,
+        ids=mb.ids.masked_fill(mb.mask == 0, other),
+        response=mb.response.masked_fill(rpad, other),
+        old_logprobs=mb.old_logprobs.masked_fill(rpad, -50.0),
+        advantages=mb.advantages.masked_fill(rpad, 1e3),
+    )
     loss_b, grads_b = loss_and_grads(junk)
     assert torch.allclose(loss_a, loss_b, atol=1e-6)
     for a, b in zip(grads_a, grads_b, strict=True):
@@ -274,10 +279,10 @@ def test_actor_loss_ignores_pad_tokens_and_gives_them_no_gradient(tiny_lm, token
 
     # the gradient reaching the logits at pad positions is exactly zero (at rho = 1 nothing is clipped, so every
     # real token gets one)
-    logits = response_logits(policy, mb["ids"], mb["mask"], mb["ctx"])
+    logits = response_logits(policy, mb.ids, mb.mask, mb.ctx)
     logits.retain_grad()
-    logprobs = token_logprobs(logits, mb["response"], 1.0)
-    policy_loss(logprobs, logprobs.detach(), mb["advantages"], mb["response_mask"]).loss.backward()
+    logprobs = token_logprobs(logits, mb.response, 1.0)
+    policy_loss(logprobs, logprobs.detach(), mb.advantages, mb.response_mask).loss.backward()
     assert (logits.grad[rpad] == 0).all()
     assert (logits.grad[~rpad].abs().sum(-1) > 0).all()
 
@@ -321,14 +326,12 @@ def test_ppo_ptx_gradients(tiny_lm, tokenizer):
     tokens = torch.randint(4, len(tokenizer), (3, 10))
     labels = tokens.clone()
     labels[1, 7:] = -100  # padding of a short document
-    ptx = {"tokens": tokens, "labels": labels}
+    ptx = LMBatch(tokens, labels)
 
     # g_PPO by hand: the clipped policy loss of the same micro-batch
     policy.zero_grad()
-    logprobs = token_logprobs(
-        response_logits(policy, mb["ids"], mb["mask"], mb["ctx"]), mb["response"], temperature
-    )
-    ppo = policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mb["response_mask"], clip)
+    logprobs = token_logprobs(response_logits(policy, mb.ids, mb.mask, mb.ctx), mb.response, temperature)
+    ppo = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, clip)
     assert 0 < ppo.clipfrac.item() < 1
     ppo.loss.backward()
     g_ppo = grads(policy)
