@@ -8,7 +8,13 @@ PIP := $(PY) -m pip install -q -c constraints.txt
 # default index would resolve a CUDA build.
 TORCH_ARGS ?=
 
-.PHONY: install demo test lint bench clean
+# Test workers (pytest-xdist): one per core, at most 8; each gets cores/workers threads (tests/conftest.py).
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 8 ] && n=8; echo $$n)
+# loadgroup: tests that share a fixture, and the SLURM tier (one local cluster), stay on one worker;
+# no-loadscope-reorder keeps the order tests/conftest.py gives (the chain's critical path first).
+XDIST := -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+
+.PHONY: install demo test test-fast lint bench clean
 
 install: $(VENV)/.installed
 
@@ -34,7 +40,12 @@ bench: install
 	$(PY) scripts/bench/bench_rain.py
 
 test: install
-	$(PY) -m pytest -q -ra --durations=20
+	# every tier; the TinyHH model chain is trained once and shared by the workers
+	$(PY) -m pytest $(XDIST) -q -ra --durations=30
+
+test-fast: install
+	# the inner loop: unit and config tiers, nothing trains end to end (a few minutes)
+	$(PY) -m pytest $(XDIST) -q -ra -m "not slow" tests/unit tests/config
 
 lint: install
 	$(VENV)/bin/ruff check alignlab tests scripts

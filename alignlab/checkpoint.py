@@ -148,14 +148,6 @@ def merged_copy(peft_model, state_dict: dict):
     return wrapped.merge_and_unload().to(dtype)
 
 
-def save_engine_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any]) -> None:
-    """DeepSpeed's resumable state (model, optimizer, scheduler; ZeRO shards written by their own ranks).
-
-    Collective: every rank must call it. DeepSpeed writes the `latest` tag file after all shards are on disk.
-    """
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step:08d}", client_state=client_state)
-
-
 # --- Resumable checkpoints and preemption ---------------------------------------------------------------------
 #
 # <run_dir>/checkpoints/checkpoint-<step>/ holds one resumable point of a training stage: the DeepSpeed state of

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from omegaconf import OmegaConf
 
 from alignlab import models
 from alignlab.tracking import read_metrics
@@ -37,9 +38,9 @@ def first(rows, key):
 
 
 @pytest.fixture(scope="module")
-def ppo(tinyhh_rm, tinyhh_root, data_cache):
-    run_stage(tinyhh_root, data_cache, "stage=ppo", *SHORT, timeout=1500)
-    return tinyhh_root / "runs" / "tinyhh" / "ppo"
+def ppo(tinyhh_ppo):
+    """The session's stage=ppo run with PPO_SHORT (tests/conftest.py: trained once, shared with tests/science)."""
+    return tinyhh_ppo
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +71,9 @@ def test_ppo_raises_reward_and_harmlessness_with_bounded_kl(ppo):
     assert 0 < last(rows, "eval/kl") < 10.0
     assert last(rows, "eval/harmlessness") > last(rows, "start/harmlessness")  # the same 100 held-out prompts
     assert last(rows, "eval/helpfulness") >= last(rows, "start/helpfulness") - 0.10
+    stage = OmegaConf.load(ppo / "config.yaml").stage  # the run's own settings, not a copy of PPO_SHORT
     per_iteration = [r for r in rows if "ppo/score" in r]
-    assert [r["step"] for r in per_iteration] == list(range(1, 51))
+    assert [r["step"] for r in per_iteration] == list(range(1, stage.iterations + 1))
     for key in (
         "ppo/kl",
         "ppo/kl_coef",
@@ -91,12 +93,14 @@ def test_ppo_raises_reward_and_harmlessness_with_bounded_kl(ppo):
         assert key in per_iteration[-1], key
     names = {p.name for p in ppo.iterdir()}
     assert {"config.yaml", "metrics.jsonl", "model", "checkpoints", "samples.jsonl"} <= names
-    last_ckpt = ppo / "checkpoints" / "checkpoint-50"  # PPO_SHORT's last iteration, both engines, committed
+    last_ckpt = ppo / "checkpoints" / f"checkpoint-{stage.iterations}"  # the last iteration, both engines
     assert (last_ckpt / "actor").is_dir() and (last_ckpt / "critic").is_dir()
     assert (last_ckpt / "manifest.json").exists()
     samples = [json.loads(line) for line in (ppo / "samples.jsonl").open()]
     train_tables = [s for s in samples if s["table"] == "train"]
-    assert {s["iteration"] for s in train_tables} == {1, 10, 20, 30, 40, 50}
+    # the first iteration's table, then one every samples_every iterations up to the last
+    every = stage.samples_every
+    assert {s["iteration"] for s in train_tables} == {1, *range(every, stage.iterations + 1, every)}
     assert all({"prompt", "response", "score", "kl"} <= set(s) for s in train_tables)
     assert any(s["table"] == "eval" for s in samples)
 

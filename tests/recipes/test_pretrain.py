@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignlab.tracking import read_metrics
@@ -22,14 +23,22 @@ def quick_run(tmp_path_factory, data_cache):
     return root / "runs" / "quick" / "pretrain"
 
 
+def run_config(run):
+    """The run's own resolved settings (config.yaml), so the tests follow experiment=quick instead of copying it."""
+    return OmegaConf.load(run / "config.yaml")
+
+
 def test_run_directory_contract(quick_run):
     names = {p.name for p in quick_run.iterdir()}
     assert {"config.yaml", "metrics.jsonl", "model", "checkpoints", "samples.jsonl"} <= names
     assert not any(n.startswith(".") for n in names)  # no temp debris from atomic saves
-    assert [p.name for p in (quick_run / "checkpoints").iterdir()] == ["checkpoint-150"]
-    assert (quick_run / "checkpoints" / "checkpoint-150" / "manifest.json").exists()
     config = (quick_run / "config.yaml").read_text()
-    assert "${" not in config and "steps: 150" in config  # fully resolved
+    assert "${" not in config  # fully resolved
+    steps = run_config(quick_run).stage.steps
+    assert isinstance(steps, int) and steps > 0
+    # the end of training is one committed checkpoint, at the last step
+    assert [p.name for p in (quick_run / "checkpoints").iterdir()] == [f"checkpoint-{steps}"]
+    assert (quick_run / "checkpoints" / f"checkpoint-{steps}" / "manifest.json").exists()
 
 
 def test_model_reloads_and_beats_unigram(quick_run):
@@ -48,14 +57,27 @@ def test_model_reloads_and_beats_unigram(quick_run):
 
 def test_metrics_and_samples(quick_run):
     rows = read_metrics(quick_run)
+    stage = run_config(quick_run).stage
     steps = [r["step"] for r in rows if "train/loss" in r]
-    assert steps == list(range(10, 151, 10))
+    assert steps == list(range(stage.log_every, stage.steps + 1, stage.log_every))
     assert all(r["perf/tokens_per_s"] > 0 for r in rows if "perf/tokens_per_s" in r)
     final = rows[-1]
-    for key in ("eval/harmlessness", "eval/helpfulness", "eval/attack_success", "eval/self_eval_accuracy"):
-        assert 0.0 <= final[key] <= 1.0
     samples = [json.loads(line) for line in (quick_run / "samples.jsonl").open()]
-    assert {s["set"] for s in samples} == {"benign", "harmful", "attack"} and len(samples) == 24
+    by_set = {name: [s for s in samples if s["set"] == name] for name in ("benign", "harmful", "attack")}
+    assert len(samples) == 3 * stage.sample_eval and all(len(v) == stage.sample_eval for v in by_set.values())
+    # each rate is what the oracle said about the samples written next to it, with its 95% interval around it
+    expected = {
+        "eval/helpfulness": sum(s["helpful"] for s in by_set["benign"]) / stage.sample_eval,
+        "eval/harmlessness": sum(not s["harmful"] for s in by_set["harmful"]) / stage.sample_eval,
+        "eval/attack_success": sum(s["harmful"] for s in by_set["attack"]) / stage.sample_eval,
+    }
+    for key, value in expected.items():
+        assert final[key] == pytest.approx(value), key
+        assert final[f"{key}_ci_low"] <= value <= final[f"{key}_ci_high"], key
+        assert final[f"{key}_ci_high"] - final[f"{key}_ci_low"] > 0.2, key  # 8 answers: a wide interval
+    # self-evaluation: sample_eval dialogues judged in both option orders, so a multiple of 1 / (2 * sample_eval)
+    judged = final["eval/self_eval_accuracy"] * 2 * stage.sample_eval
+    assert judged == pytest.approx(round(judged))
 
 
 def test_missing_input_model_names_the_stage_to_run(tmp_path):
@@ -102,7 +124,7 @@ def test_missing_data_file_is_named(tmp_path):
 
 
 def test_pretrain_on_local_hh_file(tmp_path, quick_run):
-    """Any data through `datasets`: an HH transcript file, continuing from the quick model."""
+    """Any data through `datasets`: an HH transcript file, continuing from the quick model, which learns it."""
     path = tmp_path / "hh.jsonl"
     rows = [
         {"chosen": f"\n\nHuman: how do i bake bread?\n\nAssistant: Sure. Step {i}.", "rejected": "x"}
@@ -122,7 +144,18 @@ def test_pretrain_on_local_hh_file(tmp_path, quick_run):
         f"paths.runs={tmp_path}/runs",
         cwd=tmp_path,
     )
-    assert (tmp_path / "runs" / "tinyhh" / "pretrain" / "model" / "model.safetensors").exists()
+    trained = tmp_path / "runs" / "tinyhh" / "pretrain" / "model"
+    assert (trained / "model.safetensors").exists()
+    # a transcript of the file's shape that is not in it: the continued model predicts it much better than the
+    # model it started from (measured: about 2.75 -> 1.46 nats per token after the 4 steps)
+    tok = AutoTokenizer.from_pretrained(trained)
+    x = tok(["\n\nHuman: how do i bake bread?\n\nAssistant: Sure. Step 250."], return_tensors="pt")[
+        "input_ids"
+    ]
+    with torch.no_grad():
+        before = AutoModelForCausalLM.from_pretrained(quick_run / "model")(input_ids=x, labels=x).loss.item()
+        after = AutoModelForCausalLM.from_pretrained(trained)(input_ids=x, labels=x).loss.item()
+    assert after < 0.8 * before, (before, after)
 
 
 def test_lora_continued_pretraining_saves_an_adapter_that_loads(tmp_path, quick_run, data_cache):

@@ -2,8 +2,8 @@
 measured the way a user reads them: stage=eval's results.json, every system on the same held-out prompts, with
 95% intervals for each difference (Newcombe) that lie above 0.
 
-Reduced: pretrain, SFT and the RM are the session's runs (the pipeline finds their done.json and skips them);
-PPO is the recipe test's 50-iteration run (reused when tests/recipes/test_ppo.py ran first, else run here);
+Reduced: pretrain, SFT, the RM and PPO (PPO_SHORT) are the session's chain (tests/conftest.py, trained once per
+session, in the shared chain root this pipeline runs in): the pipeline finds their done.json and skips them;
 eval judges base, SFT and PPO on 200 prompts per set; RAIN searches 100 prompts per set and is compared with
 vanilla sampling of the same base model on the same prompts inside its own stage. docs/results.md has the full
 pipeline (`make demo`).
@@ -35,21 +35,26 @@ def per_stage(stage: str, overrides: list[str]) -> str:
     return f"stage.overrides.{stage}=[" + ",".join(f'"{o}"' for o in overrides) + "]"
 
 
+RAIN_PROMPTS = 100  # per prompt set
+EVAL_PROMPTS = 200
+
 REDUCED = [
     "stage=pipeline",
     "stage.stages=[pretrain,sft,rm,ppo,rain,eval]",
     per_stage("sft", SFT_OVERRIDES),
     per_stage("rm", RM_OVERRIDES),
     per_stage("ppo", PPO_SHORT),
-    per_stage("rain", ["stage.n_prompts=100"]),
-    per_stage("eval", ["stage.n_prompts=200", *(f"~stage.systems.{s}" for s in EVAL_DROPS)]),
+    per_stage("rain", [f"stage.n_prompts={RAIN_PROMPTS}"]),
+    per_stage("eval", [f"stage.n_prompts={EVAL_PROMPTS}", *(f"~stage.systems.{s}" for s in EVAL_DROPS)]),
 ]
 
 
 @pytest.fixture(scope="module")
-def pipeline(tinyhh_rm, tinyhh_root, data_cache):
-    proc = run_stage(tinyhh_root, data_cache, *REDUCED, timeout=2400)
-    runs = tinyhh_root / "runs" / "tinyhh"
+def pipeline(tinyhh_ppo, tinyhh_chain):
+    # In the chain's own root (its resolved init_from paths are the chain's, so the stages compare equal); the
+    # pipeline writes only rain/, eval/ and pipeline/ there, and this module runs on one worker (tests/conftest.py).
+    proc = run_stage(tinyhh_chain.root, tinyhh_chain.data, *REDUCED, timeout=2400)
+    runs = tinyhh_chain.root / "runs" / "tinyhh"
     results = json.loads((runs / "eval" / "results.json").read_text())
     status = json.loads((runs / "pipeline" / "pipeline.json").read_text())
     print({s: (st["state"], st["wall_s"]) for s, st in status.items()})
@@ -62,14 +67,14 @@ def rate(results: dict, system: str, key: str) -> Rate:
     return Rate(**results["systems"][system][key])
 
 
-def test_pipeline_skips_finished_stages_and_runs_the_rest(pipeline, tinyhh_root, data_cache):
+def test_pipeline_skips_finished_stages_and_runs_the_rest(pipeline, tinyhh_chain):
     results, status, runs, _ = pipeline
-    assert [status[s]["state"] for s in ("pretrain", "sft", "rm")] == ["skipped"] * 3
-    assert status["ppo"]["state"] in ("done", "skipped") and status["rain"]["state"] == "done"
+    assert [status[s]["state"] for s in ("pretrain", "sft", "rm", "ppo")] == ["skipped"] * 4
+    assert status["rain"]["state"] == "done"
     assert status["eval"]["state"] == "done" and set(results["systems"]) == {"base", "sft", "ppo"}
-    assert all(results["systems"][s]["harmlessness"]["n"] == 200 for s in results["systems"])
+    assert all(results["systems"][s]["harmlessness"]["n"] == EVAL_PROMPTS for s in results["systems"])
     # the same command again: everything is finished with the same config, nothing runs
-    again = run_stage(tinyhh_root, data_cache, *REDUCED, timeout=300)
+    again = run_stage(tinyhh_chain.root, tinyhh_chain.data, *REDUCED, timeout=300)
     assert "6 stages, 0 to run" in again.stderr
     status = json.loads((runs / "pipeline" / "pipeline.json").read_text())
     assert {st["state"] for st in status.values()} == {"skipped"}
@@ -85,7 +90,9 @@ def test_sft_beats_base_and_ppo_beats_sft_on_harmlessness(pipeline):
 
 
 def rain_rate(rain: dict, system: str, key: str) -> Rate:
-    return Rate(rain[f"{system}/{key}"], rain[f"{system}/{key}_ci_low"], rain[f"{system}/{key}_ci_high"], 100)
+    return Rate(
+        rain[f"{system}/{key}"], rain[f"{system}/{key}_ci_low"], rain[f"{system}/{key}_ci_high"], RAIN_PROMPTS
+    )
 
 
 def test_helpfulness_is_kept(pipeline):

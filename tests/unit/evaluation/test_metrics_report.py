@@ -7,7 +7,7 @@ import re
 import pytest
 
 from alignlab.evaluation.metrics import Rate, rate_difference, win_rate
-from alignlab.evaluation.report import RATES, pct, smooth, write_report
+from alignlab.evaluation.report import RATES, smooth, write_report
 from alignlab.evaluation.tinyhh import wilson_interval
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -19,7 +19,9 @@ def test_win_rate_counts_wins_losses_and_ties():
     w = win_rate(a, b)
     assert (w.wins, w.losses, w.ties) == (2, 1, 2)
     assert w.rate == pytest.approx(2 / 3)
-    assert (w.ci_low, w.ci_high) == pytest.approx(wilson_interval(2, 3))
+    # the 95% Wilson score interval of 2 wins in 3 decided prompts, by hand: centre (2/3 + z^2/6) / (1 + z^2/3)
+    # = 0.5731, half-width z * sqrt(2/27 + z^2/36) / (1 + z^2/3) = 0.3654
+    assert (w.ci_low, w.ci_high) == pytest.approx((0.2077, 0.9385), abs=1e-3)
     mirror = win_rate(b, a)
     assert (mirror.wins, mirror.losses, mirror.ties) == (1, 2, 2) and mirror.rate == pytest.approx(1 / 3)
 
@@ -94,6 +96,15 @@ def fake_results():
     }
 
 
+# fake_results' counts out of 200 (harmlessness, helpfulness, attack success) as the report must print them: the
+# rate and its 95% Wilson interval in percent, computed by hand (z = 1.96), not with the report's own helpers
+EXPECTED_RATE_CELLS = {
+    "base": ["37.0% [30.6, 43.9]", "80.0% [73.9, 85.0]", "97.5% [94.3, 98.9]"],
+    "sft": ["83.0% [77.2, 87.6]", "73.5% [67.0, 79.1]", "92.0% [87.4, 95.0]"],
+    "ppo": ["98.5% [95.7, 99.5]", "81.0% [75.0, 85.8]", "15.5% [11.1, 21.2]"],
+}
+
+
 def test_report_numbers_are_the_results_and_plots_render(tmp_path):
     results = fake_results()
     written = write_report(results, tmp_path)
@@ -106,7 +117,7 @@ def test_report_numbers_are_the_results_and_plots_render(tmp_path):
     for name, m in results["systems"].items():
         row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[1 : 1 + len(RATES)] == [pct(m[k]) for k, _ in RATES]
+        assert cells[1 : 1 + len(RATES)] == EXPECTED_RATE_CELLS[name]
         assert float(cells[-3]) == pytest.approx(m["rm_score"], abs=5e-4)
         assert float(cells[-2]) == pytest.approx(m["kl"], abs=5e-4)
         wr = results["win_rates"].get(name, {}).get("sft")
