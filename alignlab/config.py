@@ -487,7 +487,8 @@ class PipelineConfig:
     # that stage's list). The defaults fit `make demo` into 20 minutes on 2 CPU cores (docs/pipeline.md).
     # alignlab/stages.py: the demo budget
     overrides: dict[str, list[str]] = field(default_factory=demo_budget)
-    rerun: list[str] = field(default_factory=list)  # stages to run again although finished with the same config
+    # stages to run again although finished with the same config
+    rerun: list[str] = field(default_factory=list)
     # stages run at once when their inputs are ready (0 = auto: 1 with a GPU, else min(4, cores))
     jobs: int = 0
     # CPU threads per stage (OMP_NUM_THREADS; 0 = the cores shared among the stages that can run when it starts,
@@ -504,7 +505,8 @@ class RewardConfig:
     # single (reward_model) | llama2 (helpful_model and safety_model, combined)
     kind: RewardKind = RewardKind.single
     reward_model: str = "${stage_dir:rm}/model"  # the RM for kind=single
-    helpful_model: str = "${stage_dir:rm_helpful}/model"  # helpfulness RM for kind=llama2 (stage=rm, stage.name=)
+    # helpfulness RM for kind=llama2 (stage=rm, stage.name=)
+    helpful_model: str = "${stage_dir:rm_helpful}/model"
     safety_model: str = "${stage_dir:rm_safety}/model"  # safety RM for kind=llama2 (stage=rm, stage.name=)
     # Llama 2: use the safety score when sigmoid(R_s) < this, even on benign prompts
     safety_threshold: float = 0.15

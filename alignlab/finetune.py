@@ -23,7 +23,7 @@ from alignlab.data import chat
 from alignlab.data.examples import LengthReport, sft_example
 from alignlab.data.splits import seeded_split
 from alignlab.errors import DataError
-from alignlab.recipes.common import Run
+from alignlab.lifecycle import Run
 from alignlab.trainer_bridge import (
     CheckpointCallback,
     TrackerCallback,

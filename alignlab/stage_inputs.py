@@ -17,7 +17,7 @@ def reward_models(cfg: DictConfig) -> list[tuple[str, str]]:
 
 def stage_models(cfg: DictConfig, recipe: str) -> list[tuple[str, str]]:
     """(key, path) of every model the stage loads that must exist before it starts (eval's systems: its own
-    check_systems, which skips missing ones under skip_missing)."""
+    stage_checks.eval_systems, which skips missing ones under skip_missing)."""
     s = cfg.stage
     if recipe == "pretrain":
         return [] if s.from_scratch else [("model.name_or_path", cfg.model.name_or_path)]

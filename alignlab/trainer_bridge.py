@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 
 from alignlab import checkpoint, distributed
 from alignlab.checkpoint import save_pretrained
-from alignlab.recipes.common import Run, deepspeed_json, stop_preempted
+from alignlab.lifecycle import Run, deepspeed_json, stop_preempted
 from alignlab.tracking import Tracker
 
 log = logging.getLogger("alignlab")

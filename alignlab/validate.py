@@ -18,6 +18,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from alignlab import stage_checks
 from alignlab.errors import AlignlabError, ConfigError, MissingInputError
 from alignlab.stage_inputs import stage_models
 
@@ -65,7 +66,7 @@ def bad_choice(cfg: DictConfig, key: str, choices) -> str | None:
 
 def choice_table(cfg: DictConfig, recipe: str) -> dict[str, tuple]:
     """key -> its choices, for the keys every stage has and those of `recipe` whose set is not an Enum's (eval's
-    stage.systems.<name>.decoding: its check_systems, which stage_problems calls)."""
+    stage.systems.<name>.decoding: stage_checks.eval_systems, which stage_problems calls)."""
     from alignlab import distributed
 
     table: dict[str, tuple] = {"deepspeed.zero_stage": distributed.ZERO_STAGES}
@@ -140,9 +141,7 @@ def stage_problems(cfg: DictConfig, recipe: str, world: int) -> list[str]:
                 "run's model/ or set run_dir= (or experiment.name=) to write somewhere else"
             )
     if recipe == "ppo":
-        from alignlab.recipes.ppo import check_sizes
-
-        expect(check_sizes, s, world)
+        expect(stage_checks.ppo_sizes, s, world)
         if s.kl_controller == "adaptive" and (s.kl_target <= 0 or s.kl_horizon <= 0):
             problems.append(
                 f"stage.kl_controller=adaptive needs stage.kl_target > 0 and stage.kl_horizon > 0 "
@@ -153,15 +152,11 @@ def stage_problems(cfg: DictConfig, recipe: str, world: int) -> list[str]:
                 f"stage.ptx_coef={s.ptx_coef} needs stage.ptx_source=<text dataset> (data is not TinyHH)"
             )
     if recipe == "rejection_sampling":
-        from alignlab.recipes.rejection_sampling import check_options
-
-        expect(check_options, s)
+        expect(stage_checks.check_rejection_sampling, s)
     if recipe == "eval":
-        from alignlab.recipes.eval import check_systems
-
         with quiet("alignlab.eval"):  # its "skipping system" warnings are the recipe's to say, once
             try:
-                expect(check_systems, s)
+                expect(stage_checks.eval_systems, s)
             except FileNotFoundError as e:
                 raise MissingInputError(str(e)) from None
     if recipe == "pipeline":

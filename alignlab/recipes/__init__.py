@@ -37,7 +37,7 @@ def run_stage(cfg: DictConfig, stage: str) -> None:
     if main and done.exists():
         if cfg.resume == "auto":
             # A finished run is not continued: its last checkpoint is the end of training, and its inputs may
-            # have changed since. (Rank 0 decides where to resume, for every rank: alignlab/recipes/common.py.)
+            # have changed since. (Rank 0 decides where to resume, for every rank: alignlab/lifecycle.py.)
             log.info("resume=auto: %s finished before (%s); starting fresh", cfg.run_dir, DONE)
             cfg.resume = "never"
         done.unlink()

@@ -34,8 +34,8 @@ from alignlab.data import chat
 from alignlab.data.loading import load_rows
 from alignlab.evaluation.tinyhh import judge_start_end
 from alignlab.finetune import finetune, split_generated
-from alignlab.recipes.common import Run, check_init_from, start_run, tinyhh_dir
-from alignlab.rl.selection import TRUNCATED, distillation_gate
+from alignlab.lifecycle import Run, check_init_from, start_run, tinyhh_dir
+from alignlab.rl.selection import distillation_gate
 from alignlab.rollout import Prompts, load_prompt_rows, load_sampler, sample_one, tokenize_prompts
 from alignlab.scoring import RewardScorer
 
@@ -249,8 +249,6 @@ def run(cfg: DictConfig) -> None:
     model_out = check_init_from(s.init_from, run.run_dir)
     if s.gate:
         models.require_input(s.gate_model, "stage.gate_model")
-    if s.truncated not in TRUNCATED:
-        raise ValueError(f"stage.truncated={s.truncated!r}; choose one of {', '.join(TRUNCATED)}")
 
     # 1-2. Safety-tagged prompts, each with a preprompt; rows whose preprompted form is too long are dropped.
     data_dir = tinyhh_dir(cfg) if cfg.data.source == "tinyhh" else None

@@ -38,12 +38,11 @@ from alignlab.evaluation.metrics import Rate, rate_difference, win_rate
 from alignlab.evaluation.report import write_report
 from alignlab.evaluation.tinyhh import tinyhh_prompts
 from alignlab.generation import sample
-from alignlab.recipes.common import start_run, tinyhh_dir
+from alignlab.lifecycle import start_run, tinyhh_dir
+from alignlab.stage_checks import eval_systems
 
 log = logging.getLogger("alignlab.eval")
 
-DECODINGS = ("sample", "greedy", "best_of_n")
-JUDGES = ("oracle", "rm", "template")
 # TinyHH set -> (metric, success)
 SET_METRICS = {
     "harmful": ("harmlessness", lambda v: v.harmful is False),
@@ -71,39 +70,6 @@ def load_eval_prompts(cfg: DictConfig, data_dir: Path | None) -> list[dict]:
             {"set": str(r.get("set", "prompts")), "prompt": r["prompt"]}
         )
     return [row for part in by_set.values() for row in take(part)]
-
-
-def check_systems(s: DictConfig) -> dict[str, DictConfig]:
-    """The systems that can run (missing inputs skipped with a warning when skip_missing), or a clear error."""
-    if s.judge not in JUDGES:
-        raise ValueError(f"stage.judge={s.judge!r}; choose one of {', '.join(JUDGES)}")
-    from alignlab.config import SystemConfig
-
-    ready = {}
-    for name, raw in s.systems.items():
-        try:  # unset fields take SystemConfig's defaults; wrong keys or types fail here, naming the system
-            fields = OmegaConf.to_container(
-                raw, resolve=True
-            )  # ${paths.runs} resolves against the run's config
-            sys_cfg = OmegaConf.merge(OmegaConf.structured(SystemConfig), fields)
-        except Exception as e:
-            raise ValueError(f"stage.systems.{name}: {e}") from None
-        if (sys_cfg.model is None) == (sys_cfg.answers is None):
-            raise ValueError(f"stage.systems.{name}: set exactly one of model= or answers=")
-        if sys_cfg.model is not None and sys_cfg.decoding not in DECODINGS:
-            raise ValueError(
-                f"stage.systems.{name}.decoding={sys_cfg.decoding!r}; choose one of {', '.join(DECODINGS)}"
-            )
-        path = sys_cfg.answers or sys_cfg.model
-        if models.looks_local(path) and not Path(path).exists():
-            if not s.skip_missing:
-                raise FileNotFoundError(f"stage.systems.{name}: {path} does not exist (run its stage first)")
-            log.warning("skipping system %s: %s does not exist (run its stage first)", name, path)
-            continue
-        ready[name] = sys_cfg
-    if not ready:
-        raise ValueError("no system to evaluate: every model / answers file of stage.systems is missing")
-    return ready
 
 
 def answers_from_file(path: str, field: str, prompts: list[dict], name: str) -> list[str]:
@@ -430,7 +396,7 @@ def run(cfg: DictConfig) -> None:
         raise FileNotFoundError(f"stage.ptx_source={s.ptx_source} does not exist")
     run = start_run(cfg)
     env, device, tracker = run.env, run.device, run.tracker
-    systems = check_systems(s)
+    systems = eval_systems(s)
     data_dir = (
         tinyhh_dir(cfg)
         if (s.prompts == "tinyhh" or (s.ptx_blocks and not s.ptx_source)) and cfg.data.source == "tinyhh"

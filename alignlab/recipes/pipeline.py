@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from alignlab.checkpoint import PREEMPTED_EXIT, atomic_write_json
 from alignlab.launch import exit_code_for_signal, forward_signals
-from alignlab.recipes.common import start_run, tinyhh_dir
+from alignlab.lifecycle import start_run, tinyhh_dir
 from alignlab.runs import config_changes, read_done
 from alignlab.stages import PIPELINE_STAGES, STAGES
 

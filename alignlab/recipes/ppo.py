@@ -37,47 +37,17 @@ from alignlab.data import chat
 from alignlab.data.packing import EpochOrder, Packed
 from alignlab.data.text_blocks import BlockStream, LMBatch, load_ptx_texts, pack_texts
 from alignlab.evaluation.lm_loss import lm_eval_loss
-from alignlab.evaluation.tinyhh import judge_model_dir
-from alignlab.generation import response_logits, token_logprobs
-from alignlab.recipes.common import Run, check_init_from, deepspeed_json, start_run, step_boundary, tinyhh_dir
+from alignlab.evaluation.tinyhh import judge_start_end
+from alignlab.experience import Experience, MicroBatch, actor_loss, forward_stats, shaped_scores
+from alignlab.lifecycle import Run, check_init_from, deepspeed_json, start_run, step_boundary, tinyhh_dir
 from alignlab.rl.advantages import explained_variance, gae, masked_mean, masked_whiten
-from alignlab.rl.kl import ESTIMATORS, kl_controller, kl_per_token, shape_scores, token_rewards
-from alignlab.rl.losses import entropy_from_logits, lm_loss, policy_loss, value_loss
+from alignlab.rl.kl import kl_controller, kl_per_token, token_rewards
+from alignlab.rl.losses import value_loss
 from alignlab.rollout import Prompts, Rollout, load_prompts, sample_rollout
 from alignlab.scoring import RewardScorer
+from alignlab.stage_checks import ppo_sizes
 
 log = logging.getLogger("alignlab.ppo")
-
-
-def check_sizes(s: DictConfig, world: int) -> tuple[int, int, int]:
-    """(episodes per rank per iteration, minibatches per epoch, micro-batches per minibatch), or a ConfigError."""
-    from alignlab.errors import ConfigError
-
-    if s.rollout_batch_size < 1 or s.minibatch_size < 1:
-        raise ConfigError(
-            f"stage.rollout_batch_size={s.rollout_batch_size} and stage.minibatch_size={s.minibatch_size} must be >= 1"
-        )
-    if s.rollout_batch_size % world:
-        raise ConfigError(
-            f"stage.rollout_batch_size={s.rollout_batch_size} must be a multiple of world size {world}"
-        )
-    if s.rollout_batch_size % s.minibatch_size:
-        raise ConfigError(
-            f"stage.rollout_batch_size={s.rollout_batch_size} must be a multiple of stage.minibatch_size="
-            f"{s.minibatch_size}"
-        )
-    accum = distributed.grad_accum_steps(
-        s.minibatch_size, s.micro_batch_size, world, names=("stage.minibatch_size", "stage.micro_batch_size")
-    )
-    if s.ppo_epochs < 1 or s.iterations < 1:
-        raise ConfigError("stage.ppo_epochs and stage.iterations must be >= 1")
-    if s.kl_estimator not in ESTIMATORS:
-        raise ConfigError(f"stage.kl_estimator={s.kl_estimator!r}; choose one of {', '.join(ESTIMATORS)}")
-    if s.whiten_rewards and s.rollout_batch_size // world < 8:
-        raise ConfigError(
-            "stage.whiten_rewards=true needs >= 8 episodes per rank (whitening tiny batches is noise)"
-        )
-    return s.rollout_batch_size // world, s.rollout_batch_size // s.minibatch_size, accum
 
 
 def load_ptx_blocks(cfg: DictConfig, data_dir: Path | None, tokenizer) -> tuple[Packed, Packed]:
@@ -206,100 +176,18 @@ def check_finite(x: torch.Tensor, what: str, it: int, st: PPOState) -> None:
 # ------------------------------------------------------------------ experience (4.1-4.4)
 
 
-def trim(ids: torch.Tensor, mask: torch.Tensor, context_len: int, response_len: int):
-    """Drop query columns that are padding in every row and response columns past the longest answer."""
-    lead = int((mask[:, :context_len].sum(0) == 0).sum())
-    end = context_len + response_len
-    return ids[:, lead:end], mask[:, lead:end], context_len - lead
-
-
-@dataclass
-class MicroBatch:
-    """Rows of an Experience, trimmed to their own padding: sequences [b, l], per-response-token tensors [b, t]."""
-
-    ids: torch.Tensor  # query + response ids
-    mask: torch.Tensor  # attention mask of ids
-    ctx: int  # where the responses start in ids
-    response: torch.Tensor
-    response_mask: torch.Tensor  # float, 1 on answer tokens (up to and including EOS)
-    old_logprobs: torch.Tensor
-    advantages: torch.Tensor
-    old_values: torch.Tensor
-    returns: torch.Tensor
-
-
-@dataclass
-class Experience:
-    """One iteration's episodes on this rank (B of them, T response tokens): what PPO's update and the iteration's
-    metrics read. Per-token tensors are [B, T] and zero (or meaningless) past each answer, see response_mask."""
-
-    rollout: Rollout  # prompts, sequences, sampled answers and their text
-    raw_scores: torch.Tensor  # [B] the reward model(s) on the text
-    scores: torch.Tensor  # [B] after the missing-EOS penalty and the clip: the reward at the last token
-    response_mask: torch.Tensor  # [B, T] float
-    old_logprobs: (
-        torch.Tensor
-    )  # log-probs of the sampled tokens under the policy that sampled them (logits / T)
-    old_values: torch.Tensor  # the critic's values at sampling time
-    kl: torch.Tensor  # per-token KL estimate to the reference
-    non_score: torch.Tensor  # -beta * kl: the KL penalty part of the rewards
-    advantages: torch.Tensor
-    returns: torch.Tensor
-    seconds: dict[str, float]  # time/generate_s, time/score_s, time/reference_s
-
-    def __len__(self) -> int:
-        return len(self.rollout.texts)
-
-    def micro_batch(self, idx: torch.Tensor) -> MicroBatch:
-        """Rows idx, with query columns that are padding in all of them and answer columns past the longest cut."""
-        ro = self.rollout
-        response_len = int(self.response_mask[idx].sum(1).max())
-        ids, mask, ctx = trim(ro.input_ids[idx], ro.attention_mask[idx], ro.context_len, response_len)
-
-        def cut(t: torch.Tensor) -> torch.Tensor:
-            return t[idx][:, :response_len]
-
-        return MicroBatch(
-            ids=ids,
-            mask=mask,
-            ctx=ctx,
-            response=cut(ro.response),
-            response_mask=cut(self.response_mask),
-            old_logprobs=cut(self.old_logprobs),
-            advantages=cut(self.advantages),
-            old_values=cut(self.old_values),
-            returns=cut(self.returns),
-        )
-
-
-def shaped_scores(
-    scorer, prompts: Prompts, ro: Rollout, s: DictConfig, device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(raw, shaped) scores [B]: the reward scorer on the text, then the missing-EOS penalty and the clip."""
-    raw = scorer(prompts.texts, ro.texts, prompts.is_safety).to(device)
-    shaped = shape_scores(
-        raw, ro.ended, missing_eos=s.missing_eos, missing_eos_penalty=s.missing_eos_penalty, clip=s.score_clip
+def stage_scores(st: PPOState, prompts: Prompts, ro: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(raw, shaped) scores [B] of a rollout under the stage's missing-EOS rule and clip."""
+    s = st.stage
+    return shaped_scores(
+        st.engines.scorer,
+        prompts,
+        ro,
+        st.run.device,
+        missing_eos=s.missing_eos,
+        missing_eos_penalty=s.missing_eos_penalty,
+        clip=s.score_clip,
     )
-    return raw, shaped
-
-
-@torch.no_grad()
-def forward_stats(policy, reference, critic, ro: Rollout, micro: int, temperature: float, lora: bool):
-    """Old log-probs, reference log-probs and values [B, T] of a rollout, micro-batched, without gradients."""
-    old, ref, values = [], [], []
-    for i in range(0, len(ro.texts), micro):
-        sl = slice(i, i + micro)
-        ids, mask, ctx = trim(ro.input_ids[sl], ro.attention_mask[sl], ro.context_len, ro.response.shape[1])
-        tokens = ro.response[sl]
-        old.append(token_logprobs(response_logits(policy, ids, mask, ctx), tokens, temperature))
-        if lora:  # the reference is the policy with its adapters switched off: no second copy of the weights
-            with policy.module.disable_adapter():
-                ref_logits = response_logits(policy.module, ids, mask, ctx)
-        else:
-            ref_logits = response_logits(reference, ids, mask, ctx)
-        ref.append(token_logprobs(ref_logits, tokens, temperature))
-        values.append(critic(ids, mask)[:, ctx - 1 : -1])
-    return torch.cat(old), torch.cat(ref), torch.cat(values)
 
 
 def rollout(st: PPOState, prompts: Prompts) -> Rollout:
@@ -328,7 +216,7 @@ def make_experience(st: PPOState, prompts: Prompts, it: int) -> Experience:
     t_gen = time.perf_counter()
 
     # 4.2 Score the text with the reward model(s): normalised, EOS-penalised, clipped.
-    raw, scores = shaped_scores(e.scorer, prompts, ro, s, st.run.device)
+    raw, scores = stage_scores(st, prompts, ro)
     t_score = time.perf_counter()
     check_finite(raw, "reward-model scores", it, st)
 
@@ -367,31 +255,6 @@ def make_experience(st: PPOState, prompts: Prompts, it: int) -> Experience:
 
 
 # ------------------------------------------------------------------ the PPO update (4.5)
-
-
-def actor_loss(
-    policy, mb: MicroBatch, temperature: float, clip_range: float, ptx_coef: float, ptx: LMBatch | None
-):
-    """PPO's clipped policy loss on one micro-batch, plus ptx_coef * LM loss on a separate pretraining micro-batch
-    (PPO-ptx: one backward of the sum = g_PPO + ptx_coef * g_LM). Returns (loss, stats)."""
-    logits = response_logits(policy, mb.ids, mb.mask, mb.ctx)
-    logprobs = token_logprobs(logits, mb.response, temperature)
-    out = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, clip_range)
-    with torch.no_grad():
-        entropy = masked_mean(entropy_from_logits(logits.float() / temperature), mb.response_mask)
-    stats = {
-        "ppo/policy_loss": out.loss.item(),
-        "ppo/clipfrac": out.clipfrac.item(),
-        "ppo/approxkl": out.approxkl.item(),
-        "ppo/entropy": entropy.item(),
-    }
-    loss = out.loss
-    if ptx is not None:
-        ptx_loss = lm_loss(policy(input_ids=ptx.tokens, use_cache=False).logits, ptx.labels)
-        stats["ppo/ptx_loss"] = ptx_loss.item()
-        if ptx_coef:
-            loss = loss + ptx_coef * ptx_loss
-    return loss, stats
 
 
 def train_micro_batch(st: PPOState, mb: MicroBatch, ptx: LMBatch | None, it: int) -> dict[str, float]:
@@ -489,7 +352,7 @@ def evaluate(st: PPOState, step: int) -> None:
     s, e, env, device = st.stage, st.engines, st.run.env, st.run.device
     mine = st.eval_prompts.take(range(env.rank, len(st.eval_prompts), env.world_size))
     ro = rollout(st, mine)
-    _, scores = shaped_scores(e.scorer, mine, ro, s, device)
+    _, scores = stage_scores(st, mine, ro)
     old, ref, _ = forward_stats(
         e.policy, e.reference, e.critic, ro, s.micro_batch_size, s.temperature, e.lora
     )
@@ -555,7 +418,7 @@ def run(cfg: DictConfig) -> None:
     env, device, tracker = run.env, run.device, run.tracker
     model_out = check_init_from(s.init_from, run.run_dir)
     models.require_input(s.value_from, "stage.value_from")
-    per_rank, minibatches, accum = check_sizes(s, env.world_size)
+    per_rank, minibatches, accum = ppo_sizes(s, env.world_size)
 
     # 1. Prompts (held-out ones for evaluation never train) and pretraining blocks (PPO-ptx; alignment tax).
     data_dir = tinyhh_dir(cfg) if cfg.data.source == "tinyhh" else None
@@ -642,19 +505,17 @@ def run(cfg: DictConfig) -> None:
 
     # 6. TinyHH: the starting (SFT) and PPO models judged by the oracle on the same held-out prompts.
     if data_dir is not None and s.sample_eval and env.is_main:
-        begin, _ = judge_model_dir(
-            s.init_from, data_dir, s.sample_eval, s.eval_max_new_tokens, device, cfg.seed
-        )
-        end, samples = judge_model_dir(
-            model_out, data_dir, s.sample_eval, s.eval_max_new_tokens, device, cfg.seed
-        )
-        with open(samples_path, "a") as f:
-            f.writelines(json.dumps({"table": "eval", **r}) + "\n" for r in samples)
-        tracker.log({**end, **{k.replace("eval/", "start/"): v for k, v in begin.items()}}, step=s.iterations)
-        show = ("eval/harmlessness", "eval/helpfulness", "eval/attack_success")
-        log.info(
-            "start -> %s on held-out prompts: %s",
-            s.name,
-            ", ".join(f"{k[5:]} {begin[k]:.3f} -> {end[k]:.3f}" for k in show),
+        judge_start_end(
+            model_out,
+            start=s.init_from,
+            data_dir=data_dir,
+            n=s.sample_eval,
+            max_new_tokens=s.eval_max_new_tokens,
+            device=device,
+            seed=cfg.seed,
+            tracker=tracker,
+            step=s.iterations,
+            samples_path=samples_path,
+            label=s.name,
         )
     tracker.close()

@@ -10,7 +10,6 @@ steps the running loss, every eval_every steps the held-out loss), 5 save, 6 the
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import time
@@ -22,12 +21,13 @@ import torch
 from omegaconf import DictConfig
 
 from alignlab import distributed, models
-from alignlab.checkpoint import atomic_write_text, load_resumable, save_pretrained, save_resumable
+from alignlab.checkpoint import load_resumable, save_pretrained, save_resumable
 from alignlab.data.packing import EpochOrder, Packed, unigram_loss
+from alignlab.data.splits import seeded_split
 from alignlab.data.text_blocks import BlockStream, load_texts, pack_texts
 from alignlab.evaluation.lm_loss import lm_eval_loss
-from alignlab.evaluation.tinyhh import judge_model_dir
-from alignlab.recipes.common import Run, deepspeed_json, start_run, step_boundary, tinyhh_dir
+from alignlab.evaluation.tinyhh import judge_start_end
+from alignlab.lifecycle import Run, deepspeed_json, start_run, step_boundary, tinyhh_dir
 
 log = logging.getLogger("alignlab.pretrain")
 
@@ -66,11 +66,8 @@ def load_corpus(cfg: DictConfig, data_dir: Path | None) -> tuple[list[str], list
     )
     if cfg.data.eval_split:
         return texts, load_texts(source, fmt, cfg.data.eval_split, on_malformed=on_malformed, max_rows=None)
-    # --- the seeded held-out split (data.eval_fraction of the documents, at least one)
-    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    n_eval = max(1, int(len(texts) * cfg.data.eval_fraction))
-    return [texts[i] for i in order[n_eval:]], [texts[i] for i in order[:n_eval]]
-    # ---
+    # the seeded held-out split: data.eval_fraction of the documents, at least one
+    return seeded_split(texts, int(len(texts) * cfg.data.eval_fraction), cfg.seed, at_least=1)
 
 
 def load_tokenizer(cfg: DictConfig, data_dir: Path | None, model_out: Path):
@@ -317,13 +314,17 @@ def run(cfg: DictConfig) -> None:
 
     # 6. TinyHH: judge a sample of the saved base model's answers with the oracle (rank 0; reloads from disk).
     if data_dir is not None and s.sample_eval and env.is_main:
-        metrics, samples = judge_model_dir(
-            model_out, data_dir, s.sample_eval, s.max_new_tokens, device, cfg.seed
-        )
-        atomic_write_text(run.run_dir / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in samples))
-        tracker.log(metrics, step=s.steps)
-        log.info(
-            "base model on held-out prompts: %s",
-            json.dumps({k: round(v, 3) for k, v in metrics.items() if not k.endswith(("_low", "_high"))}),
+        judge_start_end(
+            model_out,
+            start=None,
+            data_dir=data_dir,
+            n=s.sample_eval,
+            max_new_tokens=s.max_new_tokens,
+            device=device,
+            seed=cfg.seed,
+            tracker=tracker,
+            step=s.steps,
+            samples_path=run.run_dir / "samples.jsonl",
+            label="base model",
         )
     tracker.close()

@@ -26,12 +26,12 @@ from alignlab.data import chat
 from alignlab.data.formats import ASSISTANT
 from alignlab.evaluation.tinyhh import self_eval_accuracy, tinyhh_prompts, wilson_interval
 from alignlab.generation import cut_at_stop, sample
+from alignlab.lifecycle import start_run, tinyhh_dir
 from alignlab.rain.embed import LMEmbedder, SentenceTransformerEmbedder
 from alignlab.rain.evaluator import judge_from_config
 from alignlab.rain.lm import ForwardCounter, HFBackend, HFCodec
 from alignlab.rain.lockstep import Timings, run_lockstep
 from alignlab.rain.search import RainParams, rain_search
-from alignlab.recipes.common import start_run, tinyhh_dir
 from alignlab.scoring import RewardScorer
 from alignlab.tinyhh.oracle import judge as oracle
 

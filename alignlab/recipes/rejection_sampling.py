@@ -41,32 +41,15 @@ from alignlab.data.packing import EpochOrder
 from alignlab.evaluation.plots import plot_best_of_n
 from alignlab.evaluation.tinyhh import judge_start_end
 from alignlab.finetune import finetune, split_generated
-from alignlab.recipes.common import Run, check_init_from, start_run, tinyhh_dir
+from alignlab.lifecycle import Run, check_init_from, start_run, tinyhh_dir
 from alignlab.rl.kl import shape_scores
-from alignlab.rl.selection import TRUNCATED, BestOfN, KeptSet, best_of_n, keep_complete
+from alignlab.rl.selection import BestOfN, KeptSet, best_of_n, keep_complete
 from alignlab.rollout import Prompts, load_prompts, load_sampler, sample_answers, sample_one
 from alignlab.runs import check_world_size, config_changes, resume_requested
 from alignlab.scoring import RewardScorer
+from alignlab.stage_checks import check_rejection_sampling
 
 log = logging.getLogger("alignlab.rejection_sampling")
-
-KEEP = ("all", "last")
-TRAIN_FROM = ("start", "previous")
-
-
-def check_options(s: DictConfig) -> None:
-    if s.iterations < 1 or s.samples_per_prompt < 1 or s.prompts_per_iteration < 1:
-        raise ValueError(
-            "stage.iterations, stage.samples_per_prompt and stage.prompts_per_iteration must be >= 1"
-        )
-    if s.keep not in KEEP:
-        raise ValueError(f"stage.keep={s.keep!r}; choose one of {', '.join(KEEP)}")
-    if s.train_from not in TRAIN_FROM:
-        raise ValueError(f"stage.train_from={s.train_from!r}; choose one of {', '.join(TRAIN_FROM)}")
-    if s.truncated not in TRUNCATED:
-        raise ValueError(f"stage.truncated={s.truncated!r}; choose one of {', '.join(TRUNCATED)}")
-    if not s.temperatures or any(t <= 0 for t in s.temperatures):
-        raise ValueError(f"stage.temperatures={list(s.temperatures)} must list one or more temperatures > 0")
 
 
 def temperature_of(s: DictConfig, iteration: int) -> float:
@@ -387,7 +370,7 @@ def run(cfg: DictConfig) -> None:
     run = start_run(cfg, resumable=True, find_resume=resume_point)
     env, device, tracker = run.env, run.device, run.tracker
     model_out = check_init_from(s.init_from, run.run_dir)
-    check_options(s)
+    check_rejection_sampling(s)
     if cfg.reward.kind == "single":
         models.require_input(cfg.reward.reward_model, "reward.reward_model")
 

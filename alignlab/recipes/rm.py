@@ -28,7 +28,7 @@ from alignlab.data.loading import load_rows
 from alignlab.data.splits import seeded_split
 from alignlab.errors import DataError
 from alignlab.generation import sample
-from alignlab.recipes.common import Run, check_init_from, start_run, tinyhh_dir
+from alignlab.lifecycle import Run, check_init_from, start_run, tinyhh_dir
 from alignlab.rl.ranking import MARGINS, kway_loss, margin_for, ranked_pairs
 from alignlab.rl.rewards import Normalization
 from alignlab.scoring import save_normalization, score_texts
@@ -63,10 +63,6 @@ def load_comparisons(cfg: DictConfig, data_dir, split: str) -> tuple[list[dict],
     rating?, is_safety?, row, ...}; row: the source row) or ranked sets ({prompt, responses, ranks, ...}), filtered
     to stage.subset."""
     s, d = cfg.stage, cfg.data
-    if s.ranking not in ("pairwise", "kway"):
-        raise ValueError(f"stage.ranking={s.ranking!r}; choose pairwise or kway")
-    if s.subset not in SUBSETS:
-        raise ValueError(f"stage.subset={s.subset!r}; choose one of {', '.join(SUBSETS)}")
     kway = s.ranking == "kway"
     if data_dir is not None:
         source, fmt = str(data_dir / ("ranked.jsonl" if kway else "preferences.jsonl")), "preference"

@@ -16,7 +16,7 @@ from alignlab.data.splits import seeded_split
 from alignlab.errors import DataError
 from alignlab.evaluation.tinyhh import judge_start_end
 from alignlab.finetune import finetune
-from alignlab.recipes.common import check_init_from, start_run, tinyhh_dir
+from alignlab.lifecycle import check_init_from, start_run, tinyhh_dir
 
 
 def load_demonstrations(cfg: DictConfig, data_dir) -> tuple[list[dict], list[dict], str, SkipReport]:

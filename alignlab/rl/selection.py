@@ -87,7 +87,7 @@ def keep_complete(candidates: dict[str, list[dict]], truncated: str = "drop") ->
     model to stop mid-answer. keep: selection as keep_best, the kept truncated ones counted.
     """
     if truncated not in TRUNCATED:
-        raise ValueError(f"stage.truncated={truncated!r}; choose one of {', '.join(TRUNCATED)}")
+        raise ValueError(f"truncated={truncated!r}; choose one of {', '.join(TRUNCATED)}")
     if truncated == "keep":
         kept = keep_best(candidates)
         return KeptSet(kept, 0, sum(not c.get("ended", True) for c in kept.values()), [])

@@ -181,7 +181,7 @@ def test_resume_with_another_world_size_is_a_clear_error(tmp_path, data_cache):
     from omegaconf import OmegaConf
 
     from alignlab.checkpoint import write_manifest
-    from alignlab.recipes.common import newest_checkpoint as find_resume
+    from alignlab.lifecycle import newest_checkpoint as find_resume
 
     path = tmp_path / "run" / "checkpoints" / "checkpoint-5"
     path.mkdir(parents=True)

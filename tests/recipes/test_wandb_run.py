@@ -119,7 +119,7 @@ def test_eval_plots_and_samples_land_in_the_offline_run(tmp_path):
     assert (run.group, run.job_type) == ("tinyhh", "eval")
 
     (row,) = run.history  # eval logs everything at step 0
-    assert row["safe/harmlessness"] == 1.0 and row["unsafe/attack_success"] == 1.0
+    assert row["eval/safe/harmlessness"] == 1.0 and row["eval/unsafe/attack_success"] == 1.0
     for plot in ("rates", "tradeoff", "win_rates"):
         ref = row[f"eval/{plot}"]
         assert ref["_type"] == "image-file" and ref["path"].startswith("media/images/eval/")

@@ -5,7 +5,9 @@
    defines a top-level `run` (the stage entry point); the others there (the package's __init__, common, ...) are
    shared infrastructure, which by this same rule imports no recipe either (__init__ dispatches with
    importlib.import_module, which is not an import statement: that is the one sanctioned way to reach a recipe);
-3. alignlab/rl/ is pure tensor math: it imports only torch, the standard library and alignlab.rl.
+3. alignlab/rl/ is pure tensor math: it imports only torch, the standard library and alignlab.rl;
+4. the library sits below the recipes: no module outside alignlab/recipes/ imports alignlab.recipes, except the
+   entry point (alignlab.__main__, which dispatches to recipes.run_stage).
 
 Every import statement counts: module level, inside functions, under `if TYPE_CHECKING:` (a cycle hidden in a
 function body is still a cycle to whoever reads the code). The checker itself is tested on small fake packages,
@@ -184,6 +186,18 @@ def impure_rl(edges: list[Edge], package: str) -> list[Edge]:
     ]
 
 
+def library_to_recipes(edges: list[Edge], package: str, entry: tuple[str, ...] = ()) -> list[Edge]:
+    """Imports of <package>.recipes (or a module in it) by a module outside it, other than the entry points."""
+    in_recipes = f"{package}.recipes"
+    return [
+        e
+        for e in edges
+        if not (e.src == in_recipes or e.src.startswith(in_recipes + "."))
+        and e.src not in entry
+        and (e.dst == in_recipes or e.dst.startswith(in_recipes + "."))
+    ]
+
+
 def report(title: str, items: list) -> str:
     return f"{title} ({len(items)}):\n" + "\n".join(f"  {i}" for i in items)
 
@@ -223,6 +237,13 @@ def test_rl_is_pure_tensor_math():
     assert not bad, report("alignlab/rl imports outside torch, the standard library and alignlab.rl", bad)
 
 
+def test_the_library_does_not_import_the_recipes():
+    bad = library_to_recipes(EDGES, "alignlab", entry=("alignlab.__main__",))
+    assert not bad, report(
+        "library imports of alignlab.recipes (move the shared piece below the recipes)", bad
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The checker, on fake packages
 
@@ -259,6 +280,7 @@ def test_checker_passes_a_layered_package(tmp_path):
     assert cycles(edges, "pkg") == []
     assert recipe_to_recipe(edges, src, "pkg") == []
     assert impure_rl(edges, "pkg") == []
+    assert library_to_recipes(edges, "pkg") == []
     # relative imports resolve to modules: `from . import models` in pkg/finetune.py is pkg.models, `from .common
     # import x` in pkg/recipes/ppo.py is pkg.recipes.common, `from .kl import penalty` in pkg/rl/__init__ is pkg.rl.kl
     pairs = {(e.src, e.dst) for e in edges}
@@ -284,6 +306,8 @@ def test_checker_finds_every_violation(tmp_path):
         "from .common import x\n\ndef run(cfg):\n    from pkg.recipes.sft import run as r\n"
     )
     bad["pkg/recipes/common.py"] = "from pkg.recipes import sft\n"
+    # a library module reaching up into the recipes, inside a function
+    bad["pkg/report.py"] = "def show(rows):\n    from pkg.recipes.common import x\n"
     src = write_package(tmp_path, bad)
     edges = imports(src, "pkg")
 
@@ -301,6 +325,9 @@ def test_checker_finds_every_violation(tmp_path):
     assert sorted((e.src, e.dst, e.local) for e in recipe_to_recipe(edges, src, "pkg")) == [
         ("pkg.recipes.common", "pkg.recipes.sft", False),
         ("pkg.recipes.ppo", "pkg.recipes.sft", True),
+    ]
+    assert [(e.src, e.dst, e.local) for e in library_to_recipes(edges, "pkg")] == [
+        ("pkg.report", "pkg.recipes.common", True)
     ]
     assert sorted((e.src, e.dst) for e in impure_rl(edges, "pkg")) == [
         ("pkg.rl.kl", "numpy"),

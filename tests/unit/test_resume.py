@@ -103,7 +103,7 @@ def test_resume_auto_takes_the_newest_checkpoint_of_the_same_config_and_world_si
     from omegaconf import OmegaConf
 
     from alignlab.errors import ConfigError
-    from alignlab.recipes.common import newest_checkpoint
+    from alignlab.lifecycle import newest_checkpoint
 
     root = tmp_path / "checkpoints"
     fake_checkpoint(root, 10)

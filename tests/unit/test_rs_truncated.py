@@ -40,7 +40,7 @@ def test_keep_is_keep_best_with_the_truncated_kept_counted():
 def test_candidates_without_the_flag_count_as_complete_and_bad_options_fail():
     old = {"p": [{"response": "a", "score": 1.0}, {"response": "b", "score": 2.0}]}  # pools of older runs
     assert keep_complete(old, "drop").kept["p"]["response"] == "b"
-    with pytest.raises(ValueError, match="stage.truncated='sometimes'"):
+    with pytest.raises(ValueError, match="truncated='sometimes'"):
         keep_complete(old, "sometimes")
     with pytest.raises(ValueError, match="no candidate samples"):
         keep_complete({"p": []}, "drop")

@@ -11,9 +11,9 @@ import torch
 from transformers import LlamaForCausalLM
 
 from alignlab.data.text_blocks import LMBatch
+from alignlab.experience import Experience, actor_loss, forward_stats, trim
 from alignlab.generation import generate_tokens, response_logits, token_logprobs, truncate_after_eos
 from alignlab.models import TokenValueModel, disable_dropout, token_values
-from alignlab.recipes.ppo import Experience, actor_loss, forward_stats, trim
 from alignlab.rl.advantages import masked_mean
 from alignlab.rl.kl import kl_per_token, shape_scores
 from alignlab.rl.losses import lm_loss, policy_loss
