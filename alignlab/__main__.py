@@ -73,7 +73,18 @@ def _help_needs_a_stage(argv: list[str]) -> bool:
     return any(a in ("--help", "-h") for a in argv) and not any(a.startswith("stage=") for a in argv)
 
 
+def _renamed(argv: list[str]) -> str | None:
+    # Hydra would only say "Key 'max_new_tokens' is not in struct": name the key that replaced it.
+    from alignlab.stages import renamed_key
+
+    stage = next((a.split("=", 1)[1] for a in argv if a.startswith("stage=")), None)
+    return renamed_key(stage, argv[1:]) if stage else None
+
+
 if __name__ == "__main__":
     if _help_needs_a_stage(sys.argv):
         sys.argv.append("stage=pretrain")
+    if message := _renamed(sys.argv):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     sys.exit(main())

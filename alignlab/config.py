@@ -232,7 +232,7 @@ class PretrainConfig(OptimizerConfig):
     eval_batches: int = 8  # batches per held-out evaluation
     # TinyHH: held-out prompts per set (benign, harmful, attack, self-eval) judged at the end (0 = off)
     sample_eval: int = 200
-    max_new_tokens: int = 64  # generation budget for the end-of-run sample evaluation
+    eval_max_new_tokens: int = 64  # generation budget of the end-of-run oracle evaluation
 
 
 @dataclass
@@ -249,7 +249,7 @@ class SFTConfig(FinetuneConfig):
     # TinyHH: held-out prompts per set (benign, harmful, attack, self-eval) judged at the end, for the starting
     # model and the fine-tuned one on the same prompts (0 = off)
     sample_eval: int = 200
-    max_new_tokens: int = 64  # generation budget for the sample evaluation
+    eval_max_new_tokens: int = 64  # generation budget of the oracle evaluation
 
 
 @dataclass
@@ -273,7 +273,7 @@ class RMConfig(TrainerConfig):
     # Reward normalisation (lm-human-preferences): gain/bias so the SFT model's own answers to this many RL prompts
     # score mean 0, std 1; stored in model/reward_normalization.json and applied by every reward= scorer (0 = off)
     normalize_samples: int = 256
-    max_new_tokens: int = 64  # generation budget for the normalisation samples
+    normalize_max_new_tokens: int = 64  # generation budget of the normalisation samples
 
 
 @dataclass
@@ -379,7 +379,7 @@ class ContextDistillationConfig:
 
     name: str = "context_distillation"  # run subdirectory name
     init_from: str = "${stage_dir:sft}/model"  # teacher (with preprompt) and student
-    prompts: int = 512  # prompts distilled (safety-tagged ones only when only_safety)
+    n_prompts: int = 512  # prompts distilled (safety-tagged ones only when only_safety)
     # Llama 2: adversarial prompts only (on helpful prompts CD raises false refusals)
     only_safety: bool = True
     preprompts: list[str] = field(default_factory=lambda: list(DEFAULT_PREPROMPTS))  # one drawn per prompt

@@ -253,6 +253,6 @@ def split_generated(rows: list[dict], n: int, seed: int) -> tuple[list[dict], li
     if len(rows) < 2:
         raise ValueError(
             f"{len(rows)} generated row(s) to fine-tune on: one is held out for the answer-token loss, which leaves "
-            "none to train on; generate from more prompts (stage.prompts_per_iteration / stage.prompts)"
+            "none to train on; generate from more prompts (stage.prompts_per_iteration / stage.n_prompts)"
         )
     return seeded_split(rows, n, seed, max_share=5, at_least=1)

@@ -129,7 +129,7 @@ def load_tokenizer(
     )
     if tok.pad_token is None:
         # Many hub causal LMs ship without a pad token; pad == eos is safe only because our label masks keep the
-        # answer-ending EOS (see specs/rlhf.md invariant 1).
+        # answer-ending EOS (the project's RLHF spec, invariant 1).
         log.warning("tokenizer %s has no pad token; using eos %r as pad", name_or_path, tok.eos_token)
         tok.pad_token = tok.eos_token
     return tok

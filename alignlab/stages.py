@@ -23,16 +23,15 @@ class StageSpec:
     inputs: tuple[str, ...] = ()  # the stages whose outputs it reads under the default paths (stage_dir)
     # minutes with its defaults on TinyHH, 2 CPU cores: only for stage=pipeline to start the longest chain first
     cost: float = 0
-    resumable: bool = (
-        False  # saves resumable checkpoints and stops on SIGTERM/SIGUSR1/SIGUSR2 (docs/resume.md)
-    )
+    # saves resumable checkpoints and stops on SIGTERM/SIGUSR1/SIGUSR2 (docs/resume.md)
+    resumable: bool = False
     uses_reward: bool = False  # scores with reward= (so reward.* decides its outputs: alignlab/runs.py)
-    orchestrator: bool = (
-        False  # only starts other stages: one process whatever launcher= says; not a pipeline stage
-    )
-    demo: tuple[
-        str, ...
-    ] = ()  # stage=pipeline's default stage.overrides.<name>: the demo budget (docs/pipeline.md)
+    # only starts other stages: one process whatever launcher= says; not a pipeline stage
+    orchestrator: bool = False
+    # stage=pipeline's default stage.overrides.<name>: the demo budget (docs/pipeline.md)
+    demo: tuple[str, ...] = ()
+    # (old key, new key): keys this stage's schema renamed, so an old command line is told the new name
+    renamed: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         if not self.recipe:
@@ -56,10 +55,12 @@ NO_OWN_EVAL = "stage.sample_eval=0"
 STAGES: dict[str, StageSpec] = {
     s.name: s
     for s in [
-        StageSpec("pretrain", "alignlab.config:PretrainConfig", cost=4, resumable=True),
+        StageSpec("pretrain", "alignlab.config:PretrainConfig", cost=4, resumable=True,
+                  renamed=(("stage.max_new_tokens", "stage.eval_max_new_tokens"),)),
         StageSpec("sft", "alignlab.config:SFTConfig", inputs=("pretrain",), cost=1, resumable=True,
-                  demo=(NO_OWN_EVAL,)),
-        StageSpec("rm", "alignlab.config:RMConfig", inputs=("sft",), cost=1, resumable=True),
+                  demo=(NO_OWN_EVAL,), renamed=(("stage.max_new_tokens", "stage.eval_max_new_tokens"),)),
+        StageSpec("rm", "alignlab.config:RMConfig", inputs=("sft",), cost=1, resumable=True,
+                  renamed=(("stage.max_new_tokens", "stage.normalize_max_new_tokens"),)),
         StageSpec("ppo", "alignlab.config:PPOConfig", inputs=("sft", "rm"), cost=6, resumable=True,
                   uses_reward=True, demo=(NO_OWN_EVAL,)),
         # PPO-ptx: stage=ppo's recipe with the pretraining term on
@@ -69,7 +70,7 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("rejection_sampling", "alignlab.config:RejectionSamplingConfig", inputs=("sft", "rm"), cost=3,
                   resumable=True, uses_reward=True, demo=(NO_OWN_EVAL, "stage.prompts_per_iteration=256")),
         StageSpec("context_distillation", "alignlab.config:ContextDistillationConfig", inputs=("sft", "rm"),
-                  cost=1, resumable=True, demo=(NO_OWN_EVAL,)),
+                  cost=1, resumable=True, demo=(NO_OWN_EVAL,), renamed=(("stage.prompts", "stage.n_prompts"),)),
         StageSpec("rain", "alignlab.rain.stage_config:RainConfig", inputs=("pretrain",), cost=6,
                   demo=("stage.n_prompts=100",)),
         StageSpec("eval", "alignlab.config:EvalConfig",
@@ -98,6 +99,16 @@ def uses_reward(stage: str) -> bool:
 def demo_budget() -> dict[str, list[str]]:
     """stage=pipeline's default stage.overrides: every pipeline stage's demo budget (possibly none)."""
     return {s: list(STAGES[s].demo) for s in PIPELINE_STAGES}
+
+
+def renamed_key(stage: str, overrides: list[str]) -> str | None:
+    """The message for the first override that sets a key `stage` has renamed (None when there is none)."""
+    renamed = dict(STAGES[stage].renamed) if stage in STAGES else {}
+    for o in overrides:
+        key = o.lstrip("+~").split("=", 1)[0]
+        if key in renamed:
+            return f"{key} is now {renamed[key]} (stage={stage}): use {renamed[key]}={o.split('=', 1)[-1]}"
+    return None
 
 
 def stage_dir(run_name: str, *, _root_) -> str:

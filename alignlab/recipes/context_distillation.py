@@ -1,4 +1,4 @@
-"""stage=context_distillation: safety context distillation, Llama 2 §4.2.4 (spec: specs/rlhf.md section 6).
+"""stage=context_distillation: safety context distillation, Llama 2 §4.2.4 (the project's RLHF spec, section 6).
 
 1. take the safety-tagged prompts (only_safety; Llama 2: adversarial prompts only) of the prompt data
 2. give each a safety preprompt drawn from stage.preprompts (plus the answer template of its risk category, if
@@ -81,7 +81,7 @@ def check_no_preprompt(rows: list[dict], preprompts: list[str]) -> None:
 
 
 def select_prompts(rows: list[dict], s: DictConfig, seed: int, source: str) -> list[dict]:
-    """The first stage.prompts rows of a seeded order (safety-tagged ones only when only_safety)."""
+    """The first stage.n_prompts rows of a seeded order (safety-tagged ones only when only_safety)."""
     pool = [r for r in rows if r.get("is_safety")] if s.only_safety else list(rows)
     if not pool:
         raise ValueError(
@@ -89,7 +89,7 @@ def select_prompts(rows: list[dict], s: DictConfig, seed: int, source: str) -> l
             "stage.only_safety=true distills nothing; tag them or set stage.only_safety=false"
         )
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [pool[i] for i in order[: s.prompts]]
+    return [pool[i] for i in order[: s.n_prompts]]
 
 
 @dataclass

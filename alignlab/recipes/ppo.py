@@ -15,7 +15,7 @@ mode; dropout off everywhere. run() numbers its steps: 1 data, 2 engines, 3 deri
                                                              (ppo_update)
   4.6 metrics, KL controller update, sample tables          (iteration_metrics, append_samples)
 
-Spec: specs/rlhf.md sections 3-4; the tensor math lives in alignlab/rl/ and is unit-tested there.
+Spec: the project's RLHF spec (rlhf.md), sections 3-4; the tensor math lives in alignlab/rl/ and is unit-tested there.
 """
 
 from __future__ import annotations

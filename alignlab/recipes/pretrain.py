@@ -319,7 +319,7 @@ def run(cfg: DictConfig) -> None:
             start=None,
             data_dir=data_dir,
             n=s.sample_eval,
-            max_new_tokens=s.max_new_tokens,
+            max_new_tokens=s.eval_max_new_tokens,
             device=device,
             seed=cfg.seed,
             tracker=tracker,

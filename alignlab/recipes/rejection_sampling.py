@@ -1,4 +1,4 @@
-"""stage=rejection_sampling: rejection-sampling fine-tuning, Llama 2 §3.2.3 (spec: specs/rlhf.md section 5).
+"""stage=rejection_sampling: rejection-sampling fine-tuning, Llama 2 §3.2.3 (the project's RLHF spec, section 5).
 
 Each iteration:
 

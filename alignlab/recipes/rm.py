@@ -484,6 +484,6 @@ def fit_normalization(cfg, rm, tokenizer, data_dir, rows: list[dict], device) ->
     prompts = prompts[: s.normalize_samples]
     policy = models.load_causal_lm(s.init_from).to(device)
     torch.manual_seed(cfg.seed)
-    answers = sample(policy, tokenizer, prompts, max_new_tokens=s.max_new_tokens)
+    answers = sample(policy, tokenizer, prompts, max_new_tokens=s.normalize_max_new_tokens)
     answers = [a if a.strip() else " " for a in answers]
     return Normalization.fit(score_texts(rm, tokenizer, prompts, answers, device))

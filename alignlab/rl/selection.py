@@ -1,6 +1,6 @@
 """Selection rules of rejection sampling and context distillation (Llama 2 §3.2.3, §4.2.4); pure functions.
 
-Spec: specs/rlhf.md sections 5-6 and invariant 16.
+Spec: the project's RLHF spec (rlhf.md), sections 5-6 and invariant 16.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """TinyHH data emitters: every data set the pipeline needs, written through `datasets` as jsonl, seeded.
 
-The mixtures below set how (un)aligned the pretrained base model is; see specs/tinyhh.md for the targets.
+The mixtures below set how (un)aligned the pretrained base model is; see the project's TinyHH spec (tinyhh.md) for the targets.
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ def test_context_distillation_two_processes_zero2(tinyhh_rm, tinyhh_root, data_c
         out,
         "zero2",
         "stage=context_distillation",
-        "stage.prompts=48",
+        "stage.n_prompts=48",
         "stage.sample_eval=0",
         "stage.finetune.epochs=1",
         "stage.finetune.batch_size=8",

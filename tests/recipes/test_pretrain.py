@@ -13,7 +13,7 @@ from alignlab.tracking import read_metrics
 from tests.conftest import alignlab
 
 pytestmark = pytest.mark.slow
-QUICK = ["stage=pretrain", "experiment=quick", "stage.sample_eval=8", "stage.max_new_tokens=24"]
+QUICK = ["stage=pretrain", "experiment=quick", "stage.sample_eval=8", "stage.eval_max_new_tokens=24"]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The default TinyHH base model meets the targets of specs/tinyhh.md (the full ~5 minute pretraining run).
+"""The default TinyHH base model meets the targets of the project's TinyHH spec (tinyhh.md) (the full ~5 minute pretraining run).
 
 Each rate is measured on 200 held-out prompts; a target holds when the 95% Wilson interval reaches into it.
 """

@@ -24,7 +24,7 @@ TINY = [
     "stage.batch_size=8",
     "stage.micro_batch_size=4",
     "stage.sample_eval=4",
-    "stage.max_new_tokens=16",
+    "stage.eval_max_new_tokens=16",
     "logger.progress=false",
 ]
 

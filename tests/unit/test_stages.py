@@ -83,3 +83,27 @@ def test_the_registry_prints_its_table_without_torch_or_hydra():
     code += "assert not {'torch', 'hydra'} & set(sys.modules), sorted(sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == stage_table()
+
+
+def test_a_renamed_key_is_named_with_its_new_name():
+    from alignlab.stages import renamed_key
+
+    msg = renamed_key("sft", ["stage.lr=1e-4", "stage.max_new_tokens=32"])
+    assert (
+        msg
+        == "stage.max_new_tokens is now stage.eval_max_new_tokens (stage=sft): use stage.eval_max_new_tokens=32"
+    )
+    assert "stage.n_prompts=48" in renamed_key("context_distillation", ["+stage.prompts=48"])
+    # the same key where it was not renamed (PPO's answer budget) is left to Hydra
+    assert renamed_key("ppo", ["stage.max_new_tokens=32"]) is None
+    assert renamed_key("no_such_stage", ["stage.max_new_tokens=32"]) is None
+    # every renamed key's new name is a field of the stage's schema, the old one is not
+    from dataclasses import fields
+
+    for name, spec in STAGES.items():
+        names = {f.name for f in fields(spec.schema_node())}
+        for old, new in spec.renamed:
+            assert new.removeprefix("stage.") in names and old.removeprefix("stage.") not in names, (
+                name,
+                old,
+            )

@@ -74,7 +74,7 @@ def test_lora_sft_rm_ppo_rs_chain_keeps_every_stage(tmp_path):
     alignlab(
         "stage=rm", *COMMON, *model, f"stage.init_from={sft}", f"data.source={pref_data}", "data.format=preference",
         f"run_dir={tmp_path / 'rm'}", "stage.margin=none", "stage.steps=2", "stage.batch_size=4",
-        "stage.micro_batch_size=4", "stage.eval_rows=8", "stage.normalize_samples=4", "stage.max_new_tokens=8",
+        "stage.micro_batch_size=4", "stage.eval_rows=8", "stage.normalize_samples=4", "stage.normalize_max_new_tokens=8",
         "stage.lr=1e-2", cwd=tmp_path,
     )  # fmt: skip
     rm = tmp_path / "rm" / "model"

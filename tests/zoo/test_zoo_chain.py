@@ -103,7 +103,7 @@ def test_every_stage_on_the_family(world, family):
         "stage.micro_batch_size=8",
         "stage.eval_rows=8",
         "stage.normalize_samples=8",
-        "stage.max_new_tokens=8",
+        "stage.normalize_max_new_tokens=8",
         "stage.lr=1e-3",
     )
     rm_model = rm / "model"

@@ -1,4 +1,4 @@
-"""RAIN's tree bookkeeping against hand-computed values (specs/rain.md, "Tests that pin faithfulness" 1, 2, 4-6)."""
+"""RAIN's tree bookkeeping against hand-computed values (the project's RAIN spec, "Tests that pin faithfulness" 1, 2, 4-6)."""
 
 from __future__ import annotations
 

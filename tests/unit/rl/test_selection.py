@@ -1,4 +1,4 @@
-"""Invariant 16 (specs/rlhf.md): rejection sampling keeps the argmax per prompt; best-of-N statistics; the context
+"""Invariant 16 (the project's RLHF spec): rejection sampling keeps the argmax per prompt; best-of-N statistics; the context
 distillation gate keeps exactly the improved samples; no preprompt reaches a CD training input."""
 
 from __future__ import annotations
