@@ -44,13 +44,17 @@ def run_env() -> dict[str, str]:
 
 
 def alignlab(
-    *overrides: str, cwd: Path, timeout: int = 600, check: bool = True
+    *overrides: str, cwd: Path, timeout: int = 600, check: bool = True, threads: int | None = None
 ) -> subprocess.CompletedProcess:
-    """Run `python -m alignlab <overrides>` in cwd; on failure show its output."""
+    """Run `python -m alignlab <overrides>` in cwd (threads: its OMP_NUM_THREADS, default the worker's); on failure
+    show its output."""
+    env = run_env()
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     proc = subprocess.run(
         [sys.executable, "-m", "alignlab", *overrides],
         cwd=cwd,
-        env=run_env(),
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -64,7 +68,12 @@ def alignlab(
 
 
 def run_stage(
-    root: Path, data_cache: Path, *overrides: str, check: bool = True, timeout: int = 600
+    root: Path,
+    data_cache: Path,
+    *overrides: str,
+    check: bool = True,
+    timeout: int = 600,
+    threads: int | None = None,
 ) -> subprocess.CompletedProcess:
     """A stage with runs/ under root and the given data cache (so default init_from chains resolve)."""
     return alignlab(
@@ -74,6 +83,7 @@ def run_stage(
         cwd=root,
         check=check,
         timeout=timeout,
+        threads=threads,
     )
 
 
@@ -283,6 +293,11 @@ class SharedChain:
         return bad
 
 
+# The chain is the critical path of every test that needs it (under xdist the other workers run the rest
+# meanwhile): its stages take all the cores, not a worker's share.
+CHAIN_THREADS = int(os.environ.get("ALIGNLAB_TEST_THREADS") or os.cpu_count() or 1)
+
+
 @pytest.fixture(scope="session")
 def tinyhh_chain(tmp_path_factory):
     """The shared chain root: next to the workers' base temp dirs under xdist, in the base temp dir without."""
@@ -320,6 +335,7 @@ def tinyhh_root(tmp_path_factory, tinyhh_chain) -> Path:
             f"paths.runs={chain.root / 'runs'}",
             f"paths.data={chain.data}",
             cwd=chain.root,
+            threads=CHAIN_THREADS,
             timeout=1800,  # ~5 minutes alone on 2 cores; with a thread per worker and other tests running, longer
         ),
     )
@@ -332,7 +348,9 @@ def tinyhh_root(tmp_path_factory, tinyhh_chain) -> Path:
 def tinyhh_sft(tinyhh_root, tinyhh_chain) -> Path:
     """The default SFT model on the session's base model (stage=sft, ~1 minute), trained once per session."""
     chain = tinyhh_chain
-    chain.ensure("sft", lambda: run_stage(chain.root, chain.data, "stage=sft", *SFT_OVERRIDES))
+    chain.ensure(
+        "sft", lambda: run_stage(chain.root, chain.data, "stage=sft", *SFT_OVERRIDES, threads=CHAIN_THREADS)
+    )
     return link(tinyhh_root, chain, "sft")
 
 
@@ -341,7 +359,9 @@ def tinyhh_rm(tinyhh_sft, tinyhh_root, tinyhh_chain) -> tuple[Path, subprocess.C
     """The default reward model on that SFT model (stage=rm, ~1.5 minutes), with its normalisation, and the
     output of the run that trained it."""
     chain = tinyhh_chain
-    chain.ensure("rm", lambda: run_stage(chain.root, chain.data, "stage=rm", *RM_OVERRIDES))
+    chain.ensure(
+        "rm", lambda: run_stage(chain.root, chain.data, "stage=rm", *RM_OVERRIDES, threads=CHAIN_THREADS)
+    )
     return link(tinyhh_root, chain, "rm"), chain.output("rm", RM_OVERRIDES)
 
 
@@ -349,5 +369,10 @@ def tinyhh_rm(tinyhh_sft, tinyhh_root, tinyhh_chain) -> tuple[Path, subprocess.C
 def tinyhh_ppo(tinyhh_rm, tinyhh_root, tinyhh_chain) -> Path:
     """stage=ppo with PPO_SHORT on that SFT model and RM (~2 minutes), trained once per session."""
     chain = tinyhh_chain
-    chain.ensure("ppo", lambda: run_stage(chain.root, chain.data, "stage=ppo", *PPO_SHORT, timeout=1500))
+    chain.ensure(
+        "ppo",
+        lambda: run_stage(
+            chain.root, chain.data, "stage=ppo", *PPO_SHORT, timeout=1500, threads=CHAIN_THREADS
+        ),
+    )
     return link(tinyhh_root, chain, "ppo")
