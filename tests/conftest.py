@@ -44,17 +44,13 @@ def run_env() -> dict[str, str]:
 
 
 def alignlab(
-    *overrides: str, cwd: Path, timeout: int = 600, check: bool = True, threads: int | None = None
+    *overrides: str, cwd: Path, timeout: int = 600, check: bool = True
 ) -> subprocess.CompletedProcess:
-    """Run `python -m alignlab <overrides>` in cwd (threads: its OMP_NUM_THREADS, default the worker's); on failure
-    show its output."""
-    env = run_env()
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    """Run `python -m alignlab <overrides>` in cwd; on failure show its output."""
     proc = subprocess.run(
         [sys.executable, "-m", "alignlab", *overrides],
         cwd=cwd,
-        env=env,
+        env=run_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -68,12 +64,7 @@ def alignlab(
 
 
 def run_stage(
-    root: Path,
-    data_cache: Path,
-    *overrides: str,
-    check: bool = True,
-    timeout: int = 600,
-    threads: int | None = None,
+    root: Path, data_cache: Path, *overrides: str, check: bool = True, timeout: int = 600
 ) -> subprocess.CompletedProcess:
     """A stage with runs/ under root and the given data cache (so default init_from chains resolve)."""
     return alignlab(
@@ -83,7 +74,6 @@ def run_stage(
         cwd=root,
         check=check,
         timeout=timeout,
-        threads=threads,
     )
 
 
@@ -293,11 +283,6 @@ class SharedChain:
         return bad
 
 
-# The chain is the critical path of every test that needs it (under xdist the other workers run the rest
-# meanwhile): its stages take all the cores, not a worker's share.
-CHAIN_THREADS = int(os.environ.get("ALIGNLAB_TEST_THREADS") or os.cpu_count() or 1)
-
-
 @pytest.fixture(scope="session")
 def tinyhh_chain(tmp_path_factory):
     """The shared chain root: next to the workers' base temp dirs under xdist, in the base temp dir without."""
@@ -335,7 +320,6 @@ def tinyhh_root(tmp_path_factory, tinyhh_chain) -> Path:
             f"paths.runs={chain.root / 'runs'}",
             f"paths.data={chain.data}",
             cwd=chain.root,
-            threads=CHAIN_THREADS,
             timeout=1800,  # ~5 minutes alone on 2 cores; with a thread per worker and other tests running, longer
         ),
     )
@@ -348,9 +332,7 @@ def tinyhh_root(tmp_path_factory, tinyhh_chain) -> Path:
 def tinyhh_sft(tinyhh_root, tinyhh_chain) -> Path:
     """The default SFT model on the session's base model (stage=sft, ~1 minute), trained once per session."""
     chain = tinyhh_chain
-    chain.ensure(
-        "sft", lambda: run_stage(chain.root, chain.data, "stage=sft", *SFT_OVERRIDES, threads=CHAIN_THREADS)
-    )
+    chain.ensure("sft", lambda: run_stage(chain.root, chain.data, "stage=sft", *SFT_OVERRIDES))
     return link(tinyhh_root, chain, "sft")
 
 
@@ -359,9 +341,7 @@ def tinyhh_rm(tinyhh_sft, tinyhh_root, tinyhh_chain) -> tuple[Path, subprocess.C
     """The default reward model on that SFT model (stage=rm, ~1.5 minutes), with its normalisation, and the
     output of the run that trained it."""
     chain = tinyhh_chain
-    chain.ensure(
-        "rm", lambda: run_stage(chain.root, chain.data, "stage=rm", *RM_OVERRIDES, threads=CHAIN_THREADS)
-    )
+    chain.ensure("rm", lambda: run_stage(chain.root, chain.data, "stage=rm", *RM_OVERRIDES))
     return link(tinyhh_root, chain, "rm"), chain.output("rm", RM_OVERRIDES)
 
 
@@ -369,10 +349,5 @@ def tinyhh_rm(tinyhh_sft, tinyhh_root, tinyhh_chain) -> tuple[Path, subprocess.C
 def tinyhh_ppo(tinyhh_rm, tinyhh_root, tinyhh_chain) -> Path:
     """stage=ppo with PPO_SHORT on that SFT model and RM (~2 minutes), trained once per session."""
     chain = tinyhh_chain
-    chain.ensure(
-        "ppo",
-        lambda: run_stage(
-            chain.root, chain.data, "stage=ppo", *PPO_SHORT, timeout=1500, threads=CHAIN_THREADS
-        ),
-    )
+    chain.ensure("ppo", lambda: run_stage(chain.root, chain.data, "stage=ppo", *PPO_SHORT, timeout=1500))
     return link(tinyhh_root, chain, "ppo")
