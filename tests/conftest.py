@@ -185,14 +185,15 @@ def pytest_collection_modifyitems(config, items):
         i, item = indexed
         names = set(item.fixturenames)
         if item is starter:
-            return (0, 0, i)  # its group (module-scoped fixture) comes with it
-        if "tinyhh_ppo" in names:
-            return (4, 0, i)  # after PPO, which the critical path trains early
+            return (0, 0, 0, i)  # its group (module-scoped fixture) comes with it
         if tier(item) == "unit":
-            return (3, 0, i)  # many short tests: they even out the workers' ends
+            return (3, 0, 0, i)  # many short tests: they even out the workers' ends
         if not names & set(CHAIN_FIXTURES):
-            return (1, TIER_RANK.get(tier(item), 3), i)  # independent of the chain: runs while it trains
-        return (2, TIER_RANK.get(tier(item), 3), i)  # needs pretrain/SFT/RM, ready by the time these start
+            return (1, 0, TIER_RANK.get(tier(item), 3), i)  # independent of the chain: runs while it trains
+        # Needs the chain, which the critical path has trained by the time these start. Groups first: they share a
+        # run of their own (a module-scoped fixture: PPO-ptx, rejection sampling, ...), the longest work left, so
+        # none of them starts last and leaves the other worker idle.
+        return (2, 0 if item.nodeid in groups else 1, TIER_RANK.get(tier(item), 3), i)
 
     # every worker sorts the same collection the same way (xdist checks that the collections agree)
     items[:] = [item for _, item in sorted(enumerate(items), key=rank)]

@@ -8,16 +8,21 @@ from alignlab.tracking import read_metrics
 from tests.conftest import alignlab
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
-# Same global batch (32) either way: 1 rank x 16 x 2 accumulation steps, or 2 ranks x 16.
+# Same global batch (16) either way: 1 rank x 8 x 2 accumulation steps, or 2 ranks x 8. 40 steps with a 5-step
+# warmup take the loss from ~6.6 to ~3.4 (a 1-rank run: ~15 s alone on one core).
 COMMON = [
     "stage=pretrain",
     "experiment=quick",
-    "stage.steps=60",
-    "stage.batch_size=32",
-    "stage.micro_batch_size=16",
-    "stage.eval_every=30",
+    "stage.steps=40",
+    "stage.warmup_steps=5",
+    "stage.batch_size=16",
+    "stage.micro_batch_size=8",
+    "stage.log_every=5",
+    "stage.eval_every=20",
+    "stage.checkpoint_every=10",  # the SIGTERM test below resumes from these
     "stage.sample_eval=0",
 ]
+ZERO2 = ["launcher=deepspeed", "launcher.nproc=2", "deepspeed=zero2"]
 
 
 def files(run_dir):
@@ -35,20 +40,31 @@ def single(tmp_path_factory, data_cache):
     return root / "quick" / "pretrain"
 
 
+@pytest.fixture(scope="module")
+def zero2(tmp_path_factory, data_cache):
+    """The uninterrupted 2-rank ZeRO-2 run: compared with the 1-process run, and with the preempted one."""
+    root = tmp_path_factory.mktemp("zero2")
+    proc = alignlab(*COMMON, *ZERO2, f"paths.runs={root}", f"paths.data={data_cache}", cwd=root)
+    return root / "quick" / "pretrain", proc
+
+
 @pytest.mark.parametrize(
     "launcher,zero", [("deepspeed", "zero2"), ("deepspeed", "zero3"), ("torchrun", "zero0")]
 )
-def test_two_processes_match_one(tmp_path, data_cache, single, launcher, zero):
-    proc = alignlab(
-        *COMMON,
-        f"launcher={launcher}",
-        "launcher.nproc=2",
-        f"deepspeed={zero}",
-        f"paths.runs={tmp_path}",
-        f"paths.data={data_cache}",
-        cwd=tmp_path,
-    )
-    run = tmp_path / "quick" / "pretrain"
+def test_two_processes_match_one(request, tmp_path, data_cache, single, launcher, zero):
+    if (launcher, zero) == ("deepspeed", "zero2"):
+        run, proc = request.getfixturevalue("zero2")
+    else:
+        proc = alignlab(
+            *COMMON,
+            f"launcher={launcher}",
+            "launcher.nproc=2",
+            f"deepspeed={zero}",
+            f"paths.runs={tmp_path}",
+            f"paths.data={data_cache}",
+            cwd=tmp_path,
+        )
+        run = tmp_path / "quick" / "pretrain"
     assert "world_size=2" in proc.stderr
     one, two = read_metrics(single), read_metrics(run)
 
@@ -70,21 +86,21 @@ def test_two_processes_match_one(tmp_path, data_cache, single, launcher, zero):
     ).stat().st_size
 
 
-def test_sigterm_to_the_launcher_checkpoints_every_rank_and_resume_matches(tmp_path, data_cache):
+def test_sigterm_to_the_launcher_checkpoints_every_rank_and_resume_matches(tmp_path, data_cache, zero2):
     """launcher=deepspeed under a scheduler's SIGTERM: the parent passes it to the ranks (not to DeepSpeed's runner,
     which would kill them mid-save), they checkpoint their ZeRO-2 shards and exit 75, and resume=auto ends exactly
     where the uninterrupted 2-rank run ends (each rank's running loss is part of its checkpoint)."""
     from tests.recipes.test_resume import assert_preempted, comparable, terminate_at
 
-    two = [*COMMON, "launcher=deepspeed", "launcher.nproc=2", "deepspeed=zero2", "stage.checkpoint_every=20"]
+    two = [*COMMON, *ZERO2]
     paths = [f"paths.runs={tmp_path}", f"paths.data={data_cache}"]
-    alignlab(*two, *paths, "stage.name=whole", cwd=tmp_path)
+    whole = zero2[0]
     cut = tmp_path / "quick" / "cut"
-    stopped = terminate_at([*two, *paths, "stage.name=cut"], cut, 25, tmp_path)
-    step = assert_preempted(stopped, cut, 25)
-    assert step < 60, "the run finished before the signal arrived"
+    stopped = terminate_at([*two, *paths, "stage.name=cut"], cut, 15, tmp_path)
+    step = assert_preempted(stopped, cut, 15)
+    assert step < 40, "the run finished before the signal arrived"
     shards = list((cut / "checkpoints" / f"checkpoint-{step}" / "model").glob("*optim_states.pt"))
     assert len(shards) == 2  # both ranks saved their ZeRO shard at the same step
     resumed = alignlab(*two, *paths, "stage.name=cut", "resume=auto", cwd=tmp_path)
     assert f"(step {step})" in resumed.stderr
-    assert comparable(cut) == comparable(tmp_path / "quick" / "whole")
+    assert comparable(cut) == comparable(whole)

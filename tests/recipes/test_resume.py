@@ -73,25 +73,27 @@ def test_pretrain_killed_and_resumed_matches_the_uninterrupted_run(tmp_path, dat
     common = [
         "stage=pretrain",
         "experiment=quick",
-        "stage.steps=80",
-        "stage.eval_every=40",
+        "stage.steps=40",
+        "stage.batch_size=16",
+        "stage.micro_batch_size=8",  # 2 accumulation steps: their running loss is part of the state too
+        "stage.eval_every=20",
         "stage.sample_eval=0",
-        "stage.checkpoint_every=30",
+        "stage.checkpoint_every=15",
         f"paths.runs={tmp_path / 'runs'}",
         f"paths.data={data_cache}",
     ]
     whole, cut = (tmp_path / "runs" / "quick" / n for n in ("whole", "cut"))
     alignlab(*common, "stage.name=whole", cwd=tmp_path)
 
-    stopped = terminate_at([*common, "stage.name=cut"], cut, 40, tmp_path)
-    step = assert_preempted(stopped, cut, 40)
-    assert step < 80, "the run finished before the signal arrived"
+    stopped = terminate_at([*common, "stage.name=cut"], cut, 20, tmp_path)
+    step = assert_preempted(stopped, cut, 20)
+    assert step < 40, "the run finished before the signal arrived"
 
     resumed = alignlab(*common, "stage.name=cut", "resume=auto", cwd=tmp_path)
     assert f"continuing from {cut / 'checkpoints' / f'checkpoint-{step}'} (step {step})" in resumed.stderr
     # Loss, learning rate, gradient norm and evaluations at every logged step: bitwise those of the whole run.
     assert comparable(cut) == comparable(whole)
-    assert (cut / "done.json").exists() and checkpoints(cut) == [60, 80]  # keep_checkpoints=2
+    assert (cut / "done.json").exists() and checkpoints(cut) == [30, 40]  # keep_checkpoints=2
 
 
 def test_ppo_killed_with_a_truncated_checkpoint_resumes_from_the_previous_one(
