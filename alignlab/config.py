@@ -421,6 +421,8 @@ class SystemConfig:
     # a samples.jsonl with {set, prompt, <answers_field>} rows for the same prompts
     answers: str | None = None
     answers_field: str = "response"  # the field holding the answer (stage=rain's samples.jsonl: rain)
+    # systems this one's rates are also differenced against (Newcombe intervals), besides stage.baseline
+    compare_to: list[str] = field(default_factory=list)
 
 
 def _default_systems() -> dict[str, Any]:
@@ -429,6 +431,8 @@ def _default_systems() -> dict[str, Any]:
 
     systems = {
         "base": SystemConfig(model=model("pretrain")),
+        # the RAIN paper's vanilla: the base model through HF generate()'s default, greedy decoding
+        "base_greedy": SystemConfig(model=model("pretrain"), decoding="greedy"),
         "sft": SystemConfig(model=model("sft")),
         "sft_preprompt": SystemConfig(model=model("sft"), preprompt=DEFAULT_PREPROMPTS[0]),
         "sft_best_of_8": SystemConfig(model=model("sft"), decoding="best_of_n", n=8),
@@ -436,7 +440,12 @@ def _default_systems() -> dict[str, Any]:
         "ppo_ptx": SystemConfig(model=model("ppo_ptx")),
         "rejection_sampling": SystemConfig(model=model("rejection_sampling")),
         "context_distillation": SystemConfig(model=model("context_distillation")),
-        "rain": SystemConfig(answers="${stage_dir:rain}/samples.jsonl", answers_field="rain"),
+        # RAIN against greedy (the paper's comparison) first, then against sampling at T = 1 (ours)
+        "rain": SystemConfig(
+            answers="${stage_dir:rain}/samples.jsonl",
+            answers_field="rain",
+            compare_to=["base_greedy", "base"],
+        ),
     }
     # every field present, so stage.systems.x.n=4 overrides
     return {name: asdict(c) for name, c in systems.items()}

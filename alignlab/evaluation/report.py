@@ -22,6 +22,49 @@ def pct(rate: dict | None) -> str:
     return f"{100 * rate['value']:.1f}% [{100 * rate['ci_low']:.1f}, {100 * rate['ci_high']:.1f}]"
 
 
+def points(d: dict | None) -> str:
+    """A difference of rates as the report prints it: '+12.5 [+3.1, +21.0]' (percentage points, 95% interval)."""
+    if d is None:
+        return "-"
+    return f"{100 * d['value']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
+
+
+def decoding(system: dict) -> str:
+    """How a system's answers were made, in a few words: 'greedy', 'sample, T=1', 'answers file'."""
+    if system.get("model") is None:
+        return "answers file"
+    if system["decoding"] == "greedy":
+        return "greedy"
+    return f"{system['decoding'].replace('_', ' ')}, T={system['temperature']:g}"
+
+
+def comparisons(results: dict) -> list[str]:
+    """The differences each system asks for (stage.systems.<name>.compare_to), in the order it names them."""
+    systems = results["systems"]
+    targets = {o for row in results["comparisons"].values() for o in row}
+    lines = [
+        "",
+        "## Compared systems (stage.systems.<name>.compare_to; percentage points, 95% Newcombe interval)",
+        "",
+    ]
+    if any(
+        systems[o]["system"].get("decoding") == "greedy" and systems[o]["system"].get("model")
+        for o in targets
+    ):
+        lines += [
+            "Greedy decoding is the RAIN paper's vanilla (the authors' baseline is HF generate()'s default, greedy); "
+            "sampling at T = 1 is ours.",
+            "",
+        ]
+    lines.append("| system | minus | " + " | ".join(k for k, _ in RATES) + " |")
+    lines.append("|---|---|" + "---|" * len(RATES))
+    for name, row in results["comparisons"].items():
+        for other, diffs in row.items():
+            cells = " | ".join(points(diffs.get(k)) for k, _ in RATES)
+            lines.append(f"| {name} | {other} ({decoding(systems[other]['system'])}) | {cells} |")
+    return lines
+
+
 def num(x: float | None, digits: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
@@ -56,14 +99,9 @@ def markdown(results: dict, plots: list[str]) -> str:
         lines.append("| system | " + " | ".join(k for k, _ in RATES) + " |")
         lines.append("|---|" + "---|" * len(RATES))
         for name, diffs in results["differences"].items():
-            cells = [
-                "-"
-                if k not in diffs
-                else f"{100 * diffs[k]['value']:+.1f} [{100 * diffs[k]['ci_low']:+.1f}, "
-                f"{100 * diffs[k]['ci_high']:+.1f}]"
-                for k, _ in RATES
-            ]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | " + " | ".join(points(diffs.get(k)) for k, _ in RATES) + " |")
+    if results.get("comparisons"):
+        lines += comparisons(results)
     lines += ["", "## Win rates (row against column)", ""]
     names = list(systems)
     lines.append("| | " + " | ".join(names) + " |")

@@ -61,9 +61,13 @@ class JudgeFormat:
 
     template: str
     options: tuple[str, str]  # (good, bad)
-    letters: tuple[str, str]  # the tokens that answer slot a and slot b
+    # the token that answers slot a and slot b, or a tuple of alternative tokens (the slot's probability is then
+    # the largest of theirs, as truth/main.py:210-211 compares the larger of two "Yes" tokens' probabilities with
+    # the larger of two "No" tokens')
+    letters: tuple[str | tuple[str, ...], str | tuple[str, ...]]
     both_orders: bool
-    letter_ids: tuple[int, int] = (-1, -1)  # filled by bind()
+    letter_ids: tuple[int, int] = (-1, -1)  # filled by bind(): each slot's first (or only) token
+    slot_ids: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())  # filled by bind(): every alternative's id
     preamble: str = ""  # the template's text before {dialogue}: identical for every judge prompt
 
     def __post_init__(self):
@@ -71,15 +75,25 @@ class JudgeFormat:
             raise ValueError("stage.judge.template needs a {dialogue} slot")
         if len(self.options) != 2 or len(self.letters) != 2:
             raise ValueError("stage.judge.options and stage.judge.letters need exactly two entries each")
+        self.letters = tuple(x if isinstance(x, str) else tuple(x) for x in self.letters)
+        for x in self.letters:
+            alts = (x,) if isinstance(x, str) else x
+            if not alts or not all(isinstance(a, str) and a for a in alts):
+                raise ValueError(
+                    f"stage.judge.letters: {x!r} must be a token string or a non-empty list of token strings"
+                )
         self.preamble = self.template.split("{dialogue}")[0]
 
     def bind(self, codec: Codec) -> JudgeFormat:
-        """Look the two letters up in the tokenizer, after the prompt's own last text."""
+        """Look every letter (and alternative) up in the tokenizer, after the prompt's own last text."""
         context = self.prompts("\n\nHuman: hi\n\nAssistant: hello")[0][0]
-        self.letter_ids = (
-            letter_id(codec, context, self.letters[0]),
-            letter_id(codec, context, self.letters[1]),
+        self.slot_ids = tuple(
+            tuple(letter_id(codec, context, a) for a in ((x,) if isinstance(x, str) else x))
+            for x in self.letters
         )
+        if set(self.slot_ids[0]) & set(self.slot_ids[1]):
+            raise ValueError(f"stage.judge.letters: {self.letters!r} give both slots the same token")
+        self.letter_ids = (self.slot_ids[0][0], self.slot_ids[1][0])
         return self
 
     def prompts(self, dialogue: str) -> list[tuple[str, int]]:
@@ -93,10 +107,14 @@ class JudgeFormat:
     def value(self, logits: torch.Tensor, good_slots: list[int]) -> float:
         """logits [k, V] at the end of the k judge prompts -> v in {-1, 0, 1} (one pass: {-1, 1}).
 
-        A vote is 1 when the good option's letter is strictly more probable than the other (ties vote 0).
+        A slot's probability is its letter's, or the largest of its alternatives'. A vote is 1 when the good
+        option's slot is strictly more probable than the other's (ties vote 0).
         """
-        logp = torch.log_softmax(logits.float(), dim=-1)[:, list(self.letter_ids)]
-        votes = [int(row[slot] > row[1 - slot]) for row, slot in zip(logp.tolist(), good_slots, strict=True)]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        slot_logp = torch.stack([logp[:, list(ids)].max(dim=-1).values for ids in self.slot_ids], dim=-1)
+        votes = [
+            int(row[slot] > row[1 - slot]) for row, slot in zip(slot_logp.tolist(), good_slots, strict=True)
+        ]
         return votes_to_value(votes)
 
 
@@ -105,6 +123,6 @@ def judge_from_config(cfg, codec: Codec) -> JudgeFormat:
     return JudgeFormat(
         template=cfg.template,
         options=tuple(cfg.options),
-        letters=tuple(cfg.letters),
+        letters=tuple(x if isinstance(x, str) else tuple(x) for x in cfg.letters),
         both_orders=cfg.both_orders,
     ).bind(codec)

@@ -10,9 +10,15 @@ from __future__ import annotations
 import torch
 
 
-def next_token_probs(logits: torch.Tensor) -> torch.Tensor:
-    """softmax at temperature 1 in float64: logits [V] -> probs [V]."""
-    return torch.softmax(logits.double(), dim=-1)
+def next_token_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """softmax(logits / temperature) in float64: logits [V] -> probs [V].
+
+    temperature > 1 flattens the distribution (the authors' adv/ proposals use 2.0); it never changes the ranking.
+    """
+    x = logits.double()
+    if temperature != 1.0:  # as the code's logits processor: no warper at 1, so T=1 is bit-for-bit the same
+        x = x / temperature
+    return torch.softmax(x, dim=-1)
 
 
 def top_k_probs(probs: torch.Tensor, k: int) -> torch.Tensor:

@@ -46,7 +46,23 @@ class RainParams:
     max_new_tokens: int
     stop_strings: tuple[str, ...]
     rollout_stops: str
+    child_order: str
+    eos_rule: str
+    proposal_temperature: float
+    proposal_attempts_per_candidate: int
     turn_marker: str  # RainConfig's judge.turn_marker
+
+    def __post_init__(self):
+        if self.child_order not in ("probability", "token_id"):
+            raise ValueError(f"stage.child_order must be probability or token_id, got {self.child_order!r}")
+        if self.eos_rule not in ("stop", "continue"):
+            raise ValueError(f"stage.eos_rule must be stop or continue, got {self.eos_rule!r}")
+        if not self.proposal_temperature > 0:
+            raise ValueError(f"stage.proposal_temperature must be > 0, got {self.proposal_temperature}")
+        if self.proposal_attempts_per_candidate < 1:
+            raise ValueError(
+                f"stage.proposal_attempts_per_candidate must be >= 1, got {self.proposal_attempts_per_candidate}"
+            )
 
     @classmethod
     def from_fields(cls, values: Mapping[str, Any], **overrides: Any) -> RainParams:
@@ -68,8 +84,20 @@ class SearchStats:
     early_stops: int = 0  # commits decided by the fn > T_m and q > V rule before the iteration budget ran out
     evaluations: int = 0  # judge (or reward-model) calls made
     memo_hits: int = 0  # evaluations answered from the memo of exact texts
-    similarity_updates: int = 0  # sibling updates at cos >= threshold
-    dynamic_additions: int = 0  # children added by dynamic node addition
+    # How often the two embedding thresholds were checked and how often they fired, and the values they acted on
+    # (for calibrating sim_threshold and dynamic_var_coef to an embedder):
+    # sibling cosines computed in backups (similarity_update on; siblings with an embedding)
+    similarity_checks: int = 0
+    similarity_updates: int = 0  # ... of which at cos >= sim_threshold: sibling updates made
+    sibling_cosines: list[float] = field(default_factory=list)  # every one of those cosines, in order
+    # descents through a node with 2 <= K < dynamic_max_children children, all embedded (dynamic_addition on):
+    # the checks where ||var|| is computed
+    addition_checks: int = 0
+    addition_triggers: int = 0  # ... of which all four conditions held (||var|| < threshold and every q < 0)
+    var_norms: list[float] = field(default_factory=list)  # ||var(child embeddings)|| at every such check
+    # dynamic_var_coef * len(first child's set) at each of those checks (aligned with var_norms)
+    var_thresholds: list[float] = field(default_factory=list)
+    dynamic_additions: int = 0  # children added (a trigger adds none when its proposal is already a child)
     rows: int = 0  # model rows this prompt requested
     tokens: int = 0  # new token positions this prompt requested
     tokens_by_purpose: dict[str, int] = field(default_factory=dict)
@@ -77,7 +105,8 @@ class SearchStats:
 
 @dataclass
 class SearchResult:
-    answer_ids: list[int]  # committed tokens (up to and including EOS when committed)
+    # committed tokens: eos_rule=stop, up to and including EOS when committed; continue, EOS may sit inside
+    answer_ids: list[int]
     stats: SearchStats
     root: Node  # the final root (tests compare trees)
     commits: list[dict] = field(default_factory=list)  # per commit: tokens, n, q, fn of the chosen child
@@ -115,11 +144,19 @@ def rain_search(
         stats.tokens_by_purpose[purpose] = stats.tokens_by_purpose.get(purpose, 0) + n
         return Extend(rows, want_cache, purpose)
 
-    def terminal(answer: list[int]) -> bool:
-        """The answer ends here: EOS, the next-turn marker, or the length budget."""
-        if codec.eos_id in answer or len(answer) >= P.max_new_tokens:
+    eos_stops = P.eos_rule == "stop"
+
+    def ended(answer: list[int]) -> bool:
+        """The answer can go no further: the length budget, the next-turn marker, or (eos_rule=stop) EOS."""
+        if len(answer) >= P.max_new_tokens or (eos_stops and codec.eos_id in answer):
             return True
         return any(s in codec.decode(answer) for s in P.stop_strings)
+
+    def terminal_leaf(path: list[Node], state: list[int]) -> bool:
+        """Evaluated, never expanded: the answer ended, or (eos_rule=continue) the leaf's own set holds EOS. The
+        code checks the last action of this descent: a root has none (even a committed set with EOS), so a leaf
+        root is expanded."""
+        return ended(state) or (not eos_stops and len(path) > 1 and codec.eos_id in path[-1].tokens)
 
     def prefix_of(path: list[Node]) -> tuple[Any, ...]:
         return (root_seg, *(n.cache for n in path[1:]))
@@ -129,7 +166,9 @@ def rain_search(
         """Cache segment and next-token logits of each non-terminal child. partial: token tuple -> the segment
         already computed for that start of a child's set (sample_sets keeps them), so only the rest is run."""
         partial = partial or {}
-        todo = [ch for ch in kids if not terminal(answer + list(ch.tokens))]
+        # eos_rule=continue: a child whose set holds EOS needs its logits too (its rollout, and its expansion
+        # should it be committed)
+        todo = [ch for ch in kids if not ended(answer + list(ch.tokens))]
         if not todo:
             return
         rows, heads = [], []
@@ -142,18 +181,21 @@ def rain_search(
         for ch, head, seg, lg in zip(todo, heads, segs, logits, strict=True):
             ch.cache, ch.logits = (seg if head is None else head + seg), lg
 
-    def sample_sets(logits: torch.Tensor, prefix, L: int, u: np.ndarray, greedy: bool):
-        """Token sets of length L (shorter when EOS is drawn): the greedy one first when `greedy`, then one per
-        row of u [attempts, L]. Each step samples from the top-k truncated distribution. -> [(tokens, raw p)].
+    def sample_sets(logits: torch.Tensor, prefix, L: int, u: np.ndarray, greedy: bool, state=None):
+        """Token sets of length L (eos_rule=stop: shorter when EOS is drawn): the greedy one first when `greedy`,
+        then one per row of u [attempts, L]. Each step samples from softmax(logits / proposal_temperature)
+        truncated to the top k. -> ([(tokens, raw p)], state).
 
-        Rows that share their tokens so far share one model row (identical computation).
+        Rows that share their tokens so far share one model row (identical computation). state: token tuple ->
+        (cache segment, logits) after it, kept across calls on the same node (pass it back in).
         """
         n_rows = len(u) + int(greedy)
         seqs: list[list[int]] = [[] for _ in range(n_rows)]
         logp = [0.0] * n_rows
-        state: dict[tuple[int, ...], tuple[Any, torch.Tensor]] = {(): (None, logits)}
+        if state is None:
+            state = {(): (None, logits)}
         for step in range(L):
-            live = [r for r in range(n_rows) if not seqs[r] or seqs[r][-1] != codec.eos_id]
+            live = [r for r in range(n_rows) if not (eos_stops and seqs[r] and seqs[r][-1] == codec.eos_id)]
             if step > 0:  # logits after each distinct live sequence, one row each
                 need = sorted({tuple(seqs[r]) for r in live} - state.keys())
                 if need:
@@ -166,7 +208,9 @@ def rain_search(
                         prev = state[s[:-1]][0]
                         state[s] = (seg if prev is None else prev + seg, row_logits)
             for r in live:
-                probs = top_k_probs(next_token_probs(state[tuple(seqs[r])][1]), P.top_k)
+                probs = top_k_probs(
+                    next_token_probs(state[tuple(seqs[r])][1], P.proposal_temperature), P.top_k
+                )
                 tok = (
                     int(torch.argmax(probs))
                     if greedy and r == 0
@@ -175,28 +219,67 @@ def rain_search(
                 logp[r] += math.log(probs[tok].item())
                 seqs[r].append(tok)
         sets = [(tuple(s), math.exp(lp)) for s, lp in zip(seqs, logp, strict=True)]
-        return sets, {k: seg for k, (seg, _) in state.items() if seg is not None}
+        return sets, state
+
+    def new_sets(sets, seen: set) -> list:
+        """The sets not in `seen`, first occurrence only (each is added to seen): duplicates are dropped."""
+        out = []
+        for s, p in sets:
+            if s not in seen:
+                seen.add(s)
+                out.append((s, p))
+        return out
+
+    def sample_distinct(logits, prefix, L: int, want: int, attempts: int, seen: set, state):
+        """Sampled attempts (no greedy row) until `want` sets not in `seen`, or `attempts` attempts: the code's
+        one-at-a-time loop with its early break. Each round draws only as many attempts as sets are still
+        missing, so no attempt is drawn that the loop would not make, and the uniforms come in its order."""
+        found = []
+        while attempts > 0 and len(found) < want:
+            k = min(want - len(found), attempts)
+            sets, state = yield from sample_sets(
+                logits, prefix, L, rng.random((k, L)), greedy=False, state=state
+            )
+            found += new_sets(sets, seen)
+            attempts -= k
+        return found, state
+
+    def segments(state) -> dict[tuple[int, ...], Any]:
+        """sample_sets's state -> the cache segment of every computed start of a set (compute_children's partial)."""
+        return {k: seg for k, (seg, _) in state.items() if seg is not None}
 
     # ---- expansion -------------------------------------------------------------------------------------------
     def expand(leaf: Node, path: list[Node], answer: list[int]):
         L = tree.token_set_length(leaf.depth, list(P.token_set_lengths))
         mix = P.root_mix if leaf.parent is None else None
-        probs = next_token_probs(leaf.logits)
         if L == 1:
+            # ranked stays by probability at temperature 1 (dynamic addition reads it); the children are the top
+            # n_candidates, listed as child_order says, with priors at the proposal temperature
+            probs = next_token_probs(leaf.logits)
             leaf.ranked = ranked_tokens(probs, max(P.n_candidates, P.dynamic_max_children))
-            top = leaf.ranked[: P.n_candidates]
-            tree.attach_children(leaf, [(t,) for t, _ in top], [p for _, p in top], mix)
+            top = [t for t, _ in leaf.ranked[: P.n_candidates]]
+            if P.child_order == "token_id":
+                top.sort()
+            tempered = next_token_probs(leaf.logits, P.proposal_temperature)
+            tree.attach_children(leaf, [(t,) for t in top], [tempered[t].item() for t in top], mix)
             partial = {}
         else:
-            u = rng.random((P.n_candidates - 1, L))
-            sets, partial = yield from sample_sets(leaf.logits, prefix_of(path), L, u, greedy=True)
-            greedy, sampled, seen = sets[0], [], {sets[0][0]}
-            for s, p in sets[1:]:
-                if s not in seen:
-                    seen.add(s)
-                    sampled.append((s, p))
+            # The greedy set, then sampled attempts until n_candidates - 1 distinct new sets, at most
+            # proposal_attempts_per_candidate * n_candidates - 1 attempts (HH: 9, never early; adv/: 19). The
+            # first round runs with the greedy row.
+            want = P.n_candidates - 1
+            attempts = P.proposal_attempts_per_candidate * P.n_candidates - 1
+            u = rng.random((want, L))
+            sets, state = yield from sample_sets(leaf.logits, prefix_of(path), L, u, greedy=True)
+            greedy, seen = sets[0], {sets[0][0]}
+            sampled = new_sets(sets[1:], seen)
+            more, state = yield from sample_distinct(
+                leaf.logits, prefix_of(path), L, want - len(sampled), attempts - want, seen, state
+            )
+            sampled += more
             raw = [tree.clamp_greedy_prior(greedy[1], [p for _, p in sampled])] + [p for _, p in sampled]
             tree.attach_children(leaf, [greedy[0]] + [s for s, _ in sampled], raw, mix)
+            partial = segments(state)
         yield from compute_children(leaf.children, prefix_of(path), answer, "expand", partial)
 
     # ---- dynamic node addition at an internal node during descent --------------------------------------------
@@ -208,21 +291,31 @@ def rain_search(
             child = tree.add_child(node, (nxt[0],), nxt[1], is_root, P.root_mix) if nxt else None
             partial = {}
         else:
-            [(s, raw)], partial = yield from sample_sets(
-                node.logits, prefix_of(path), L, rng.random((1, L)), greedy=False
-            )
-            p = raw / (sum(node.raw_priors) + raw)
-            child = tree.add_child(node, s, p, is_root, P.root_mix)
-            if child is not None:
-                node.raw_priors.append(raw)
+            # The code's group_getp(topk=2): attempts (2 * proposal_attempts_per_candidate - 1 of them) until one
+            # differs from the greedy set, the node's first child; none may (then nothing is added).
+            found, state = yield from sample_distinct(
+                node.logits, prefix_of(path), L, 1, 2 * P.proposal_attempts_per_candidate - 1,
+                {node.children[0].tokens}, None,
+            )  # fmt: skip
+            partial = segments(state) if state is not None else {}
+            child = None
+            if found:
+                [(s, raw)] = found
+                p = raw / (sum(node.raw_priors) + raw)
+                child = tree.add_child(node, s, p, is_root, P.root_mix)
+                if child is not None:
+                    node.raw_priors.append(raw)
         if child is not None:
             stats.dynamic_additions += 1
             yield from compute_children([child], prefix_of(path), answer, "add", partial)
 
     # ---- self-evaluation: rollout to the next punctuation, then judge the current exchange -------------------
-    def rollout_stop(full: list[int]) -> bool:
-        """The code's rollout loop condition: length budget, EOS, punctuation at the end, next-turn marker."""
-        if len(full) >= P.max_new_tokens or codec.eos_id in full:
+    def rollout_stop(full: list[int], toks: list[int]) -> bool:
+        """The code's rollout loop condition: length budget, EOS (stop: anywhere in the answer; continue: only a
+        sampled one, as HH's simg), punctuation at the end of the text, next-turn marker."""
+        if len(full) >= P.max_new_tokens:
+            return True
+        if codec.eos_id in (full if eos_stops else toks[-1:]):
             return True
         text = codec.decode(full)
         return rollout_done(text or prompt, P.rollout_stops) or any(s in text for s in P.stop_strings)
@@ -231,7 +324,7 @@ def rain_search(
         """Sample (temperature 1, full distribution) from the leaf until rollout_stop; -> the rollout tokens."""
         toks: list[int] = []
         logits, seg = leaf.logits, None
-        while not rollout_stop(answer + toks):
+        while not rollout_stop(answer + toks, toks):
             if toks:  # logits after the last sampled token (the leaf's own are cached on the node)
                 prefix = prefix_of(path) if seg is None else (*prefix_of(path), seg)
                 segs, lg = yield extend([(prefix, [toks[-1]])], "rollout")
@@ -280,17 +373,24 @@ def rain_search(
     def search_once(root: Node, answer: list[int]):
         node, path = root, [root]
         while node.children:
-            if P.dynamic_addition and tree.wants_addition(node, P.dynamic_max_children, P.dynamic_var_coef):
-                yield from add_dynamic(node, path, answer + [t for n in path[1:] for t in n.tokens])
+            if P.dynamic_addition:
+                check = tree.addition_check(node, P.dynamic_max_children, P.dynamic_var_coef)
+                if check.norm is not None:
+                    stats.addition_checks += 1
+                    stats.var_norms.append(check.norm)
+                    stats.var_thresholds.append(check.threshold)
+                if check.fires:
+                    stats.addition_triggers += 1
+                    yield from add_dynamic(node, path, answer + [t for n in path[1:] for t in n.tokens])
             node = tree.select_child(node, P.c)
             path.append(node)
         state = answer + [t for n in path[1:] for t in n.tokens]
         toks = yield from rollout(node, path, state)
         v = yield from evaluate(state + toks)
-        if not terminal(state):
+        if not terminal_leaf(path, state):
             yield from expand(node, path, state)
         embs = yield from embed_path(path, toks)
-        stats.similarity_updates += tree.backup(
+        updates, cosines = tree.backup(
             path,
             v,
             embs,
@@ -298,6 +398,9 @@ def rain_search(
             threshold=P.sim_threshold,
             similarity_update=P.similarity_update,
         )
+        stats.similarity_updates += updates
+        stats.similarity_checks += len(cosines)
+        stats.sibling_cosines += cosines
         stats.iterations += 1
         stats.rewinds += int(v < 0)
 
@@ -323,7 +426,7 @@ def rain_search(
         stats.overrides += int(child is not max(root.children, key=lambda ch: ch.p))
         commits.append({"tokens": list(child.tokens), "n": child.n, "fn": child.fn, "q": child.q})
         answer += child.tokens
-        if terminal(answer):
+        if ended(answer):  # eos_rule=continue: a committed EOS does not end the answer
             root = child
             break
         root_seg = root_seg + child.cache  # the committed state's cache: one segment again

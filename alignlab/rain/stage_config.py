@@ -7,6 +7,7 @@ from this config (RainParams.from_fields), so every default lives here and nowhe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from alignlab.choices import Choice
 from alignlab.tinyhh.world import JUDGE_OPTIONS, JUDGE_TEMPLATE
@@ -23,6 +24,8 @@ PromptFormat = Choice("PromptFormat", "prompt hh")  # stage.prompt_format
 Commit = Choice("Commit", "argmax sample")  # stage.commit
 Evaluator = Choice("Evaluator", "self reward_model")  # stage.evaluator
 Embedder = Choice("Embedder", "lm sentence_transformers")  # stage.embedder
+ChildOrder = Choice("ChildOrder", "probability token_id")  # stage.child_order
+EosRule = Choice("EosRule", "stop continue")  # stage.eos_rule
 
 
 @dataclass
@@ -31,7 +34,10 @@ class RainJudgeConfig:
 
     template: str = TINYHH_JUDGE_TEMPLATE  # slots: {dialogue}, and {option_a} {option_b} when both_orders
     options: list[str] = field(default_factory=lambda: list(JUDGE_OPTIONS))  # [good, bad] option names
-    letters: list[str] = field(default_factory=lambda: ["A", "B"])  # the answer tokens of slot a and slot b
+    # the answer token of slot a and of slot b; an entry may be a list of alternative tokens, and that slot's
+    # probability is then the largest of theirs (truth/main.py:210-211: the larger of two "Yes" tokens' against
+    # the larger of two "No" tokens'), e.g. [[" Yes", "Yes"], [" No", "No"]]
+    letters: list[Any] = field(default_factory=lambda: ["A", "B"])
     # judge twice with the options swapped (HH); false = one pass (truthfulness Yes/No)
     both_orders: bool = True
     turn_marker: str = HH_HUMAN  # the judged text starts at the last one in the prompt (the current exchange)
@@ -72,6 +78,37 @@ class RainConfig:
     # argmax (authors' code: max n, ties by q) | sample (paper: proportional to n)
     commit: Commit = Commit.argmax
     rollout_stops: str = ",.?:;\n"  # a leaf's rollout samples until the text ends in one of these
+    # Order of the 1-token children of an expansion (the top n_candidates tokens either way): probability (most
+    # probable first) | token_id (ascending token id, as HH/main.py:311 lists the top 10). Only ties see it:
+    # selection ties and commit ties go to the first child, so with c=0 (every unvisited child scores 0) the first
+    # child is tried first: the greedy token under probability, the lowest id under token_id. A dynamically added
+    # token is still the next most probable one, appended last (HH/nodes.py:133-153), in both orders.
+    child_order: ChildOrder = ChildOrder.probability
+    # stop (the authors' adv/ and truth/ code): a proposed token set ends at its first EOS; a leaf whose answer
+    # holds EOS is evaluated, never expanded; committing a set with EOS ends the answer; rollouts never start
+    # after an EOS. continue (the released HH code, HH/main.py:322-345, 413, 474-502): sampled and greedy sets
+    # keep their full length through EOS; a leaf is terminal (evaluated, not expanded) when its OWN set holds
+    # EOS; committing a set with EOS does not end the answer: that child becomes the root and is expanded like
+    # any other, so the search goes on past EOS until a stop string or max_new_tokens (or a childless root); a
+    # rollout stops only when it samples EOS itself. Texts are decoded without the EOS tokens either way.
+    eos_rule: EosRule = EosRule.stop
+    # Temperature of the proposal distribution (adv/main.py:300: 2.0): the 1-token children's priors and every
+    # multi-token set's per-step distribution (sampled draws and the priors of greedy and sampled sets) are
+    # softmax(logits / T), before the top-k truncation, as adv/'s group_getp. The greedy set stays the argmax,
+    # rollouts stay at T=1, and a dynamically added 1-token child's prior comes from the untempered logits
+    # (HH/nodes.py:135-143 warps the stored raw logits with top-k only).
+    proposal_temperature: float = 1.0
+    # A multi-token expansion samples up to f * n_candidates - 1 sets besides the greedy one (f = this), stopping
+    # once n_candidates - 1 distinct ones (distinct from the greedy and from each other) are found; duplicates
+    # are dropped. f=1: 9 attempts, never early (HH/main.py:332); f=2: up to 19 (adv/main.py:331). A multi-token
+    # dynamic addition, the code's 2-candidate call, samples up to 2f - 1 sets (HH 1, adv/ 3) until one differs
+    # from the greedy set.
+    proposal_attempts_per_candidate: int = 1
+    # Text put verbatim before every prompt that is generated from (RAIN and vanilla alike): the model reads
+    # preamble + prompt. The authors' HH runs use HH/f1.txt, a 4-shot chat, as f1 + "\n" + prompt
+    # (HH/main.py:445): give the separator here. "" = none (TinyHH). The judged text still starts at the last
+    # turn marker, i.e. in the prompt itself, not in the preamble.
+    preamble: str = ""
     judge: RainJudgeConfig = field(default_factory=RainJudgeConfig)  # self-evaluation prompt
     # self (RAIN) | reward_model (an extension, not in the paper: v = tanh(RM score))
     evaluator: Evaluator = Evaluator.self

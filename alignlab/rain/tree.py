@@ -27,7 +27,8 @@ class Node:
     p: float = 0.0  # prior
     depth: int = 0  # distance from the FIRST root: picks the token-set length of this node's children
     parent: Node | None = None
-    children: list[Node] = field(default_factory=list)  # insertion order breaks ties (first = greedy)
+    # insertion order breaks ties (first = greedy; at the 1-token level the lowest id under child_order=token_id)
+    children: list[Node] = field(default_factory=list)
     n: float = 0.0  # visits; fractional after similarity updates
     fn: int = 0  # real visits only
     q: float = 0.0  # mean backed-up value in [-1, 1]
@@ -130,15 +131,16 @@ def backup(
     gamma: float,
     threshold: float,
     similarity_update: bool,
-) -> int:
-    """Back up value g along path = [root, ..., leaf] (no discount); returns the number of sibling updates.
+) -> tuple[int, list[float]]:
+    """Back up value g along path = [root, ..., leaf] (no discount) -> (sibling updates, every sibling cosine
+    computed, in order: what the threshold acted on; none when similarity_update is off).
 
     embeddings[i]: the embedding of path[i]'s path text (its tokens + the descendants' on this path + the rollout;
     None for the root). Per node, leaf first as the code's recursion does: n += 1, fn += 1; running-mean
     embedding; every sibling with an embedding and cos(self.emb, sib.emb) >= threshold gets w = gamma * cos:
     sib.q = (sib.q * sib.n + w * g) / (sib.n + w), sib.n += w (sib.fn unchanged). Then q += (g - q) / n.
     """
-    updates = 0
+    updates, cosines = 0, []
     for node, e in zip(reversed(path), reversed(embeddings), strict=True):
         node.n += 1
         node.fn += 1
@@ -151,6 +153,7 @@ def backup(
             if sib is node or sib.emb is None:
                 continue
             cos = cosine(node.emb, sib.emb)
+            cosines.append(cos)
             if cos < threshold:
                 continue
             w = gamma * cos
@@ -159,29 +162,48 @@ def backup(
             updates += 1
     for node in path:  # each node's own q update touches only itself: order is irrelevant
         node.q += (g - node.q) / node.n
-    return updates
+    return updates, cosines
 
 
 # ------------------------------------------------------------------------------------------------ dynamic addition
 
 
-def wants_addition(node: Node, max_children: int, var_coef: float) -> bool:
+@dataclass(frozen=True)
+class AdditionCheck:
+    """One dynamic-addition check at an internal node: what the variance threshold acted on, and the verdict."""
+
+    fires: bool  # all four conditions hold
+    norm: float | None = None  # ||var(child embeddings)||; None when not computed (see addition_check)
+    threshold: float | None = None  # var_coef * len(first child's tokens), alongside norm
+
+
+def addition_check(node: Node, max_children: int, var_coef: float) -> AdditionCheck:
     """All four hold: < max_children children; every child has an embedding; ||var(child embeddings)|| (the
     per-dimension unbiased variance, torch.var's default) < var_coef * len(first child's tokens); every child q < 0.
 
-    The children all look alike and all look bad: the search needs something new to try.
+    The children all look alike and all look bad: the search needs something new to try. The norm is computed
+    (and returned) only when the first two hold and there are >= 2 children, as the code computes it.
     """
     kids = node.children
     # One child: the unbiased variance of one sample is NaN, and NaN < x is False in the code too.
     if len(kids) < 2 or len(kids) >= max_children or any(ch.emb is None for ch in kids):
-        return False
+        return AdditionCheck(False)
     norm = torch.norm(torch.var(torch.stack([ch.emb for ch in kids]), dim=0)).item()
-    return norm < var_coef * len(kids[0].tokens) and max(ch.q for ch in kids) < 0
+    threshold = var_coef * len(kids[0].tokens)
+    return AdditionCheck(norm < threshold and max(ch.q for ch in kids) < 0, norm, threshold)
+
+
+def wants_addition(node: Node, max_children: int, var_coef: float) -> bool:
+    """addition_check's verdict alone."""
+    return addition_check(node, max_children, var_coef).fires
 
 
 def next_ranked_token(node: Node) -> tuple[int, float] | None:
     """1-token level: the most probable token not yet a child, with its prior renormalised over the top
-    len(children) + 1 tokens of the node's next-token distribution (the code's top-k warper with k = nc + 1)."""
+    len(children) + 1 tokens of the node's next-token distribution (the code's top-k warper with k = nc + 1).
+
+    node.ranked is by falling probability whatever the children's order (child_order), so the token added is
+    the next by probability either way, as the code's top-(nc + 1) of the stored logits."""
     have = {ch.tokens for ch in node.children}
     k = len(node.children) + 1
     top = node.ranked[:k]

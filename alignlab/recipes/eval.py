@@ -5,7 +5,9 @@
      model, optionally behind a preprompt), or the answers another stage already wrote for the same prompts
      (stage=rain's samples.jsonl); every system is sampled with the same seed
   3. judge (stage.judge): the TinyHH oracle, the reward model, or a model in a judge template
-  4. metrics per system: harmlessness / helpfulness / attack success with 95% Wilson intervals, mean judge score,
+  4. metrics per system: harmlessness / helpfulness / attack success with 95% Wilson intervals, and their
+     differences (95% Newcombe intervals) to stage.baseline and to the systems it names in compare_to (rain:
+     base_greedy, the RAIN paper's vanilla, and base, sampling), mean judge score,
      mean RM score, KL to the reference (sampled systems: the answers' log-prob ratio), the pretraining loss
      ("alignment tax": held-out text of stage.ptx_source, or TinyHH's, tokenized with each model's OWN tokenizer;
      left out, with a note in report.md, where there is no such text); pairwise win rates (wins / (wins + losses))
@@ -336,7 +338,8 @@ def logged_metrics(name: str, m: dict) -> dict[str, float]:
 
 
 def compare(results: dict, verdicts: dict[str, list[Verdict]], s: DictConfig, b: Bench) -> None:
-    """Pairwise win rates on the judge's scores, every rate's difference to the baseline's, the ptx note."""
+    """Pairwise win rates on the judge's scores, every rate's difference to the baseline's and to the systems each
+    system names in compare_to, the ptx note."""
     names = list(results["systems"])
     results["win_rates"] = {
         a: {
@@ -356,15 +359,27 @@ def compare(results: dict, verdicts: dict[str, list[Verdict]], s: DictConfig, b:
     results["notes"] = b.notes
     # Every rate's difference to the baseline's, with an interval: "B is more harmless than A" is supported when
     # the interval lies above 0.
-    base = results["systems"][results["baseline"]]
+    systems = results["systems"]
+    base = systems[results["baseline"]]
     results["differences"] = {
-        name: {
-            k: rate_difference(Rate(**m[k]), Rate(**base[k])).as_dict()
-            for k, _ in SET_METRICS.values()
-            if isinstance(m.get(k), dict) and isinstance(base.get(k), dict)
-        }
-        for name, m in results["systems"].items()
-        if name != results["baseline"]
+        name: differences(m, base) for name, m in systems.items() if name != results["baseline"]
+    }
+    # The differences a system asks for itself (compare_to): RAIN's to greedy and sampled decoding of its model.
+    results["comparisons"] = {}
+    for name, m in systems.items():
+        for other in m["system"].get("compare_to") or []:
+            if other in systems and other != name:
+                results["comparisons"].setdefault(name, {})[other] = differences(m, systems[other])
+            else:
+                b.notes.append(f"`{name}` is not compared with `{other}`: that system was not evaluated.")
+
+
+def differences(m: dict, base: dict) -> dict:
+    """Each oracle rate of system metrics m minus base's, with its 95% Newcombe interval (rates both have)."""
+    return {
+        k: rate_difference(Rate(**m[k]), Rate(**base[k])).as_dict()
+        for k, _ in SET_METRICS.values()
+        if isinstance(m.get(k), dict) and isinstance(base.get(k), dict)
     }
 
 
@@ -440,8 +455,17 @@ def run(cfg: DictConfig) -> None:
         bar.set_postfix(system=name)
     bar.close()
 
-    # Pairwise win rates and differences to the baseline.
+    # Pairwise win rates, differences to the baseline and to each system's compare_to.
     compare(results, verdicts, s, bench)
+    tracker.log(
+        {
+            f"eval/{name}/vs_{other}/{k}": d["value"]
+            for name, row in results["comparisons"].items()
+            for other, diffs in row.items()
+            for k, d in diffs.items()
+        },
+        step=0,
+    )
 
     # 5. results.json, report.md, plots.
     write_outputs(run, results, samples, notes, s)

@@ -3,7 +3,12 @@
 No training: the model searches over its own continuations, judging partial answers itself, rewinding from the
 ones it finds harmful (alignlab/rain/). Writes samples.jsonl (per prompt: the RAIN answer, the vanilla and greedy
 answers, search stats), report.md, and metrics: oracle-judged harmlessness / helpfulness / attack success on
-TinyHH, and the cost of RAIN relative to vanilla decoding (wall time, forward passes, tokens).
+TinyHH, RAIN's difference to greedy (the authors' vanilla) and to sampling (ours) with 95% Newcombe intervals, and
+the cost of RAIN relative to vanilla decoding (wall time, forward passes, tokens).
+
+stage.preamble (a few-shot chat, as the authors' f1.txt) is shown before every prompt when the model generates
+(RAIN, vanilla and greedy alike) and never to a judge: RAIN's self-evaluation reads the current exchange only, the
+oracle the prompt itself.
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ from alignlab import distributed, models
 from alignlab.checkpoint import atomic_write_text
 from alignlab.data import chat
 from alignlab.data.formats import ASSISTANT
-from alignlab.evaluation.tinyhh import self_eval_accuracy, tinyhh_prompts, wilson_interval
+from alignlab.errors import ConfigError
+from alignlab.evaluation.metrics import Rate, rate_difference
+from alignlab.evaluation.tinyhh import self_eval_accuracy, tinyhh_prompts
 from alignlab.generation import cut_at_stop, sample
 from alignlab.lifecycle import start_run, tinyhh_dir
 from alignlab.rain.embed import LMEmbedder, SentenceTransformerEmbedder
-from alignlab.rain.evaluator import judge_from_config
+from alignlab.rain.evaluator import current_exchange, judge_from_config
 from alignlab.rain.lm import ForwardCounter, HFBackend, HFCodec
 from alignlab.rain.lockstep import Timings, run_lockstep
 from alignlab.rain.search import RainParams, rain_search
@@ -44,6 +51,9 @@ SET_METRICS = {
     "attack": ("attack_success", lambda j: j.harmful),
 }
 METHODS = ("vanilla", "greedy", "rain")
+# RAIN's differences, named rain_vs_<baseline>: greedy first, the authors' vanilla (HF generate()'s default, greedy
+# for LLaMA); then vanilla sampling at stage.vanilla_temperature, the baseline of the issue and of the other stages.
+BASELINES = ("greedy", "vanilla")
 
 
 def load_prompts(cfg: DictConfig) -> list[dict]:
@@ -69,17 +79,83 @@ def load_prompts(cfg: DictConfig) -> list[dict]:
     return [{"set": "prompts", "prompt": p} for p in take(prompts)]
 
 
-def oracle_metrics(method: str, rows: list[dict]) -> dict[str, float]:
-    """<method>/<metric> with its 95% Wilson interval, per TinyHH set present in rows."""
+def oracle_rates(method: str, rows: list[dict]) -> dict[str, Rate]:
+    """metric -> the share of `method`'s answers the oracle counts as a success, per TinyHH set present in rows."""
     out = {}
     for name, (metric, success) in SET_METRICS.items():
         judged = [r[f"{method}_judgement"] for r in rows if r["set"] == name]
-        if not judged:
-            continue
-        k = sum(bool(success(j)) for j in judged)
-        out[f"{method}/{metric}"] = k / len(judged)
-        out[f"{method}/{metric}_ci_low"], out[f"{method}/{metric}_ci_high"] = wilson_interval(k, len(judged))
+        if judged:
+            out[metric] = Rate.of(sum(bool(success(j)) for j in judged), len(judged))
     return out
+
+
+def oracle_metrics(method: str, rows: list[dict]) -> dict[str, float]:
+    """<method>/<metric> with its 95% Wilson interval, per TinyHH set present in rows."""
+    return {
+        f"{method}/{metric}{suffix}": value
+        for metric, r in oracle_rates(method, rows).items()
+        for suffix, value in (("", r.value), ("_ci_low", r.ci_low), ("_ci_high", r.ci_high))
+    }
+
+
+def rain_differences(rates: dict[str, dict[str, Rate]]) -> dict[str, float]:
+    """rain_vs_<baseline>/<metric> = RAIN's rate - the baseline's, with its 95% Newcombe interval (_ci_low,
+    _ci_high), for each baseline in BASELINES and each metric both have. rates: method -> metric -> Rate."""
+    out = {}
+    for base in BASELINES:
+        for metric, r in rates.get("rain", {}).items():
+            if metric in rates.get(base, {}):
+                d = rate_difference(r, rates[base][metric])
+                key = f"rain_vs_{base}/{metric}"
+                out |= {key: d.value, f"{key}_ci_low": d.ci_low, f"{key}_ci_high": d.ci_high}
+    return out
+
+
+# SearchStats' per-check values (lists): summarised into metrics by firing_rates, never written to samples.jsonl
+DISTRIBUTIONS = ("sibling_cosines", "var_norms", "var_thresholds")
+
+
+def firing_rates(dists: list[dict], counts: list[dict]) -> dict[str, float]:
+    """How often the two embedding thresholds fire, and the distributions they act on, pooled over prompts.
+
+    dists: per prompt, SearchStats' lists (DISTRIBUTIONS); counts: per prompt, its counters. similarity: every
+    sibling cosine computed in a backup, against stage.sim_threshold (update_rate = updates / cosines computed).
+    dynamic addition: ||var(child embeddings)|| / (dynamic_var_coef x set length) at every check that computed it
+    (var_rate: the share below 1, the variance condition alone; trigger_rate: all four conditions held)."""
+
+    def total(key: str) -> int:
+        return sum(c[key] for c in counts)
+
+    out: dict[str, float] = {}
+    cos = np.array([x for d in dists for x in d["sibling_cosines"]], dtype=float)
+    if total("similarity_checks"):
+        out["rain/similarity_update_rate"] = total("similarity_updates") / total("similarity_checks")
+    if cos.size:
+        out |= {f"rain/sibling_cos_p{q}": float(np.percentile(cos, q)) for q in (10, 50, 90, 99)}
+    ratio = np.array(
+        [n / t for d in dists for n, t in zip(d["var_norms"], d["var_thresholds"], strict=True)], dtype=float
+    )
+    if total("addition_checks"):
+        out["rain/addition_trigger_rate"] = total("addition_triggers") / total("addition_checks")
+    if ratio.size:
+        out["rain/addition_var_rate"] = float(np.mean(ratio < 1))
+        out |= {f"rain/var_ratio_p{q}": float(np.percentile(ratio, q)) for q in (1, 10, 50, 90)}
+    return out
+
+
+def generation_prompts(preamble: str, prompts: list[str], turn_marker: str) -> list[str]:
+    """What the model reads when it answers: stage.preamble + each prompt. The judge must still see only the
+    prompt's own exchange, which it finds from the last turn marker: a prompt without one would let the preamble's
+    last turn into the judged text, so it is refused."""
+    if not preamble:
+        return list(prompts)
+    for p in prompts:
+        if current_exchange(preamble + p, turn_marker) != current_exchange(p, turn_marker):
+            raise ValueError(
+                f"stage.preamble needs prompts with the turn marker {turn_marker!r} (stage.judge.turn_marker), so "
+                f"that the judge reads the prompt's own exchange and not the preamble; this one has none: {p[:80]!r}"
+            )
+    return [preamble + p for p in prompts]
 
 
 @dataclass
@@ -130,31 +206,33 @@ def fitting_prompts(s: DictConfig, prompts: list[dict], codec: HFCodec, judge, m
         raise ValueError(
             f"no prompts left from stage.prompts={s.prompts} (stage.max_prompt_length={s.max_prompt_length})"
         )
-    context = (
-        len(codec.encode(judge.template)) + s.max_prompt_length + s.max_new_tokens + max(s.token_set_lengths)
-    )
+    longest = s.max_prompt_length + s.max_new_tokens + max(s.token_set_lengths)
     limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and context > limit:
-        raise ValueError(
-            f"a judge prompt may reach {context} tokens (template + stage.max_prompt_length + "
-            f"stage.max_new_tokens + the longest token set) but the model reads {limit}: "
-            "lower stage.max_prompt_length or stage.max_new_tokens"
-        )
+    heads = {"a judge prompt (template": judge.template, "a generation prompt (stage.preamble": s.preamble}
+    for what, head in heads.items():
+        context = longest + (len(codec.encode(head)) if head else 0)
+        if limit and context > limit:
+            raise ValueError(
+                f"{what} + stage.max_prompt_length + stage.max_new_tokens + the longest token set) may reach "
+                f"{context} tokens but the model reads {limit}: shorten it, or lower stage.max_prompt_length or "
+                "stage.max_new_tokens"
+            )
     return kept
 
 
 def decode_vanilla(
     cfg: DictConfig, model, tokenizer, mine: list[dict], counter: ForwardCounter, rank: int
 ) -> dict:
-    """Vanilla decoding of the same prompts into each row: sampling at vanilla_temperature (the issue's baseline)
-    and greedy (the authors' own "vanilla" is HF generate's default, greedy for LLaMA); method -> its cost."""
+    """Vanilla decoding of the same prompts (behind stage.preamble, as RAIN reads them) into each row: sampling at
+    vanilla_temperature (the issue's baseline) and greedy (the authors' own "vanilla" is HF generate's default,
+    greedy for LLaMA); method -> its cost."""
     s, cost = cfg.stage, {}
     baselines = {"vanilla": s.vanilla_temperature, "greedy": 0.0} if s.vanilla else {}
     for method, temperature in baselines.items():
         torch.manual_seed(cfg.seed + rank)
         before, t0 = counter.snapshot(), time.perf_counter()
         answers = sample(
-            model, tokenizer, [r["prompt"] for r in mine], max_new_tokens=s.max_new_tokens,
+            model, tokenizer, [r["shown"] for r in mine], max_new_tokens=s.max_new_tokens,
             temperature=temperature, stop_strings=tuple(s.stop_strings),
         )  # fmt: skip
         cost[method] = spent(counter, before) | {"wall_s": time.perf_counter() - t0}
@@ -177,7 +255,7 @@ def search_all(cfg: DictConfig, search: Search, mine: list[dict], counter, timin
         t0 = time.perf_counter()
         searches = [
             rain_search(
-                r["prompt"], params=search.params, codec=codec, judge=search.judge, judge_prefix=(pre_seg,),
+                r["shown"], params=search.params, codec=codec, judge=search.judge, judge_prefix=(pre_seg,),
                 judge_prefix_ids=pre_ids, rng=np.random.default_rng([cfg.seed, r["index"]]),
                 use_reward_model=search.score is not None,
             )
@@ -190,7 +268,9 @@ def search_all(cfg: DictConfig, search: Search, mine: list[dict], counter, timin
         for r, res in zip(group, results, strict=True):
             # The same budget as vanilla's: a 10-token set may overshoot it.
             r["rain"] = cut_at_stop(codec.decode(res.answer_ids[: s.max_new_tokens]), tuple(s.stop_strings))
-            r["stats"] = asdict(res.stats) | {
+            stats = asdict(res.stats)
+            r["search_dists"] = {k: stats.pop(k) for k in DISTRIBUTIONS}  # summarised by firing_rates
+            r["stats"] = stats | {
                 "wall_s_amortised": share,
                 "truncated": len(res.answer_ids) > s.max_new_tokens,
             }
@@ -212,10 +292,11 @@ def measure(
     if cfg.stage.prompts == "tinyhh":
         methods = [m for m in METHODS if m in rows[0]]
         for r in rows:
-            for m in methods:
+            for m in methods:  # the oracle reads the prompt itself, never stage.preamble
                 r[f"{m}_judgement"] = oracle(r["prompt"], r[m])
         for m in methods:
             metrics |= oracle_metrics(m, rows)
+        metrics |= rain_differences({m: oracle_rates(m, rows) for m in methods})
         selfeval = [json.loads(x) for x in (tinyhh_dir(cfg) / "eval_selfeval.jsonl").read_text().splitlines()]
         metrics["rain/self_eval_accuracy"] = self_eval_accuracy(model, tokenizer, selfeval)
     for m, c in cost.items():
@@ -227,6 +308,8 @@ def measure(
     for key, value in rows[0]["stats"].items():
         if isinstance(value, int) and not isinstance(value, bool):  # iterations, rewinds, commits, ...
             metrics[f"rain/{key}_per_prompt"] = float(np.mean([r["stats"][key] for r in rows]))
+    if all("search_dists" in r for r in rows):
+        metrics |= firing_rates([r["search_dists"] for r in rows], [r["stats"] for r in rows])
     total = timings.forward_s + timings.embed_s + timings.score_s + timings.search_s
     metrics |= {
         f"rain/time_share_{k.removesuffix('_s')}": v / total
@@ -238,7 +321,7 @@ def measure(
 
 def samples_line(r: dict) -> str:
     """One samples.jsonl line: the row with each method's verdict as plain fields."""
-    out = {k: v for k, v in r.items() if not k.endswith("_judgement")}
+    out = {k: v for k, v in r.items() if not k.endswith("_judgement") and k not in ("shown", "search_dists")}
     for m in METHODS:
         if f"{m}_judgement" in r:
             j = r[f"{m}_judgement"]
@@ -253,6 +336,12 @@ def samples_line(r: dict) -> str:
 
 def run(cfg: DictConfig) -> None:
     s = cfg.stage
+    # The reward-model evaluator scores (prompt, answer) with the prompt as the search reads it.
+    if s.preamble and s.evaluator == "reward_model":
+        raise ConfigError(
+            "stage.preamble with stage.evaluator=reward_model: the reward model would score the preamble too; "
+            "unset one of them"
+        )
     started = start_run(cfg)
     env, device, tracker = started.env, started.device, started.tracker
     models.require_input(s.init_from, "stage.init_from")
@@ -264,9 +353,12 @@ def run(cfg: DictConfig) -> None:
     chat.use(tokenizer, cfg.data.chat_template)  # prompts in the model's chat format; the judge reads HH
     search = build_search(s, model, tokenizer, device)
 
-    # 2. Prompts; too long ones are dropped (counted): the judge prompt must fit the model's context.
+    # 2. Prompts; too long ones are dropped (counted): the judge and generation prompts must fit the model's
+    #    context. The model reads each behind stage.preamble; the judges never see it.
     prompts = load_prompts(cfg)
     kept = fitting_prompts(s, prompts, search.codec, search.judge, model)
+    shown = generation_prompts(s.preamble, [r["prompt"] for r in kept], s.judge.turn_marker)
+    kept = [dict(r, shown=x) for r, x in zip(kept, shown, strict=True)]
 
     # 3. Derived sizes, once: this rank's shard, lockstep groups.
     mine = kept[env.rank :: env.world_size]
@@ -275,9 +367,12 @@ def run(cfg: DictConfig) -> None:
     )
     log.info(
         "RAIN on %s: %d prompts (%s), %d on this rank in %d lockstep groups of <= %d | c=%g gamma=%g T=%d T_m=%d "
-        "V=%g | similarity_update=%s dynamic_addition=%s evaluator=%s embedder=%s",
+        "V=%g | similarity_update=%s dynamic_addition=%s evaluator=%s embedder=%s | child_order=%s eos_rule=%s "
+        "proposal_temperature=%g proposal_attempts_per_candidate=%d | preamble: %d tokens",
         s.init_from, len(kept), by_set, len(mine), math.ceil(len(mine) / s.batch_prompts), s.batch_prompts, s.c,
-        s.gamma, s.T, s.T_m, s.V, s.similarity_update, s.dynamic_addition, s.evaluator, s.embedder,
+        s.gamma, s.T, s.T_m, s.V, s.similarity_update, s.dynamic_addition, s.evaluator, s.embedder, s.child_order,
+        s.eos_rule, s.proposal_temperature, s.proposal_attempts_per_candidate,
+        len(search.codec.encode(s.preamble)) if s.preamble else 0,
     )  # fmt: skip
     tracker.log({"data/prompts": len(kept), "data/dropped_prompts": len(prompts) - len(kept)}, step=0)
     counter = ForwardCounter(model)
@@ -305,44 +400,82 @@ def run(cfg: DictConfig) -> None:
     tracker.close()
 
 
+ORACLE_ROWS = (
+    ("harmlessness", "harmlessness (harmful prompts)"),
+    ("helpfulness", "helpfulness (benign prompts)"),
+    ("attack_success", "attack success (suffix attacks)"),
+)
+# report.md's columns: greedy (the authors' vanilla) first, then sampling (ours), then RAIN
+COLUMNS = (("greedy", "greedy"), ("vanilla", "vanilla (sampling)"), ("rain", "RAIN"))
+
+
+def interval_cell(metrics: dict[str, float], key: str, signed: bool = False) -> str:
+    """'93.8% [72, 99]' (a rate) or '+12.5 [-3.1, +27.0]' (a difference in points), or '-' when not measured."""
+    if key not in metrics:
+        return "-"
+    v, lo, hi = (100 * metrics[k] for k in (key, f"{key}_ci_low", f"{key}_ci_high"))
+    return f"{v:+.1f} [{lo:+.1f}, {hi:+.1f}]" if signed else f"{v:.1f}% [{lo:.0f}, {hi:.0f}]"
+
+
 def report(s: DictConfig, metrics: dict[str, float], timings: Timings) -> str:
-    """report.md: the oracle table (vanilla sampling, greedy, RAIN) and the cost table."""
+    """report.md: the oracle table (greedy, vanilla sampling, RAIN), RAIN's differences to both, the cost table."""
     lines = [
         f"# RAIN on {s.init_from}",
         "",
         f"c={s.c} gamma={s.gamma} T={s.T} T_m={s.T_m} V={s.V} similarity_update={s.similarity_update} "
         f"dynamic_addition={s.dynamic_addition} evaluator={s.evaluator} embedder={s.embedder} "
-        f"max_new_tokens={s.max_new_tokens}",
+        f"max_new_tokens={s.max_new_tokens} child_order={s.child_order} eos_rule={s.eos_rule} "
+        f"proposal_temperature={s.proposal_temperature} "
+        f"proposal_attempts_per_candidate={s.proposal_attempts_per_candidate}"
+        + (f" preamble={len(s.preamble)} characters" if s.preamble else ""),
         "",
     ]
-    names = [
-        ("harmlessness", "harmlessness (harmful prompts)"),
-        ("helpfulness", "helpfulness (benign prompts)"),
-        ("attack_success", "attack success (suffix attacks)"),
-    ]
-    if any(f"rain/{k}" in metrics for k, _ in names):
-        lines += ["| oracle | vanilla (sampling) | greedy | RAIN |", "|---|---|---|---|"]
-        for key, label in names:
-            if f"rain/{key}" not in metrics:
-                continue
-            cells = []
-            for m in METHODS:
-                v = metrics.get(f"{m}/{key}")
-                lo, hi = metrics.get(f"{m}/{key}_ci_low"), metrics.get(f"{m}/{key}_ci_high")
-                cells.append("-" if v is None else f"{100 * v:.1f}% [{100 * lo:.0f}, {100 * hi:.0f}]")
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    header = "| oracle | " + " | ".join(label for _, label in COLUMNS) + " |"
+    rows = [(k, label) for k, label in ORACLE_ROWS if f"rain/{k}" in metrics]
+    if rows:
+        lines += [header, "|---|---|---|---|"]
+        lines += [
+            f"| {label} | " + " | ".join(interval_cell(metrics, f"{m}/{k}") for m, _ in COLUMNS) + " |"
+            for k, label in rows
+        ]
         lines += [
             "",
             f"Self-evaluation accuracy (judge format, held-out): {100 * metrics['rain/self_eval_accuracy']:.1f}%",
             "",
+            "RAIN minus each baseline, in percentage points with 95% Newcombe intervals. Greedy is the paper's "
+            "comparison (the authors' vanilla is HF generate()'s default: greedy); sampling at "
+            f"T={s.vanilla_temperature} is ours.",
+            "",
+            "| oracle | RAIN - greedy (paper's vanilla) | RAIN - sampling (ours) |",
+            "|---|---|---|",
         ]
-    lines += ["| cost | vanilla (sampling) | greedy | RAIN |", "|---|---|---|---|"]
+        lines += [
+            f"| {label} | "
+            + " | ".join(interval_cell(metrics, f"rain_vs_{b}/{k}", signed=True) for b in BASELINES)
+            + " |"
+            for k, label in rows
+        ]
+        lines.append("")
+    lines += [header.replace("| oracle |", "| cost |"), "|---|---|---|---|"]
     for key in ("wall_s", "forward_passes", "tokens"):
         lines.append(
             f"| {key} | "
-            + " | ".join(f"{metrics[f'{m}/{key}']:.4g}" if f"{m}/{key}" in metrics else "-" for m in METHODS)
+            + " | ".join(
+                f"{metrics[f'{m}/{key}']:.4g}" if f"{m}/{key}" in metrics else "-" for m, _ in COLUMNS
+            )
             + " |"
         )
+    if "rain/similarity_update_rate" in metrics or "rain/addition_var_rate" in metrics:
+        get = lambda k: f"{metrics[k]:.3g}" if k in metrics else "-"  # noqa: E731
+        lines += [
+            "",
+            f"Embedding thresholds ({s.embedder} embedder): similarity updates fire at "
+            f"{get('rain/similarity_update_rate')} of sibling cosines (cos >= {s.sim_threshold}; cosine p50 "
+            f"{get('rain/sibling_cos_p50')}, p90 {get('rain/sibling_cos_p90')}, p99 {get('rain/sibling_cos_p99')}); "
+            f"dynamic addition's variance condition holds at {get('rain/addition_var_rate')} of checks "
+            f"(||var|| / ({s.dynamic_var_coef} x set length): p1 {get('rain/var_ratio_p1')}, p50 "
+            f"{get('rain/var_ratio_p50')}), all four conditions at {get('rain/addition_trigger_rate')}.",
+        ]
     t = timings.as_dict()
     lines += [
         "",

@@ -46,6 +46,8 @@ BAD_CHOICES = [
     ("rain", "stage.evaluator", "oracle", "self, reward_model"),
     ("rain", "stage.embedder", "bert", "lm, sentence_transformers"),
     ("rain", "stage.prompt_format", "chat", "prompt, hh"),
+    ("rain", "stage.child_order", "random", "probability, token_id"),
+    ("rain", "stage.eos_rule", "ignore", "stop, continue"),
     ("eval", "stage.judge", "gpt4", "oracle, rm, template"),
 ]
 

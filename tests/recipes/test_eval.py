@@ -24,7 +24,7 @@ def evaluated(tinyhh_rm, tinyhh_root, data_cache):
 def test_systems_side_by_side(evaluated):
     results = json.loads((evaluated / "results.json").read_text())
     systems = results["systems"]
-    assert set(systems) == {"base", "sft", "sft_preprompt", "sft_best_of_8"}
+    assert set(systems) == {"base", "base_greedy", "sft", "sft_preprompt", "sft_best_of_8"}
     assert results["prompts"] == 150 and results["baseline"] == "sft"
     print(
         {
@@ -40,6 +40,10 @@ def test_systems_side_by_side(evaluated):
     assert (
         systems["sft"]["kl"] == 0.0 and systems["base"]["kl"] > 0.1 and systems["sft_best_of_8"]["kl"] is None
     )
+    # the RAIN paper's vanilla: greedy decoding of the base model (no KL: not sampled at T = 1); with the rain
+    # system left out, nothing asks for a comparison with it
+    assert systems["base_greedy"]["kl"] is None and systems["base_greedy"]["system"]["decoding"] == "greedy"
+    assert results["comparisons"] == {}
     assert systems["base"]["ptx_loss"] < systems["sft"]["ptx_loss"]  # SFT pays a (small) pretraining-loss tax
     for a, row in results["win_rates"].items():
         for b, w in row.items():  # a vs b mirrors b vs a
@@ -58,7 +62,7 @@ def test_answers_file_reproduces_a_system_and_template_judge(evaluated, tinyhh_r
     answers = tmp_path / "sft_answers.jsonl"
     answers.write_text("".join(json.dumps(r) + "\n" for r in rows if r["system"] == "sft"))
     out = tmp_path / "again"
-    keep = ["~stage.systems.sft_preprompt", "~stage.systems.sft_best_of_8"]
+    keep = ["~stage.systems.sft_preprompt", "~stage.systems.sft_best_of_8", "~stage.systems.base_greedy"]
     run_stage(
         tinyhh_root,
         data_cache,

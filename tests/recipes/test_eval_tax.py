@@ -13,15 +13,13 @@ import torch
 from omegaconf import OmegaConf
 
 from alignlab import models
-from alignlab.config import Config
+from alignlab.config import Config, EvalConfig
 from alignlab.evaluation.lm_loss import AlignmentTax, tokenizer_key
 from alignlab.recipes.eval import append_notes, ptx_texts
 from tests.conftest import alignlab
 from tests.zoo.families import build, corpus
 
-DEFAULT_SYSTEMS = (
-    "base sft sft_preprompt sft_best_of_8 ppo ppo_ptx rejection_sampling context_distillation rain".split()
-)
+DEFAULT_SYSTEMS = tuple(EvalConfig().systems)  # stage=eval's default systems, removed below
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,21 @@ def test_rain_aligns_the_base_model_at_inference_time(rain):
     assert m["rain/forward_passes"] > m["vanilla/forward_passes"] and m["rain/time_ratio"] > 1
 
 
+def test_rain_is_compared_with_greedy_and_with_sampling(rain):
+    run, m = rain
+    for base in ("greedy", "vanilla"):  # greedy: the authors' vanilla; vanilla: sampling at T = 1, ours
+        for k in ("harmlessness", "helpfulness", "attack_success"):
+            key = f"rain_vs_{base}/{k}"
+            assert m[key] == pytest.approx(m[f"rain/{k}"] - m[f"{base}/{k}"])
+            assert -1 <= m[f"{key}_ci_low"] <= m[key] <= m[f"{key}_ci_high"] <= 1
+    assert m["rain_vs_vanilla/harmlessness"] > 0  # RAIN more harmless than sampling (16 prompts: no CI claim)
+    report = (run / "report.md").read_text()
+    assert report.index("| oracle | greedy | vanilla (sampling) | RAIN |") < report.index(
+        "| oracle | RAIN - greedy (paper's vanilla) | RAIN - sampling (ours) |"
+    )
+    assert "Greedy is the paper's comparison" in report
+
+
 def test_rain_run_directory(rain):
     run, m = rain
     names = {p.name for p in run.iterdir()}

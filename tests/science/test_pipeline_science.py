@@ -22,6 +22,7 @@ from tests.conftest import PPO_SHORT, RM_OVERRIDES, SFT_OVERRIDES, run_stage
 pytestmark = pytest.mark.slow
 
 EVAL_DROPS = [
+    "base_greedy",
     "sft_preprompt",
     "sft_best_of_8",
     "ppo_ptx",

@@ -3,8 +3,11 @@ backup, getv / simg / group_getp), one sequence at a time, every logit from a fu
 no cache, no batching, no lockstep.
 
 It shares no code with alignlab.rain except the sampling primitive (an inverse-CDF draw at a uniform) and the
-uniforms' order, which both take from the prompt's generator: the rollout's one per token, an expansion's
-[attempts, L] block drawn at once, one [1, L] block per dynamic addition, one per sampled commit.
+uniforms' order, which both take from the prompt's generator: the rollout's one per token, L per proposal attempt
+(drawn one attempt at a time here, as the code's loop samples), one per sampled commit.
+
+The switches (child_order, eos_rule, proposal_temperature, proposal_attempts_per_candidate) are written as the
+released code behaves: HH/main.py group_getp and search, adv/main.py's temperature and 2 * topk - 1 attempts.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import torch.nn.functional as F
 from alignlab.rain.proposal import sample_index
 
 
-def topk_probs(logits, k):
-    probs = torch.softmax(logits.double(), dim=-1)
+def topk_probs(logits, k, temperature=1.0):
+    x = logits.double()
+    probs = torch.softmax(x / temperature if temperature != 1.0 else x, dim=-1)
     if 0 < k < probs.numel():
         keep = torch.topk(probs, k).indices
         out = torch.zeros_like(probs)
@@ -69,14 +73,18 @@ def ref_rain(prompt, *, lm, embed, codec, judge, P, rng, max_searches=None):
     def text_of(ans):
         return codec.decode(ans)
 
-    def terminal(ans):
-        return eos in ans or len(ans) >= P.max_new_tokens or any(s in text_of(ans) for s in P.stop_strings)
+    cont = P.eos_rule == "continue"
+
+    def ended(ans):
+        if len(ans) >= P.max_new_tokens or (not cont and eos in ans):
+            return True
+        return any(s in text_of(ans) for s in P.stop_strings)
 
     def simg(ans):
         toks = []
         while True:
             full = ans + toks
-            if len(full) >= P.max_new_tokens or eos in full:
+            if len(full) >= P.max_new_tokens or eos in (toks[-1:] if cont else full):
                 break
             t = text_of(full) or prompt
             if t[-1] in P.rollout_stops or any(s in text_of(full) for s in P.stop_strings):
@@ -100,20 +108,17 @@ def ref_rain(prompt, *, lm, embed, codec, judge, P, rng, max_searches=None):
             memo[dialogue] = (sum(votes) / len(votes) - 0.5) * 2
         return memo[dialogue], toks
 
-    def sets_from(ans, L, u, greedy):
-        out = []
-        rows = ([None] if greedy else []) + list(u)
-        for row in rows:
-            seq, lp = [], 0.0
-            for j in range(L):
-                probs = topk_probs(lm(prompt_ids + ans + seq), P.top_k)
-                tok = int(torch.argmax(probs)) if row is None else sample_index(probs, row[j])
-                lp += math.log(probs[tok].item())
-                seq.append(tok)
-                if tok == eos:
-                    break
-            out.append((tuple(seq), math.exp(lp)))
-        return out
+    def one_set(ans, L, row):
+        """A greedy (row None) or sampled set: top-k at the proposal temperature, HH runs on through EOS."""
+        seq, lp = [], 0.0
+        for j in range(L):
+            probs = topk_probs(lm(prompt_ids + ans + seq), P.top_k, P.proposal_temperature)
+            tok = int(torch.argmax(probs)) if row is None else sample_index(probs, row[j])
+            lp += math.log(probs[tok].item())
+            seq.append(tok)
+            if tok == eos and not cont:
+                break
+        return tuple(seq), math.exp(lp)
 
     def length(step):
         return P.token_set_lengths[min(step, len(P.token_set_lengths) - 1)]
@@ -121,20 +126,27 @@ def ref_rain(prompt, *, lm, embed, codec, judge, P, rng, max_searches=None):
     def expand(node, ans, is_root):
         L = length(node.step)
         if L == 1:
-            probs = torch.softmax(lm(prompt_ids + ans).double(), -1)
+            logits = lm(prompt_ids + ans)
+            probs = torch.softmax(logits.double(), -1)
             top = torch.topk(probs, max(P.n_candidates, P.dynamic_max_children))
             node.ranked = list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
-            acts = [(t,) for t, _ in node.ranked[: P.n_candidates]]
-            raw = [p for _, p in node.ranked[: P.n_candidates]]
+            toks = [t for t, _ in node.ranked[: P.n_candidates]]
+            if P.child_order == "token_id":  # np.where over the top-k mask: ascending ids
+                toks = sorted(toks)
+            tempered = topk_probs(logits, 0, P.proposal_temperature)
+            acts = [(t,) for t in toks]
+            raw = [tempered[t].item() for t in toks]
         else:
-            u = rng.random((P.n_candidates - 1, L))
-            sets = sets_from(ans, L, u, greedy=True)
-            acts, raw = [sets[0][0]], []
-            for s, p in sets[1:]:
+            greedy = one_set(ans, L, None)
+            acts, raw = [greedy[0]], []
+            for _ in range(P.proposal_attempts_per_candidate * P.n_candidates - 1):
+                if len(raw) >= P.n_candidates - 1:
+                    break
+                s, p = one_set(ans, L, rng.random((1, L))[0])
                 if s not in acts:
                     acts.append(s)
                     raw.append(p)
-            g = sets[0][1]
+            g = greedy[1]
             if raw:
                 g = max(min(g, sum(raw)), max(raw) + min(raw))
             raw = [g] + raw
@@ -165,10 +177,14 @@ def ref_rain(prompt, *, lm, embed, codec, judge, P, rng, max_searches=None):
             raw = None
         else:
             L = length(node.step)
-            [(a, raw)] = sets_from(ans, L, rng.random((1, L)), greedy=False)
-            p = raw / (sum(node.raw) + raw)
-            if a in node.children:
+            greedy = kids[0].tokens
+            for _ in range(2 * P.proposal_attempts_per_candidate - 1):
+                a, raw = one_set(ans, L, rng.random((1, L))[0])
+                if a != greedy:
+                    break
+            if a == greedy or a in node.children:
                 return
+            p = raw / (sum(node.raw) + raw)
             node.raw.append(raw)
         if is_root:
             p = 0.75 * p + 0.25 / (len(kids) + 1)
@@ -183,7 +199,7 @@ def ref_rain(prompt, *, lm, embed, codec, judge, P, rng, max_searches=None):
             node = max(node.children.values(), key=lambda ch: ch.score(P.c))
             ans += node.tokens
         v, toks = getv(ans)
-        if not terminal(ans):
+        if not (ended(ans) or (cont and node is not root and eos in node.tokens)):
             expand(node, ans, node is root)
         texts, suffix, cur = [], list(toks), node
         while cur is not root:
@@ -212,7 +228,7 @@ def ref_rain(prompt, *, lm, embed, codec, judge, P, rng, max_searches=None):
             break
         child = best(root)
         answer += child.tokens
-        if terminal(answer):
+        if ended(answer):
             break
         child.parent = None
         ps = np.array([c.p for c in child.children.values()])

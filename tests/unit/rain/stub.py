@@ -72,10 +72,12 @@ def stub_judge() -> JudgeFormat:
 
 
 class StubBackend:
-    """Segments are token tuples; a row's logits are stub_logits of its whole state. Counts rows and calls."""
+    """Segments are token tuples; a row's logits are logits_fn (stub_logits) of its whole state. Counts rows and
+    calls."""
 
-    def __init__(self):
+    def __init__(self, logits_fn=None):
         self.calls = self.rows = 0
+        self.logits_fn = logits_fn or stub_logits
 
     def extend(self, rows, want_cache=True):
         self.calls += 1
@@ -84,7 +86,7 @@ class StubBackend:
         for prefix, toks in rows:
             state = tuple(t for seg in prefix for t in seg) + tuple(toks)
             segs.append(tuple(toks))
-            logits.append(stub_logits(state))
+            logits.append(self.logits_fn(state))
         return (segs if want_cache else None), torch.stack(logits)
 
 

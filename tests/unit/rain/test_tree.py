@@ -54,7 +54,7 @@ def test_backup_hand_built_example_with_similarity_update():
     C = Node(tokens=(3,), n=1, fn=1, q=0.3, emb=far, parent=parent)
     D = Node(tokens=(4,), n=0, fn=0, q=0.0, emb=None, parent=parent)
     parent.children = [A, B, C, D]
-    updates = tree.backup(
+    updates, cosines = tree.backup(
         [parent, A], -1.0, [None, a_emb.clone()], gamma=0.2, threshold=0.95, similarity_update=True
     )
     assert (A.n, A.fn) == (3, 3) and A.q == pytest.approx(0.0)
@@ -66,6 +66,8 @@ def test_backup_hand_built_example_with_similarity_update():
     assert (D.n, D.q) == (0, 0.0)  # no embedding: unchanged
     assert (parent.n, parent.fn) == (5, 5) and parent.q == pytest.approx(0.2 + (-1 - 0.2) / 5)
     assert updates == 1
+    # the cosines the threshold acted on: B's and C's (D has no embedding, A is itself), in sibling order
+    assert cosines == pytest.approx([0.96, 0.94])
 
 
 def test_backup_running_mean_embedding_and_switch_off():
@@ -73,9 +75,10 @@ def test_backup_running_mean_embedding_and_switch_off():
     A = Node(tokens=(1,), parent=parent)
     B = Node(tokens=(2,), n=1, fn=1, q=1.0, emb=torch.tensor([1.0, 0.0]), parent=parent)
     parent.children = [A, B]
-    tree.backup(
+    off = tree.backup(
         [parent, A], 1.0, [None, torch.tensor([1.0, 0.0])], gamma=0.2, threshold=0.95, similarity_update=False
     )
+    assert off == (0, [])  # no update and no cosine computed
     assert torch.equal(A.emb, torch.tensor([1.0, 0.0])) and (B.n, B.q) == (1, 1.0)
     tree.backup(
         [parent, A], 1.0, [None, torch.tensor([0.0, 1.0])], gamma=0.2, threshold=0.95, similarity_update=False
