@@ -457,15 +457,14 @@ def run(cfg: DictConfig) -> None:
 
     # Pairwise win rates, differences to the baseline and to each system's compare_to.
     compare(results, verdicts, s, bench)
-    tracker.log(
-        {
-            f"eval/{name}/vs_{other}/{k}": d["value"]
-            for name, row in results["comparisons"].items()
-            for other, diffs in row.items()
-            for k, d in diffs.items()
-        },
-        step=0,
-    )
+    compared = {
+        f"eval/{name}/vs_{other}/{k}": d["value"]
+        for name, row in results["comparisons"].items()
+        for other, diffs in row.items()
+        for k, d in diffs.items()
+    }
+    if compared:  # no empty metrics row when no system names compare_to
+        tracker.log(compared, step=0)
 
     # 5. results.json, report.md, plots.
     write_outputs(run, results, samples, notes, s)
