@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from alignlab import checkpoint
 from alignlab.distributed import free_port
@@ -88,6 +91,89 @@ def child_env(nproc: int, environ: dict[str, str] | None = None) -> dict[str, st
     return env
 
 
+# DeepSpeed's CPU allreduce (its shm_comm op, used when every rank is on one machine) maps one shared-memory file
+# per rank, /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> (66 MB each), and never
+# unlinks it (csrc/cpu/comm/shm.cpp defines shared_close but nothing calls it): every CPU run would leave
+# 66 MB x ranks in RAM until reboot. The launcher removes its own run's files once the ranks have exited.
+SHM_DIR = Path("/dev/shm")
+SHM_BUFFER = re.compile(r"deepspeed_allreduce_buffer_(\d+)_(.+)_(\d+)_(\d+)")
+
+
+def remove_shm_buffers(port: int, shm_dir: Path = SHM_DIR, uid: int | None = None) -> list[Path]:
+    """Delete this user's DeepSpeed allreduce buffers of the run whose master port was `port`; returns them."""
+    uid = os.getuid() if uid is None else uid
+    removed = []
+    if not shm_dir.is_dir():
+        return removed
+    for path in shm_dir.iterdir():
+        m = SHM_BUFFER.fullmatch(path.name)
+        if m and int(m.group(1)) == uid and int(m.group(3)) == port:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+def stale_shm_buffers(
+    shm_dir: Path = SHM_DIR, proc_dir: Path = Path("/proc"), uid: int | None = None
+) -> list[Path]:
+    """This user's DeepSpeed allreduce buffers that no process maps: left by runs before the launcher removed them,
+    or by runs killed with their launcher. Only reported: a run starting this instant may not have mapped its own
+    yet, so deleting them here could hang it."""
+    uid = os.getuid() if uid is None else uid
+    if not shm_dir.is_dir():
+        return []
+    ours = [p for p in shm_dir.iterdir() if (m := SHM_BUFFER.fullmatch(p.name)) and int(m.group(1)) == uid]
+    if not ours:
+        return []
+    mapped = set()
+    for maps in proc_dir.glob("[0-9]*/maps"):
+        with contextlib.suppress(OSError):
+            for line in maps.read_text().splitlines():
+                if "deepspeed_allreduce_buffer_" in line:
+                    mapped.add(Path(line.split(maxsplit=5)[-1].removesuffix(" (deleted)")).name)
+    return [p for p in ours if p.name not in mapped]
+
+
+def stale_build_locks(root: Path | None = None, min_age_s: float = 600.0) -> list[Path]:
+    """torch's JIT-build locks (DeepSpeed builds its CPU ops on first use) older than min_age_s: a build killed
+    mid-way leaves its lock, and every later start waits on it forever. A build takes well under a minute here."""
+    if root is None:
+        env = os.environ.get("TORCH_EXTENSIONS_DIR")
+        root = Path(env) if env else Path.home() / ".cache" / "torch_extensions"
+    if not root.is_dir():
+        return []
+    old = []
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+        with contextlib.suppress(FileNotFoundError):  # a build that ends now removes its lock
+            if time.time() - lock.stat().st_mtime > min_age_s:
+                old.append(lock)
+    return old
+
+
+def warn_about_leftovers() -> None:
+    """Before a launch: the two things earlier runs can leave behind that slow or hang this one."""
+    for lock in stale_build_locks():
+        log.warning(
+            "%s is a torch extension build lock from %s: a build killed mid-way leaves it, and DeepSpeed then waits "
+            "on it forever. If no build is running, remove it: rm %s",
+            lock, time_ago(lock), lock,
+        )  # fmt: skip
+    stale = stale_shm_buffers()
+    if stale:
+        gb = sum(p.stat().st_size for p in stale if p.exists()) / 1e9
+        log.warning(
+            "%d DeepSpeed allreduce buffers in %s (%.1f GB of RAM) are mapped by no process: left by earlier runs. "
+            "Remove them when no DeepSpeed job is starting: rm %s/deepspeed_allreduce_buffer_%d_*",
+            len(stale), SHM_DIR, gb, SHM_DIR, os.getuid(),
+        )  # fmt: skip
+
+
+def time_ago(path: Path) -> str:
+    minutes = (time.time() - path.stat().st_mtime) / 60
+    return f"{minutes:.0f} minutes ago" if minutes < 120 else f"{minutes / 60:.1f} hours ago"
+
+
 def is_rank(cmdline: list[str]) -> bool:
     """A rank's command line runs `python [-u] -m alignlab`; the runners' first -m names their own module."""
     modules = [cmdline[i + 1] for i, a in enumerate(cmdline[:-1]) if a == "-m"]
@@ -112,6 +198,7 @@ def rank_processes(pid: int) -> list[int]:
 
 def relaunch(launcher_cfg, args: list[str]) -> int:
     """Run the stage on launcher_cfg.nproc processes and return the runner's exit code."""
+    warn_about_leftovers()
     port = launcher_cfg.master_port or free_port()
     cmd = command(launcher_cfg.name, launcher_cfg.nproc, port, args, list(launcher_cfg.extra_args))
     log.info("launching %d processes: %s", launcher_cfg.nproc, " ".join(cmd))
@@ -128,8 +215,13 @@ def relaunch(launcher_cfg, args: list[str]) -> int:
         if not ranks:
             os.killpg(proc.pid, signum)
 
-    with forward_signals(to_ranks):
-        code = proc.wait()
+    try:
+        with forward_signals(to_ranks):
+            code = proc.wait()
+    finally:
+        # once the ranks are gone (an interrupted wait leaves them to the process group)
+        if proc.poll() is not None and (removed := remove_shm_buffers(port)):
+            log.debug("removed %d DeepSpeed shared-memory buffers", len(removed))
     if code != 0:
         log.error("the %s launcher exited with code %d", launcher_cfg.name, code)
     return code

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from alignlab.distributed import free_port
+from alignlab.launch import SHM_BUFFER, SHM_DIR
 from alignlab.tracking import read_metrics
 from tests.conftest import alignlab
 
@@ -44,8 +46,26 @@ def single(tmp_path_factory, data_cache):
 def zero2(tmp_path_factory, data_cache):
     """The uninterrupted 2-rank ZeRO-2 run: compared with the 1-process run, and with the preempted one."""
     root = tmp_path_factory.mktemp("zero2")
-    proc = alignlab(*COMMON, *ZERO2, f"paths.runs={root}", f"paths.data={data_cache}", cwd=root)
-    return root / "quick" / "pretrain", proc
+    port = free_port()  # named, so that test_no_shared_memory_left_behind finds this run's buffers
+    proc = alignlab(
+        *COMMON,
+        *ZERO2,
+        f"launcher.master_port={port}",
+        f"paths.runs={root}",
+        f"paths.data={data_cache}",
+        cwd=root,
+    )
+    return root / "quick" / "pretrain", proc, port
+
+
+def test_no_shared_memory_left_behind(zero2):
+    # DeepSpeed's CPU allreduce maps a 66 MB /dev/shm file per rank and never unlinks it; the launcher does
+    _, proc, port = zero2
+    assert "world_size=2" in proc.stderr
+    left = [
+        p.name for p in SHM_DIR.iterdir() if (m := SHM_BUFFER.fullmatch(p.name)) and int(m.group(3)) == port
+    ]
+    assert not left, left
 
 
 @pytest.mark.parametrize(
@@ -53,7 +73,7 @@ def zero2(tmp_path_factory, data_cache):
 )
 def test_two_processes_match_one(request, tmp_path, data_cache, single, launcher, zero):
     if (launcher, zero) == ("deepspeed", "zero2"):
-        run, proc = request.getfixturevalue("zero2")
+        run, proc, _ = request.getfixturevalue("zero2")
     else:
         proc = alignlab(
             *COMMON,

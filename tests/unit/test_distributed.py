@@ -97,3 +97,57 @@ def test_relaunch_only_outside_children():
 def test_child_args_pin_one_run_dir():
     args = child_args(["stage=pretrain", "run_dir=rel/x", "launcher=deepspeed"], run_dir="/abs/x")
     assert args == ["stage=pretrain", "launcher=deepspeed", "run_dir=/abs/x"]
+
+
+def test_the_launcher_removes_its_runs_deepspeed_shared_memory(tmp_path):
+    from alignlab.launch import remove_shm_buffers
+
+    names = [
+        "deepspeed_allreduce_buffer_0_127.0.0.1_29500_0",  # this run (uid 0, port 29500), both ranks
+        "deepspeed_allreduce_buffer_0_127.0.0.1_29500_1",
+        "deepspeed_allreduce_buffer_0_node-1_29500_0",  # another address, the same port: a SLURM-style host name
+        "deepspeed_allreduce_buffer_0_127.0.0.1_295001_0",  # another run whose port starts with the same digits
+        "deepspeed_allreduce_buffer_0_127.0.0.1_2950_0",
+        "deepspeed_allreduce_buffer_1000_127.0.0.1_29500_0",  # another user's
+        "torch_shm_29500",  # not DeepSpeed's
+    ]
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+    removed = remove_shm_buffers(29500, shm_dir=tmp_path, uid=0)
+    assert sorted(p.name for p in removed) == sorted(names[:3])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[3:])
+    assert remove_shm_buffers(29500, shm_dir=tmp_path / "absent", uid=0) == []
+
+
+def test_leftovers_that_slow_or_hang_a_launch_are_found(tmp_path):
+    import os
+    import time
+
+    from alignlab.launch import stale_build_locks, stale_shm_buffers
+
+    shm, proc = tmp_path / "shm", tmp_path / "proc"
+    shm.mkdir()
+    for n in ("deepspeed_allreduce_buffer_0_127.0.0.1_1234_0", "deepspeed_allreduce_buffer_0_127.0.0.1_1234_1",
+              "deepspeed_allreduce_buffer_0_127.0.0.1_999_0", "deepspeed_allreduce_buffer_7_127.0.0.1_999_0"):  # fmt: skip
+        (shm / n).write_bytes(b"x")
+    # a live run (pid 42) maps both of port 1234's buffers; nothing maps port 999's
+    (proc / "42").mkdir(parents=True)
+    (proc / "42" / "maps").write_text(
+        f"7f00-7f10 rw-s 00000000 00:1a 12 {shm}/deepspeed_allreduce_buffer_0_127.0.0.1_1234_0\n"
+        f"7f10-7f20 rw-s 00000000 00:1a 13 {shm}/deepspeed_allreduce_buffer_0_127.0.0.1_1234_1 (deleted)\n"
+        "7f20-7f30 r-xp 00000000 00:1a 14 /usr/lib/libc.so.6\n"
+    )
+    (proc / "self").mkdir()  # not a pid
+    assert [p.name for p in stale_shm_buffers(shm, proc, uid=0)] == [
+        "deepspeed_allreduce_buffer_0_127.0.0.1_999_0"
+    ]
+
+    ext = tmp_path / "torch_extensions"
+    (ext / "py311_cpu" / "deepspeed_shm_comm").mkdir(parents=True)
+    (ext / "py311_cpu" / "fused_adam").mkdir()
+    old, fresh = ext / "py311_cpu" / "deepspeed_shm_comm" / "lock", ext / "py311_cpu" / "fused_adam" / "lock"
+    old.write_text(""), fresh.write_text("")
+    hour_ago = time.time() - 3600
+    os.utime(old, (hour_ago, hour_ago))
+    assert stale_build_locks(ext) == [old]  # a build running now holds a fresh lock: not reported
+    assert stale_build_locks(tmp_path / "none") == []
