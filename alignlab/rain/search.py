@@ -20,6 +20,7 @@ from alignlab.rain import tree
 from alignlab.rain.evaluator import Codec, JudgeFormat, current_exchange, cut_at_stops, rollout_done
 from alignlab.rain.proposal import next_token_probs, ranked_tokens, sample_index, top_k_probs
 from alignlab.rain.requests import Embed, Extend, Score
+from alignlab.rain.stage_config import EMBEDDER_THRESHOLDS
 from alignlab.rain.tree import Node
 
 
@@ -67,10 +68,14 @@ class RainParams:
     @classmethod
     def from_fields(cls, values: Mapping[str, Any], **overrides: Any) -> RainParams:
         """The params named in `values` (a stage=rain config, or asdict(RainConfig())), turn_marker from its
-        judge, then `overrides`; sequences become tuples."""
+        judge, then `overrides`; a null threshold is its embedder's (values["embedder"]); sequences become tuples."""
         picked = {f.name: values[f.name] for f in fields(cls) if f.name in values}
         picked.setdefault("turn_marker", values["judge"]["turn_marker"])
         picked |= overrides
+        # null thresholds: the embedder's (EMBEDDER_THRESHOLDS, the one place their values are written)
+        for i, key in enumerate(("sim_threshold", "dynamic_var_coef")):
+            if picked.get(key) is None:
+                picked[key] = EMBEDDER_THRESHOLDS[values["embedder"]][i]
         tuples = {f.name for f in fields(cls) if str(f.type).startswith("tuple")}
         return cls(**{k: tuple(v) if k in tuples else v for k, v in picked.items()})
 
@@ -97,6 +102,7 @@ class SearchStats:
     var_norms: list[float] = field(default_factory=list)  # ||var(child embeddings)|| at every such check
     # dynamic_var_coef * len(first child's set) at each of those checks (aligned with var_norms)
     var_thresholds: list[float] = field(default_factory=list)
+    var_set_lengths: list[int] = field(default_factory=list)  # that set length at each check (aligned)
     dynamic_additions: int = 0  # children added (a trigger adds none when its proposal is already a child)
     rows: int = 0  # model rows this prompt requested
     tokens: int = 0  # new token positions this prompt requested
@@ -379,6 +385,7 @@ def rain_search(
                     stats.addition_checks += 1
                     stats.var_norms.append(check.norm)
                     stats.var_thresholds.append(check.threshold)
+                    stats.var_set_lengths.append(check.length)
                 if check.fires:
                     stats.addition_triggers += 1
                     yield from add_dynamic(node, path, answer + [t for n in path[1:] for t in n.tokens])

@@ -27,6 +27,16 @@ Embedder = Choice("Embedder", "lm sentence_transformers")  # stage.embedder
 ChildOrder = Choice("ChildOrder", "probability token_id")  # stage.child_order
 EosRule = Choice("EosRule", "stop continue")  # stage.eos_rule
 
+# The two embedding thresholds each embedder gets when stage.sim_threshold / stage.dynamic_var_coef are null:
+# (sibling cos >= this: a similarity update; ||var(child embeddings)|| < this x set length: dynamic addition may
+# fire). sentence_transformers: the released code's, set for all-MiniLM-L6-v2. lm: calibrated so that the LM
+# embedder fires as often as MiniLM at the released values, on the pinned TinyHH base model (600 prompts; method,
+# runs and rates in docs/rain.md, "Calibrating the embedding thresholds"; scripts/calibrate_rain_thresholds.py).
+EMBEDDER_THRESHOLDS: dict[str, tuple[float, float]] = {
+    "sentence_transformers": (0.95, 0.03),
+    "lm": (0.984, 0.022),
+}
+
 
 @dataclass
 class RainJudgeConfig:
@@ -61,7 +71,8 @@ class RainConfig:
     stop_strings: list[str] = field(default_factory=lambda: [HH_HUMAN])  # next-turn marker: the answer ends
     c: float = 2.0  # exploration: u = c * p * sqrt(parent.n) / (1 + n)
     gamma: float = 0.2  # similarity update weight: w = gamma * cos
-    sim_threshold: float = 0.95  # siblings at cos >= this share a backed-up value
+    # siblings at cos >= this share a backed-up value; null: the embedder's (EMBEDDER_THRESHOLDS above)
+    sim_threshold: float | None = None
     # search iterations per commit: range(fn, max(T, fn + 15)) with fn the root's inherited visits
     T: int = 50
     T_m: int = 6  # early stop once the most-visited root child has fn > T_m ...
@@ -73,7 +84,8 @@ class RainConfig:
     root_mix: float = 0.25  # root priors := (1 - root_mix) * p + root_mix / K
     dynamic_addition: bool = True  # ablation switch: add a child when every child looks alike and bad
     dynamic_max_children: int = 20  # dynamic addition only below this many children
-    dynamic_var_coef: float = 0.03  # ... and when ||var(child embeddings)|| < coef * len(token set)
+    # ... and when ||var(child embeddings)|| < coef * len(token set); null: the embedder's (EMBEDDER_THRESHOLDS)
+    dynamic_var_coef: float | None = None
     similarity_update: bool = True  # ablation switch: siblings at cos >= sim_threshold share backed-up values
     # argmax (authors' code: max n, ties by q) | sample (paper: proportional to n)
     commit: Commit = Commit.argmax

@@ -174,7 +174,8 @@ class AdditionCheck:
 
     fires: bool  # all four conditions hold
     norm: float | None = None  # ||var(child embeddings)||; None when not computed (see addition_check)
-    threshold: float | None = None  # var_coef * len(first child's tokens), alongside norm
+    threshold: float | None = None  # var_coef * length, alongside norm
+    length: int | None = None  # len(first child's tokens), alongside norm
 
 
 def addition_check(node: Node, max_children: int, var_coef: float) -> AdditionCheck:
@@ -189,8 +190,9 @@ def addition_check(node: Node, max_children: int, var_coef: float) -> AdditionCh
     if len(kids) < 2 or len(kids) >= max_children or any(ch.emb is None for ch in kids):
         return AdditionCheck(False)
     norm = torch.norm(torch.var(torch.stack([ch.emb for ch in kids]), dim=0)).item()
-    threshold = var_coef * len(kids[0].tokens)
-    return AdditionCheck(norm < threshold and max(ch.q for ch in kids) < 0, norm, threshold)
+    length = len(kids[0].tokens)
+    threshold = var_coef * length
+    return AdditionCheck(norm < threshold and max(ch.q for ch in kids) < 0, norm, threshold, length)
 
 
 def wants_addition(node: Node, max_children: int, var_coef: float) -> bool:

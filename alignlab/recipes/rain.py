@@ -34,6 +34,7 @@ from alignlab.evaluation.metrics import Rate, rate_difference
 from alignlab.evaluation.tinyhh import self_eval_accuracy, tinyhh_prompts
 from alignlab.generation import cut_at_stop, sample
 from alignlab.lifecycle import start_run, tinyhh_dir
+from alignlab.rain.calibrate import SearchDists
 from alignlab.rain.embed import LMEmbedder, SentenceTransformerEmbedder
 from alignlab.rain.evaluator import current_exchange, judge_from_config
 from alignlab.rain.lm import ForwardCounter, HFBackend, HFCodec
@@ -112,7 +113,7 @@ def rain_differences(rates: dict[str, dict[str, Rate]]) -> dict[str, float]:
 
 
 # SearchStats' per-check values (lists): summarised into metrics by firing_rates, never written to samples.jsonl
-DISTRIBUTIONS = ("sibling_cosines", "var_norms", "var_thresholds")
+DISTRIBUTIONS = ("sibling_cosines", "var_norms", "var_thresholds", "var_set_lengths")
 
 
 def firing_rates(dists: list[dict], counts: list[dict]) -> dict[str, float]:
@@ -141,6 +142,19 @@ def firing_rates(dists: list[dict], counts: list[dict]) -> dict[str, float]:
         out["rain/addition_var_rate"] = float(np.mean(ratio < 1))
         out |= {f"rain/var_ratio_p{q}": float(np.percentile(ratio, q)) for q in (1, 10, 50, 90)}
     return out
+
+
+def pooled_dists(params: RainParams, rows: list[dict]) -> SearchDists | None:
+    """Every value the two embedding thresholds were compared with, pooled over the prompts (search_dists.json,
+    the input of alignlab.rain.calibrate); None when a row has none."""
+    if not all("search_dists" in r for r in rows):
+        return None
+    dists = [r["search_dists"] for r in rows]
+    return SearchDists(
+        sim_threshold=params.sim_threshold,
+        dynamic_var_coef=params.dynamic_var_coef,
+        **{k: [x for d in dists for x in d[k]] for k in ("sibling_cosines", "var_norms", "var_set_lengths")},
+    )
 
 
 def generation_prompts(preamble: str, prompts: list[str], turn_marker: str) -> list[str]:
@@ -391,10 +405,17 @@ def run(cfg: DictConfig) -> None:
         m: {k: distributed.mean_over_ranks(v) * env.world_size for k, v in c.items()} for m, c in cost.items()
     }
     metrics = measure(cfg, rows, cost, timings, model, tokenizer)
+    # the thresholds the search used (null in the config: the embedder's)
+    metrics |= {
+        "rain/sim_threshold": search.params.sim_threshold,
+        "rain/dynamic_var_coef": search.params.dynamic_var_coef,
+    }
     tracker.log(metrics, step=0)
     if env.is_main:
         atomic_write_text(started.run_dir / "samples.jsonl", "".join(samples_line(r) for r in rows))
         atomic_write_text(started.run_dir / "report.md", report(s, metrics, timings))
+        if (dists := pooled_dists(search.params, rows)) is not None:
+            atomic_write_text(started.run_dir / "search_dists.json", json.dumps(dists.to_json()))
         log.info("%s", json.dumps({k: round(v, 4) for k, v in metrics.items() if "_ci_" not in k}))
     distributed.barrier()
     tracker.close()
@@ -470,10 +491,10 @@ def report(s: DictConfig, metrics: dict[str, float], timings: Timings) -> str:
         lines += [
             "",
             f"Embedding thresholds ({s.embedder} embedder): similarity updates fire at "
-            f"{get('rain/similarity_update_rate')} of sibling cosines (cos >= {s.sim_threshold}; cosine p50 "
+            f"{get('rain/similarity_update_rate')} of sibling cosines (cos >= {get('rain/sim_threshold')}; cosine p50 "
             f"{get('rain/sibling_cos_p50')}, p90 {get('rain/sibling_cos_p90')}, p99 {get('rain/sibling_cos_p99')}); "
             f"dynamic addition's variance condition holds at {get('rain/addition_var_rate')} of checks "
-            f"(||var|| / ({s.dynamic_var_coef} x set length): p1 {get('rain/var_ratio_p1')}, p50 "
+            f"(||var|| / ({get('rain/dynamic_var_coef')} x set length): p1 {get('rain/var_ratio_p1')}, p50 "
             f"{get('rain/var_ratio_p50')}), all four conditions at {get('rain/addition_trigger_rate')}.",
         ]
     t = timings.as_dict()

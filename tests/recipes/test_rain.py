@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from alignlab.rain import calibrate
+from alignlab.rain.calibrate import SearchDists
 from alignlab.tracking import read_metrics
 from tests.conftest import alignlab
 
@@ -55,9 +57,16 @@ def test_rain_is_compared_with_greedy_and_with_sampling(rain):
 def test_rain_run_directory(rain):
     run, m = rain
     names = {p.name for p in run.iterdir()}
-    assert {"config.yaml", "metrics.jsonl", "samples.jsonl", "report.md"} <= names
+    assert {"config.yaml", "metrics.jsonl", "samples.jsonl", "report.md", "search_dists.json"} <= names
     rows = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 48 and {r["set"] for r in rows} == {"harmful", "benign", "attack"}
+    # the calibration input: every value the thresholds acted on, pooled over the 48 prompts
+    dists = SearchDists.from_json(json.loads((run / "search_dists.json").read_text()))
+    assert len(dists.sibling_cosines) == sum(r["stats"]["similarity_checks"] for r in rows) > 0
+    assert len(dists.var_norms) == sum(r["stats"]["addition_checks"] for r in rows) > 0
+    rates = calibrate.firing_rates(dists)
+    assert rates.similarity == pytest.approx(m["rain/similarity_update_rate"])
+    assert rates.variance == pytest.approx(m["rain/addition_var_rate"])
     for r in rows:
         assert {"prompt", "rain", "vanilla", "greedy", "stats", "rain_judged", "vanilla_judged"} <= set(r)
         assert r["stats"]["iterations"] >= 15 and r["stats"]["commits"] >= 1

@@ -167,7 +167,9 @@ def ref_rain(prompt, *, lm, embed, codec, judge, P, rng, max_searches=None):
             torch.norm(var).item() < P.dynamic_var_coef * len(kids[0].tokens) and max(k.q for k in kids) < 0
         ):
             return
-        if len(kids[0].tokens) == 1:
+        # the node's level decides, as in expansion: under eos_rule=stop a multi-token level's first child may be
+        # a set cut at EOS to one token (in the released HH code sets are never cut, so the two tests agree)
+        if length(node.step) == 1:
             top = node.ranked[: len(kids) + 1]
             total = sum(p for _, p in top)
             new = [(t, p / total) for t, p in top if (t,) not in node.children]

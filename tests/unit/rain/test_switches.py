@@ -355,7 +355,11 @@ def test_search_stats_collect_the_firing_rates():
     assert st.similarity_checks == len(st.sibling_cosines) > 0
     assert st.similarity_updates == sum(c >= params.sim_threshold for c in st.sibling_cosines) > 0
     assert st.addition_checks == len(st.var_norms) == len(st.var_thresholds) > 0
-    assert all(any(t == pytest.approx(0.03 * n) for n in (1, 2, 4, 10)) for t in st.var_thresholds)
+    assert len(st.var_set_lengths) == len(st.var_norms) and set(st.var_set_lengths) <= {1, 2, 4, 10}
+    coef = params.dynamic_var_coef
+    assert all(
+        t == pytest.approx(coef * n) for t, n in zip(st.var_thresholds, st.var_set_lengths, strict=True)
+    )
     fired_by_norm = sum(n < t for n, t in zip(st.var_norms, st.var_thresholds, strict=True))
     assert 0 < st.dynamic_additions <= st.addition_triggers <= fired_by_norm
     off = rain_params(
