@@ -73,6 +73,56 @@ def training_flops(n_matmul: int, n_layers: int, hidden: int, lengths: list[int]
     return sum(6 * n_matmul * t + 6 * n_layers * hidden * t * t for t in lengths)
 
 
+def widen_llama(model, width: int, layers: int, intermediate: int | None = None):
+    """A trained Llama embedded in a wider, deeper one that computes the same function (to float rounding).
+
+    The forward pass costs what a `width` x `layers` model costs, while the answers, trees and judge verdicts stay
+    the trained model's, so a benchmark on it measures a larger model's per-token cost on the real workload (a
+    random-init model of that size would search trees of noise). Every weight that could change the output is
+    placed so it cannot: the trained weights fill the leading block of each matrix; the extra heads, MLP units
+    and layers read random weights but write through zero output projections (o_proj, down_proj), so the extra
+    residual dimensions stay 0; the RMSNorm weights are scaled by sqrt(h / width) and eps by h / width, which
+    makes the norm over `width` dimensions, of which h are non-zero, equal the trained norm over h.
+    """
+    import math
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = model.config
+    h, hd, heads = c.hidden_size, c.head_dim, c.num_attention_heads
+    if c.model_type != "llama" or c.num_key_value_heads != heads:
+        raise ValueError(f"widen_llama needs a Llama without grouped KV heads, got {c.model_type}")
+    if width < h or width % hd or layers < c.num_hidden_layers:
+        raise ValueError(
+            f"width {width} must be >= {h} and a multiple of head_dim {hd}; layers {layers} >= {c.num_hidden_layers}"
+        )
+    intermediate = intermediate or max(c.intermediate_size, int(width * 8 / 3) // 64 * 64)
+    cfg = LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=width, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=width // hd, num_key_value_heads=width // hd, head_dim=hd,
+        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps * h / width,
+        rope_parameters=c.rope_parameters, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+        pad_token_id=c.pad_token_id, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    wide = LlamaForCausalLM(cfg).eval()
+    scale = math.sqrt(h / width)
+    old, new = model.state_dict(), wide.state_dict()
+    with torch.no_grad():
+        for name, w in new.items():
+            if name.endswith(("o_proj.weight", "down_proj.weight")) or name == "model.embed_tokens.weight":
+                w.zero_()  # the extra heads, units and layers write nothing; the extra dimensions start at 0
+            if name not in old:
+                continue  # an extra layer: random reads, zero writes
+            src = old[name]
+            if src.dim() == 1:  # an RMSNorm weight
+                w.zero_()
+                w[: src.shape[0]] = src * scale
+            else:
+                w[: src.shape[0], : src.shape[1]] = src
+    return wide
+
+
 def ensure_models(stages: tuple[str, ...] = ("pretrain", "sft", "rm"), experiment: str = "tinyhh") -> Path:
     """runs/<experiment>/<stage>/model for the benchmarks: trained here (the pipeline's first stages) if missing."""
     runs = ROOT / "runs" / experiment

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+import pytest
+import torch
 from transformers import LlamaForCausalLM
 
 from tests.conftest import ROOT
@@ -38,3 +40,33 @@ def test_flop_accounting(tokenizer):
     # N = 1000 over two sequences of 3 and 5 tokens, 2 layers of width 16, by hand: 6N per token is
     # 6 * 1000 * 8 = 48,000; causal attention 6 * 2 * 16 * (3^2 + 5^2) = 6,528
     assert common.training_flops(1000, 2, 16, [3, 5]) == 54_528
+
+
+def test_widen_llama_computes_the_trained_function_at_the_larger_cost(tokenizer):
+    torch.manual_seed(1)
+    cfg = tiny_config(tokenizer)
+    cfg.num_hidden_layers = 2
+    lm = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # trained-looking norms, not all ones
+        for p in lm.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    wide = common.widen_llama(lm, width=48, layers=3, intermediate=80)
+    assert (wide.config.hidden_size, wide.config.num_hidden_layers, wide.config.num_attention_heads) == (
+        48,
+        3,
+        6,
+    )
+    assert common.matmul_params(wide) > 5 * common.matmul_params(lm)
+    ids = torch.tensor([[1, 5, 9, 4, 7, 12, 3], [2, 8, 8, 6, 5, 11, 10]])
+    with torch.no_grad():
+        a, b = lm(input_ids=ids).logits, wide(input_ids=ids).logits
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+        # the extra residual dimensions stay exactly 0 through every layer
+        hidden = wide(input_ids=ids, output_hidden_states=True).hidden_states
+        assert all(h[..., 16:].abs().max() == 0 for h in hidden)
+        # and the KV-cached path decodes the same tokens
+        kw = {"do_sample": False, "max_new_tokens": 6, "pad_token_id": tokenizer.pad_token_id}
+        assert torch.equal(lm.generate(ids[:1], **kw), wide.generate(ids[:1], **kw))
+    with pytest.raises(ValueError, match="multiple of head_dim"):
+        common.widen_llama(lm, width=50, layers=3)
