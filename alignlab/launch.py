@@ -99,15 +99,23 @@ SHM_DIR = Path("/dev/shm")
 SHM_BUFFER = re.compile(r"deepspeed_allreduce_buffer_(\d+)_(.+)_(\d+)_(\d+)")
 
 
+def shm_buffers(shm_dir: Path = SHM_DIR, uid: int | None = None) -> list[tuple[Path, int]]:
+    """This user's DeepSpeed allreduce buffers, each with its run's master port."""
+    uid = os.getuid() if uid is None else uid
+    if not shm_dir.is_dir():
+        return []
+    return [
+        (p, int(m.group(3)))
+        for p in shm_dir.iterdir()
+        if (m := SHM_BUFFER.fullmatch(p.name)) and int(m.group(1)) == uid
+    ]
+
+
 def remove_shm_buffers(port: int, shm_dir: Path = SHM_DIR, uid: int | None = None) -> list[Path]:
     """Delete this user's DeepSpeed allreduce buffers of the run whose master port was `port`; returns them."""
-    uid = os.getuid() if uid is None else uid
     removed = []
-    if not shm_dir.is_dir():
-        return removed
-    for path in shm_dir.iterdir():
-        m = SHM_BUFFER.fullmatch(path.name)
-        if m and int(m.group(1)) == uid and int(m.group(3)) == port:
+    for path, p in shm_buffers(shm_dir, uid):
+        if p == port:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed.append(path)
@@ -120,10 +128,7 @@ def stale_shm_buffers(
     """This user's DeepSpeed allreduce buffers that no process maps: left by runs before the launcher removed them,
     or by runs killed with their launcher. Only reported: a run starting this instant may not have mapped its own
     yet, so deleting them here could hang it."""
-    uid = os.getuid() if uid is None else uid
-    if not shm_dir.is_dir():
-        return []
-    ours = [p for p in shm_dir.iterdir() if (m := SHM_BUFFER.fullmatch(p.name)) and int(m.group(1)) == uid]
+    ours = [path for path, _ in shm_buffers(shm_dir, uid)]
     if not ours:
         return []
     mapped = set()

@@ -34,6 +34,7 @@ from alignlab.evaluation.metrics import Rate, rate_difference
 from alignlab.evaluation.tinyhh import self_eval_accuracy, tinyhh_prompts
 from alignlab.generation import cut_at_stop, sample
 from alignlab.lifecycle import start_run, tinyhh_dir
+from alignlab.rain import calibrate
 from alignlab.rain.calibrate import SearchDists
 from alignlab.rain.embed import LMEmbedder, SentenceTransformerEmbedder
 from alignlab.rain.evaluator import current_exchange, judge_from_config
@@ -112,41 +113,13 @@ def rain_differences(rates: dict[str, dict[str, Rate]]) -> dict[str, float]:
     return out
 
 
-# SearchStats' per-check values (lists): summarised into metrics by firing_rates, never written to samples.jsonl
+# SearchStats' per-check values (lists): kept out of samples.jsonl; pooled into search_dists.json (pooled_dists)
 DISTRIBUTIONS = ("sibling_cosines", "var_norms", "var_thresholds", "var_set_lengths")
-
-
-def firing_rates(dists: list[dict], counts: list[dict]) -> dict[str, float]:
-    """How often the two embedding thresholds fire, and the distributions they act on, pooled over prompts.
-
-    dists: per prompt, SearchStats' lists (DISTRIBUTIONS); counts: per prompt, its counters. similarity: every
-    sibling cosine computed in a backup, against stage.sim_threshold (update_rate = updates / cosines computed).
-    dynamic addition: ||var(child embeddings)|| / (dynamic_var_coef x set length) at every check that computed it
-    (var_rate: the share below 1, the variance condition alone; trigger_rate: all four conditions held)."""
-
-    def total(key: str) -> int:
-        return sum(c[key] for c in counts)
-
-    out: dict[str, float] = {}
-    cos = np.array([x for d in dists for x in d["sibling_cosines"]], dtype=float)
-    if total("similarity_checks"):
-        out["rain/similarity_update_rate"] = total("similarity_updates") / total("similarity_checks")
-    if cos.size:
-        out |= {f"rain/sibling_cos_p{q}": float(np.percentile(cos, q)) for q in (10, 50, 90, 99)}
-    ratio = np.array(
-        [n / t for d in dists for n, t in zip(d["var_norms"], d["var_thresholds"], strict=True)], dtype=float
-    )
-    if total("addition_checks"):
-        out["rain/addition_trigger_rate"] = total("addition_triggers") / total("addition_checks")
-    if ratio.size:
-        out["rain/addition_var_rate"] = float(np.mean(ratio < 1))
-        out |= {f"rain/var_ratio_p{q}": float(np.percentile(ratio, q)) for q in (1, 10, 50, 90)}
-    return out
 
 
 def pooled_dists(params: RainParams, rows: list[dict]) -> SearchDists | None:
     """Every value the two embedding thresholds were compared with, pooled over the prompts (search_dists.json,
-    the input of alignlab.rain.calibrate); None when a row has none."""
+    the input of alignlab.rain.calibrate and of firing_rates); None when a row has none."""
     if not all("search_dists" in r for r in rows):
         return None
     dists = [r["search_dists"] for r in rows]
@@ -155,6 +128,33 @@ def pooled_dists(params: RainParams, rows: list[dict]) -> SearchDists | None:
         dynamic_var_coef=params.dynamic_var_coef,
         **{k: [x for d in dists for x in d[k]] for k in ("sibling_cosines", "var_norms", "var_set_lengths")},
     )
+
+
+def firing_rates(dists: SearchDists, counts: list[dict]) -> dict[str, float]:
+    """How often the two embedding thresholds fire, and the distributions they act on, pooled over prompts.
+
+    dists: the run's pooled values (pooled_dists); counts: per prompt, its counters. similarity: every sibling
+    cosine computed in a backup, against the run's sim_threshold (update_rate = updates / cosines computed).
+    dynamic addition: ||var(child embeddings)|| / (dynamic_var_coef x set length) at every check that computed it
+    (var_rate: the share below 1, the variance condition alone, as alignlab.rain.calibrate counts it;
+    trigger_rate: all four conditions held)."""
+
+    def total(key: str) -> int:
+        return sum(c[key] for c in counts)
+
+    out: dict[str, float] = {}
+    cos = np.asarray(dists.sibling_cosines, dtype=float)
+    if total("similarity_checks"):
+        out["rain/similarity_update_rate"] = total("similarity_updates") / total("similarity_checks")
+    if cos.size:
+        out |= {f"rain/sibling_cos_p{q}": float(np.percentile(cos, q)) for q in (10, 50, 90, 99)}
+    if total("addition_checks"):
+        out["rain/addition_trigger_rate"] = total("addition_triggers") / total("addition_checks")
+    if dists.var_norms:
+        ratio = calibrate.per_token_variance(dists) / dists.dynamic_var_coef
+        out["rain/addition_var_rate"] = calibrate.firing_rates(dists).variance
+        out |= {f"rain/var_ratio_p{q}": float(np.percentile(ratio, q)) for q in (1, 10, 50, 90)}
+    return out
 
 
 def generation_prompts(preamble: str, prompts: list[str], turn_marker: str) -> list[str]:
@@ -298,10 +298,17 @@ def spent(counter: ForwardCounter, before: dict[str, int]) -> dict[str, float]:
 
 
 def measure(
-    cfg: DictConfig, rows: list[dict], cost: dict, timings: Timings, model, tokenizer
+    cfg: DictConfig,
+    rows: list[dict],
+    cost: dict,
+    timings: Timings,
+    model,
+    tokenizer,
+    dists: SearchDists | None = None,
 ) -> dict[str, float]:
     """The oracle's verdicts into each row (TinyHH prompts), and every metric: oracle rates per method, the
-    self-evaluation accuracy, RAIN's cost against vanilla decoding, the search stats per prompt."""
+    self-evaluation accuracy, RAIN's cost against vanilla decoding, the search stats per prompt, and (given the
+    run's pooled_dists) how often the embedding thresholds fired."""
     metrics: dict[str, float] = {}
     if cfg.stage.prompts == "tinyhh":
         methods = [m for m in METHODS if m in rows[0]]
@@ -322,8 +329,8 @@ def measure(
     for key, value in rows[0]["stats"].items():
         if isinstance(value, int) and not isinstance(value, bool):  # iterations, rewinds, commits, ...
             metrics[f"rain/{key}_per_prompt"] = float(np.mean([r["stats"][key] for r in rows]))
-    if all("search_dists" in r for r in rows):
-        metrics |= firing_rates([r["search_dists"] for r in rows], [r["stats"] for r in rows])
+    if dists is not None:
+        metrics |= firing_rates(dists, [r["stats"] for r in rows])
     total = timings.forward_s + timings.embed_s + timings.score_s + timings.search_s
     metrics |= {
         f"rain/time_share_{k.removesuffix('_s')}": v / total
@@ -404,7 +411,8 @@ def run(cfg: DictConfig) -> None:
     cost = {
         m: {k: distributed.mean_over_ranks(v) * env.world_size for k, v in c.items()} for m, c in cost.items()
     }
-    metrics = measure(cfg, rows, cost, timings, model, tokenizer)
+    dists = pooled_dists(search.params, rows)
+    metrics = measure(cfg, rows, cost, timings, model, tokenizer, dists)
     # the thresholds the search used (null in the config: the embedder's)
     metrics |= {
         "rain/sim_threshold": search.params.sim_threshold,
@@ -414,7 +422,7 @@ def run(cfg: DictConfig) -> None:
     if env.is_main:
         atomic_write_text(started.run_dir / "samples.jsonl", "".join(samples_line(r) for r in rows))
         atomic_write_text(started.run_dir / "report.md", report(s, metrics, timings))
-        if (dists := pooled_dists(search.params, rows)) is not None:
+        if dists is not None:
             atomic_write_text(started.run_dir / "search_dists.json", json.dumps(dists.to_json()))
         log.info("%s", json.dumps({k: round(v, 4) for k, v in metrics.items() if "_ci_" not in k}))
     distributed.barrier()

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
-from alignlab.recipes.rain import firing_rates
+from alignlab.recipes.rain import firing_rates, pooled_dists
+
+# the run's thresholds: sim 0.95, dynamic_var_coef 0.03 (so a set of length n has threshold 0.03 n)
+PARAMS = SimpleNamespace(sim_threshold=0.95, dynamic_var_coef=0.03)
 
 
 def test_rates_and_distributions_pooled_over_prompts():
-    dists = [
-        {"sibling_cosines": [0.90, 0.96], "var_norms": [0.01, 0.05], "var_thresholds": [0.03, 0.03]},
-        {"sibling_cosines": [0.99, 0.50], "var_norms": [0.5], "var_thresholds": [0.3]},
+    per_prompt = [  # var thresholds 0.03, 0.03 (sets of length 1) and 0.3 (length 10)
+        {"sibling_cosines": [0.90, 0.96], "var_norms": [0.01, 0.05], "var_set_lengths": [1, 1]},
+        {"sibling_cosines": [0.99, 0.50], "var_norms": [0.5], "var_set_lengths": [10]},
     ]
+    dists = pooled_dists(PARAMS, [{"search_dists": d} for d in per_prompt])
+    assert dists.sibling_cosines == [0.90, 0.96, 0.99, 0.50] and dists.var_set_lengths == [1, 1, 10]
     counts = [
         {"similarity_checks": 2, "similarity_updates": 1, "addition_checks": 2, "addition_triggers": 1},
         {"similarity_checks": 2, "similarity_updates": 1, "addition_checks": 1, "addition_triggers": 0},
@@ -26,6 +33,7 @@ def test_rates_and_distributions_pooled_over_prompts():
 
 
 def test_nothing_checked_gives_no_rates():
-    empty = {"sibling_cosines": [], "var_norms": [], "var_thresholds": []}
+    empty = {"sibling_cosines": [], "var_norms": [], "var_set_lengths": []}
     zero = {"similarity_checks": 0, "similarity_updates": 0, "addition_checks": 0, "addition_triggers": 0}
-    assert firing_rates([empty], [zero]) == {}
+    assert firing_rates(pooled_dists(PARAMS, [{"search_dists": empty}]), [zero]) == {}
+    assert pooled_dists(PARAMS, [{"search_dists": empty}, {}]) is None  # a row without them (nothing pooled)
