@@ -11,6 +11,7 @@ process and a lock nobody else takes.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import pytest
 from filelock import FileLock
+
+from tests.stage_server import StageServer
 
 try:
     from xdist.scheduler import LoadScopeScheduling
@@ -43,18 +46,41 @@ def run_env() -> dict[str, str]:
     return env
 
 
+_server: StageServer | None = None
+
+
+def stage_server() -> StageServer | None:
+    """This process's fork server for stage runs (tests/stage_server.py), started on first use with the
+    environment runs get then; None under ALIGNLAB_TEST_FORK=0 (every run a plain `python -m alignlab`)."""
+    global _server
+    if os.environ.get("ALIGNLAB_TEST_FORK", "1") == "0":
+        return None
+    if _server is None:
+        _server = StageServer(run_env(), str(ROOT))
+        atexit.register(_server.close)
+    return _server
+
+
 def alignlab(
     *overrides: str, cwd: Path, timeout: int = 600, check: bool = True
 ) -> subprocess.CompletedProcess:
-    """Run `python -m alignlab <overrides>` in cwd; on failure show its output."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "alignlab", *overrides],
-        cwd=cwd,
-        env=run_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """Run `python -m alignlab <overrides>` in cwd; on failure show its output.
+
+    The run is a child of the fork server, which has done the imports already; a run whose environment differs
+    from the server's (a test set a variable that imports may read) is a plain subprocess.
+    """
+    env = run_env()
+    server = stage_server()
+    proc = server.run(list(overrides), str(cwd), env, timeout) if server else None
+    if proc is None:
+        proc = subprocess.run(
+            [sys.executable, "-m", "alignlab", *overrides],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     if check and proc.returncode != 0:
         pytest.fail(
             f"alignlab {' '.join(overrides)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
