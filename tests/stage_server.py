@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 # Everything a stage run imports at top level or on its first step; imported once here, shared by every child.
 PRELOAD = (
@@ -146,10 +147,6 @@ def serve() -> None:
         out.write(json.dumps({"status": status}) + "\n")
 
 
-if __name__ == "__main__":
-    serve()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The client side (in the pytest process)
 
@@ -236,12 +233,12 @@ class StageServer:
                 self.alive = False
                 raise RuntimeError("the stage server died while a stage ran (see the pytest worker's stderr)")
             status = json.loads(line)["status"]
-            stdout = open(out, errors="replace").read()
-            stderr = open(err, errors="replace").read()
+            stdout, stderr = (Path(f).read_text(errors="replace") for f in (out, err))
+        args = [sys.executable, "-m", module, *argv]
         if timed_out:
-            raise subprocess.TimeoutExpired([sys.executable, "-m", module, *argv], timeout, stdout, stderr)
-        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-        return subprocess.CompletedProcess([sys.executable, "-m", module, *argv], code, stdout, stderr)
+            raise subprocess.TimeoutExpired(args, timeout, stdout, stderr)
+        # -N for a signal, as subprocess reports it
+        return subprocess.CompletedProcess(args, os.waitstatus_to_exitcode(status), stdout, stderr)
 
     def close(self) -> None:
         try:
@@ -252,3 +249,7 @@ class StageServer:
             self.proc.wait(timeout=10)
         except Exception:
             self.proc.kill()
+
+
+if __name__ == "__main__":
+    serve()
