@@ -324,6 +324,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextlib.contextmanager
+def rng_untouched() -> Iterator[None]:
+    """Inside, draw random numbers freely; on leaving, every generator (python, numpy, torch, CUDA) is back where
+    it was. A mid-run evaluation runs inside, so how often a run is evaluated never changes its training."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
 def save_resumable(
     root: str | Path,
     step: int,

@@ -325,7 +325,8 @@ class PPOConfig(OptimizerConfig):
     # iterations between sample tables (prompt, response, score) in samples.jsonl (0 = off)
     samples_every: int = 20
     samples_per_table: int = 8  # rows per sample table
-    eval_every: int = 0  # iterations between held-out evaluations (0 = at the start and the end only)
+    # iterations between held-out evaluations (0 = at the start and the end only); they leave training unchanged
+    eval_every: int = 0
     # held-out RL prompts for RM score and KL (TinyHH: eval prompts not used in training)
     eval_prompts: int = 64
     # TinyHH: held-out prompts per set (benign, harmful, attack) judged by the oracle for the starting model and

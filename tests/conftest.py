@@ -108,8 +108,15 @@ def run_stage(
 SFT_OVERRIDES = ["stage.sample_eval=100"]
 RM_OVERRIDES = ["stage.normalize_samples=128"]
 # The session's PPO run (fewer iterations than the default), read by tests/recipes/test_ppo.py and skipped as
-# finished by the reduced pipeline in tests/science.
-PPO_SHORT = ["stage.iterations=50", "stage.sample_eval=100", "stage.samples_every=10"]
+# finished by the reduced pipeline in tests/science. Its held-out evaluation at iteration PPO_MIDPOINT (which
+# changes no update) is where test_ppo.py compares PPO-ptx, run that long, with it.
+PPO_MIDPOINT = 25
+PPO_SHORT = [
+    "stage.iterations=50",
+    f"stage.eval_every={PPO_MIDPOINT}",
+    "stage.sample_eval=100",
+    "stage.samples_every=10",
+]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -32,7 +32,13 @@ import torch
 from omegaconf import DictConfig
 
 from alignlab import distributed, models
-from alignlab.checkpoint import atomic_write_text, load_resumable, save_pretrained, save_resumable
+from alignlab.checkpoint import (
+    atomic_write_text,
+    load_resumable,
+    rng_untouched,
+    save_pretrained,
+    save_resumable,
+)
 from alignlab.data import chat
 from alignlab.data.packing import EpochOrder, Packed
 from alignlab.data.text_blocks import BlockStream, LMBatch, load_ptx_texts, pack_texts
@@ -488,7 +494,9 @@ def run(cfg: DictConfig) -> None:
         if s.samples_every and (it % s.samples_every == 0 or it == 1):
             append_samples(st, exp, it, samples_path)
         if s.eval_every and it % s.eval_every == 0 and it != s.iterations:
-            evaluate(st, it)
+            # its rollouts leave training's random numbers alone, so eval_every changes no update
+            with rng_untouched():
+                evaluate(st, it)
         step_boundary(run, it, s.iterations, s.checkpoint_every, save, bar)
     bar.close()
     if run.resume_step < s.iterations:

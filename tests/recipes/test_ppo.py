@@ -2,7 +2,7 @@
 
 A short run asserts the direction the full run (docs/results.md) shows at scale: PPO raises the reward model's
 score on held-out prompts with bounded KL and makes the policy more harmless than the SFT model it started from;
-PPO-ptx ends with a lower pretraining loss than PPO at similar reward.
+PPO-ptx ends with a lower pretraining loss than PPO at similar reward, after the same number of iterations.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from alignlab import models
 from alignlab.tracking import read_metrics
-from tests.conftest import PPO_SHORT, run_stage
+from tests.conftest import PPO_MIDPOINT, PPO_SHORT, run_stage
 
 pytestmark = pytest.mark.slow
 
@@ -46,12 +46,15 @@ def ppo(tinyhh_ppo):
 @pytest.fixture(scope="module")
 def ppo_ptx(tinyhh_rm, tinyhh_root, data_cache):
     # 4 pretraining blocks per micro-batch (default 8), as make demo runs it: the same direction, less compute.
+    # PPO_MIDPOINT iterations: compared with the session's PPO run where it is evaluated mid-run (constant learning
+    # rate and fixed KL coefficient, so its first PPO_MIDPOINT iterations are a run of that length).
     # No oracle judging after training (sample_eval=0): the test reads the training and held-out metrics only.
     run_stage(
         tinyhh_root,
         data_cache,
         "stage=ppo_ptx",
         *SHORT,
+        f"stage.iterations={PPO_MIDPOINT}",
         "stage.ptx_micro_batch_size=4",
         "stage.sample_eval=0",
         timeout=1500,
@@ -84,6 +87,8 @@ def test_ppo_raises_reward_and_harmlessness_with_bounded_kl(ppo):
     stage = OmegaConf.load(ppo / "config.yaml").stage  # the run's own settings, not a copy of PPO_SHORT
     per_iteration = [r for r in rows if "ppo/score" in r]
     assert [r["step"] for r in per_iteration] == list(range(1, stage.iterations + 1))
+    held_out = [r["step"] for r in rows if "eval/score" in r]
+    assert held_out == [0, stage.eval_every, stage.iterations] == [0, PPO_MIDPOINT, 50]  # start, mid-run, end
     for key in (
         "ppo/kl",
         "ppo/kl_coef",
@@ -116,7 +121,14 @@ def test_ppo_raises_reward_and_harmlessness_with_bounded_kl(ppo):
 
 
 def test_ppo_ptx_keeps_pretraining_loss_lower_at_similar_reward(ppo, ppo_ptx):
-    a, b = read_metrics(ppo), read_metrics(ppo_ptx)
+    # equal iterations: PPO-ptx's run against the session's PPO run up to its mid-run evaluation
+    a = [r for r in read_metrics(ppo) if r["step"] <= PPO_MIDPOINT]
+    b = read_metrics(ppo_ptx)
+    assert (
+        [r["step"] for r in b if "eval/ptx_loss" in r]
+        == [0, PPO_MIDPOINT]
+        == [r["step"] for r in a if "eval/ptx_loss" in r]
+    )
     print(
         {
             "ppo ptx_loss": last(a, "eval/ptx_loss"),
@@ -133,6 +145,33 @@ def test_ppo_ptx_keeps_pretraining_loss_lower_at_similar_reward(ppo, ppo_ptx):
     )  # PPO-ptx still optimises the reward ...
     assert trained_score(b, "last") > trained_score(a, "last") - 0.3  # ... to a similar level
     assert last(b, "eval/score") > first(b, "eval/score")  # held-out prompts too
+
+
+def test_a_mid_run_evaluation_changes_no_update(tinyhh_rm, tinyhh_root, data_cache):
+    # what lets test_ppo_ptx_... compare at the session's PPO run's mid-run evaluation
+    tiny = ["stage=ppo", "stage.iterations=2", "stage.rollout_batch_size=32", "stage.eval_prompts=16"]
+    runs = {}
+    for every in (0, 1):
+        name = f"ppo_eval_every_{every}"
+        run_stage(
+            tinyhh_root,
+            data_cache,
+            *tiny,
+            f"stage.eval_every={every}",
+            f"stage.name={name}",
+            "stage.sample_eval=0",
+        )
+        runs[every] = read_metrics(tinyhh_root / "runs" / "tinyhh" / name)
+
+    def updates(rows):
+        return [{k: v for k, v in r.items() if k.startswith("ppo/")} for r in rows if "ppo/score" in r]
+
+    def held_out(rows):
+        return {r["step"]: r["eval/score"] for r in rows if "eval/score" in r}
+
+    assert len(updates(runs[0])) == 2 and updates(runs[0]) == updates(runs[1])
+    assert sorted(held_out(runs[1])) == [0, 1, 2] and sorted(held_out(runs[0])) == [0, 2]
+    assert held_out(runs[0])[2] == held_out(runs[1])[2]  # the end, too, as if never evaluated in between
 
 
 def test_ppo_with_lora_uses_the_policy_without_adapters_as_reference(tinyhh_rm, tinyhh_root, data_cache):
