@@ -35,7 +35,7 @@ def load_texts(source: str, fmt: str, split: str, *, on_malformed: str, max_rows
     ds, skipped = canonicalize(ds, fmt, "text", source=source, on_malformed=on_malformed)
     if skipped.total:
         log.warning("%s: %s", source, skipped.summary())
-    return ds["text"]
+    return ds.to_dict()["text"]  # a list (ds["text"] is a lazy Column: ~0.2 ms per row read one at a time)
 
 
 def pack_texts(texts: list[str], tokenizer, seq_len: int) -> Packed:
