@@ -70,6 +70,7 @@ def test_answers_file_reproduces_a_system_and_template_judge(evaluated, tinyhh_r
         "stage.n_prompts=50",
         *SYSTEMS,
         *keep,
+        "~stage.systems.base",  # sft against the file of its own answers only
         f"+stage.systems.sft_file.answers={answers}",
         "stage.ptx_blocks=0",
         f"run_dir={out}",

@@ -83,6 +83,8 @@ def test_kway_ranking_rm(sft, tinyhh_root, data_cache):
 
 
 def test_two_reward_models_and_llama2_combination(sft, tinyhh_root, data_cache):
+    # half an epoch of each subset: the hand-picked pairs below are ranked by margins of ~1.5 (0.90 and 0.94
+    # held-out accuracy on the session's SFT model)
     for subset in ("helpful", "safety"):
         stage(
             tinyhh_root,
@@ -91,6 +93,7 @@ def test_two_reward_models_and_llama2_combination(sft, tinyhh_root, data_cache):
             f"stage.subset={subset}",
             f"stage.name=rm_{subset}",
             "stage.normalize_samples=0",
+            "stage.epochs=0.5",
         )
     runs = tinyhh_root / "runs" / "tinyhh"
     scorer = RewardScorer(

@@ -4,7 +4,7 @@ measured the way a user reads them: stage=eval's results.json, every system on t
 
 Reduced: pretrain, SFT, the RM and PPO (PPO_SHORT) are the session's chain (tests/conftest.py, trained once per
 session, in the shared chain root this pipeline runs in): the pipeline finds their done.json and skips them;
-eval judges base, SFT and PPO on 200 prompts per set; RAIN searches 50 prompts per set and is compared with
+eval judges base, SFT and PPO on 200 prompts per set; RAIN searches 32 prompts per set and is compared with
 vanilla sampling of the same base model on the same prompts inside its own stage. docs/results.md has the full
 pipeline (`make demo`).
 """
@@ -36,7 +36,9 @@ def per_stage(stage: str, overrides: list[str]) -> str:
     return f"stage.overrides.{stage}=[" + ",".join(f'"{o}"' for o in overrides) + "]"
 
 
-RAIN_PROMPTS = 50  # per prompt set (RAIN vs sampling: +62 points harmless, -87 attack success at 100)
+# per prompt set: two lockstep groups of 16 (on the session's base model, RAIN vs sampling: harmless +56 points
+# [+36, ...], attack success -84 [-64, ...]; +62 / -87 at 100 per set)
+RAIN_PROMPTS = 32
 EVAL_PROMPTS = 200
 
 REDUCED = [
