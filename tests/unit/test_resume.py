@@ -80,6 +80,29 @@ def test_rng_state_round_trip():
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == draws
 
 
+def test_draws_inside_rng_untouched_leave_the_next_draws_as_they_were():
+    import random
+
+    import numpy as np
+    import torch
+
+    state = ck.rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    ck.set_rng_state(state)
+    with ck.rng_untouched():
+        inside = (random.random(), np.random.rand(), torch.rand(1).item())
+    assert inside == expected  # it starts from the state it found ...
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected  # ... and puts it back
+    state = ck.rng_state()
+    following = (random.random(), np.random.rand(), torch.rand(1).item())
+    ck.set_rng_state(state)
+    with pytest.raises(RuntimeError), ck.rng_untouched():
+        random.random(), np.random.rand(3), torch.rand(3)
+        raise RuntimeError("an evaluation that fails")
+    # put back after a failure too
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == following
+
+
 def test_preemption_watch_flags_a_signal_and_chains_the_previous_handler():
     seen = []
     old = signal.signal(signal.SIGUSR2, lambda signum, frame: seen.append(signum))
