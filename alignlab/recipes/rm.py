@@ -23,8 +23,9 @@ from trl import RewardConfig, RewardTrainer
 from alignlab import models
 from alignlab.data import chat
 from alignlab.data.examples import LengthReport, sequence_ids
-from alignlab.data.formats import MalformedRowError, canonicalize
+from alignlab.data.formats import MalformedRowError
 from alignlab.data.loading import load_rows
+from alignlab.data.preferences import SUBSETS, in_subset, load_pairs
 from alignlab.data.splits import seeded_split
 from alignlab.errors import DataError
 from alignlab.generation import sample
@@ -43,7 +44,6 @@ from alignlab.trainer_bridge import (
 )
 
 log = logging.getLogger("alignlab.rm")
-SUBSETS = {"all": None, "helpful": False, "safety": True}  # subset -> required is_safety value
 
 
 def check_ranked(row: dict) -> str | None:
@@ -68,36 +68,32 @@ def load_comparisons(cfg: DictConfig, data_dir, split: str) -> tuple[list[dict],
         source, fmt = str(data_dir / ("ranked.jsonl" if kway else "preferences.jsonl")), "preference"
     else:
         source, fmt = d.source, d.format
+    max_rows = d.max_rows if split == d.train_split else None
+    if not kway:
+        rows, skipped = load_pairs(
+            source, fmt, split, max_rows=max_rows, on_malformed=d.on_malformed, subset=s.subset
+        )
+        return rows, source, skipped
     ds = load_rows(source, split)
-    if d.max_rows is not None and split == d.train_split:
-        ds = ds.select(range(min(d.max_rows, len(ds))))
-    if kway:
-        missing = [c for c in ("prompt", "responses", "ranks") if c not in ds.column_names]
-        if missing:
-            raise ValueError(
-                f"{source}: stage.ranking=kway needs column(s) {missing}; present: {ds.column_names}"
-            )
-        rows, skipped = [], 0
-        for i, row in enumerate(ds.to_list()):
-            problem = check_ranked(row)
-            if problem and d.on_malformed == "error":
-                raise MalformedRowError(source, i, problem)
-            skipped += problem is not None
-            if problem is None:
-                rows.append(row)
-        skipped = f"{source}: skipped {skipped} of {len(ds)} malformed ranked sets" if skipped else ""
-        if skipped:
-            log.warning(skipped)
-    else:
-        ds, report = canonicalize(ds, fmt, "preference", source=source, on_malformed=d.on_malformed)
-        rows = [{**r, "row": n} for r, n in zip(ds.to_list(), report.kept, strict=True)]  # n: the source row
-        skipped = report.summary() if report.total else ""
-    wanted = SUBSETS[s.subset]
-    if wanted is not None:
-        if rows and "is_safety" not in rows[0]:
-            raise ValueError(f"{source}: stage.subset={s.subset} needs an is_safety column")
-        rows = [r for r in rows if bool(r["is_safety"]) == wanted]
-    return rows, source, skipped
+    if max_rows is not None:
+        ds = ds.select(range(min(max_rows, len(ds))))
+    missing = [c for c in ("prompt", "responses", "ranks") if c not in ds.column_names]
+    if missing:
+        raise ValueError(
+            f"{source}: stage.ranking=kway needs column(s) {missing}; present: {ds.column_names}"
+        )
+    rows, skipped = [], 0
+    for i, row in enumerate(ds.to_list()):
+        problem = check_ranked(row)
+        if problem and d.on_malformed == "error":
+            raise MalformedRowError(source, i, problem)
+        skipped += problem is not None
+        if problem is None:
+            rows.append(row)
+    skipped = f"{source}: skipped {skipped} of {len(ds)} malformed ranked sets" if skipped else ""
+    if skipped:
+        log.warning(skipped)
+    return in_subset(rows, s.subset, source), source, skipped
 
 
 def split_held_out(rows: list[dict], n: int, seed: int) -> tuple[list[dict], list[dict]]:

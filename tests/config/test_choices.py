@@ -32,6 +32,8 @@ BAD_CHOICES = [
     ("rm", "stage.ranking", "listwise", "pairwise, kway"),
     ("rm", "stage.subset", "harmless", "all, helpful, safety"),
     ("rm", "stage.margin", "huge", "none, small, large"),
+    ("dpo", "stage.loss", "hinge", "sigmoid, ipo"),
+    ("dpo", "stage.subset", "harmless", "all, helpful, safety"),
     ("ppo", "stage.kl_estimator", "k2", "k1, k3"),
     ("ppo_ptx", "stage.kl_controller", "pid", "fixed, adaptive"),
     ("ppo", "stage.missing_eos", "ignore", "none, replace, subtract"),
@@ -116,7 +118,7 @@ def test_the_sets_agree_with_the_modules_that_act_on_them():
     take theirs from alignlab/choices.py), it is the Enum's."""
     from alignlab import distributed, launch, models, scoring, tracking
     from alignlab.data import chat, examples, formats
-    from alignlab.recipes.rm import SUBSETS
+    from alignlab.data.preferences import SUBSETS
     from alignlab.rl import kl, ranking, selection
 
     def values(enum_type) -> tuple:
