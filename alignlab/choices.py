@@ -31,6 +31,7 @@ TrainOn = Choice("TrainOn", "last_turn all_assistant_turns")  # stage.train_on, 
 Subset = Choice("Subset", "all helpful safety")  # stage.subset (rm)
 Ranking = Choice("Ranking", "pairwise kway")  # stage.ranking (rm)
 Margin = Choice("Margin", "none small large")  # stage.margin (rm)
+DPOLoss = Choice("DPOLoss", "sigmoid ipo")  # stage.loss (dpo)
 KLEstimator = Choice("KLEstimator", "k1 k3")  # stage.kl_estimator (ppo)
 KLController = Choice("KLController", "fixed adaptive")  # stage.kl_controller (ppo)
 MissingEOS = Choice("MissingEOS", "none replace subtract")  # stage.missing_eos (ppo, rejection_sampling)

@@ -19,6 +19,7 @@ from omegaconf import MISSING, OmegaConf
 
 from alignlab.choices import (
     ChatTemplate,
+    DPOLoss,
     DType,
     Judge,
     Keep,
@@ -41,7 +42,7 @@ from alignlab.choices import (
 )
 from alignlab.config_help import stage_help
 from alignlab.rain.stage_config import TINYHH_JUDGE_TEMPLATE
-from alignlab.stages import PIPELINE_STAGES, STAGES, demo_budget, stage_dir
+from alignlab.stages import DEMO_STAGES, STAGES, demo_budget, stage_dir
 from alignlab.tinyhh.world import SAFETY_PREPROMPTS
 
 
@@ -277,6 +278,31 @@ class RMConfig(TrainerConfig):
 
 
 @dataclass
+class DPOConfig(TrainerConfig):
+    """Direct preference optimisation (TRL DPOTrainer) of the SFT model on preference pairs, against the frozen
+    starting model (with LoRA: the policy with its adapters disabled)."""
+
+    name: str = "dpo"  # run subdirectory name
+    # the policy's start and the reference (Rafailov et al.: the SFT model)
+    init_from: str = "${stage_dir:sft}/model"
+    # all | helpful | safety: preference rows by their is_safety flag
+    subset: Subset = Subset.all
+    # sigmoid (DPO: -log sigmoid(beta * margin)) | ipo (IPO: (margin / length - 1 / (2 beta))^2, TRL's form)
+    loss: DPOLoss = DPOLoss.sigmoid
+    # the KL strength: DPO's beta (0.1 in Rafailov et al.'s HH runs); IPO's tau
+    beta: float = 0.1
+    epochs: float = 1.0  # passes over the pairs
+    lr: float = 1e-5  # peak learning rate (Rafailov et al.: 1e-6 at 2.8B+; the tiny model wants more)
+    # held-out pairs: the implicit reward's preference accuracy (at most a quarter of the data when
+    # data.eval_split is unset)
+    eval_rows: int = 400
+    eval_every: int = 0  # steps between held-out evaluations (0 = before and after training only)
+    # TinyHH: held-out prompts per set judged by the oracle for the starting model and the DPO model (0 = off)
+    sample_eval: int = 200
+    eval_max_new_tokens: int = 64  # generation budget of the oracle evaluation
+
+
+@dataclass
 class PPOConfig(OptimizerConfig):
     """KL-penalised PPO (InstructGPT / Ziegler et al.) and PPO-ptx: actor from SFT, critic from the reward model."""
 
@@ -437,6 +463,7 @@ def _default_systems() -> dict[str, Any]:
         "sft": SystemConfig(model=model("sft")),
         "sft_preprompt": SystemConfig(model=model("sft"), preprompt=DEFAULT_PREPROMPTS[0]),
         "sft_best_of_8": SystemConfig(model=model("sft"), decoding="best_of_n", n=8),
+        "dpo": SystemConfig(model=model("dpo")),
         "ppo": SystemConfig(model=model("ppo")),
         "ppo_ptx": SystemConfig(model=model("ppo_ptx")),
         "rejection_sampling": SystemConfig(model=model("rejection_sampling")),
@@ -491,8 +518,8 @@ class PipelineConfig:
     report. Each stage runs as `python -m alignlab stage=<s>` with this command line's other overrides."""
 
     name: str = "pipeline"  # run subdirectory name (the pipeline's log, per-stage logs and pipeline.json)
-    # stages to run (a subset is fine)
-    stages: list[str] = field(default_factory=lambda: list(PIPELINE_STAGES))
+    # stages to run (a subset is fine); by default those of `make demo` (docs/pipeline.md's table: all but dpo)
+    stages: list[str] = field(default_factory=lambda: list(DEMO_STAGES))
     # stage -> extra overrides for that stage only, e.g. 'stage.overrides.ppo=["stage.kl_coef=0.05"]' (replaces
     # that stage's list). The defaults fit `make demo` into 20 minutes on 2 CPU cores (docs/pipeline.md).
     # alignlab/stages.py: the demo budget

@@ -21,7 +21,7 @@ def stage_models(cfg: DictConfig, recipe: str) -> list[tuple[str, str]]:
     s = cfg.stage
     if recipe == "pretrain":
         return [] if s.from_scratch else [("model.name_or_path", cfg.model.name_or_path)]
-    if recipe in ("sft", "rm", "context_distillation", "rain", "ppo", "rejection_sampling"):
+    if recipe in ("sft", "rm", "dpo", "context_distillation", "rain", "ppo", "rejection_sampling"):
         out = [("stage.init_from", s.init_from)]
         if recipe == "ppo":
             out += [("stage.value_from", s.value_from), *reward_models(cfg)]

@@ -30,6 +30,8 @@ class StageSpec:
     orchestrator: bool = False
     # stage=pipeline's default stage.overrides.<name>: the demo budget (docs/pipeline.md)
     demo: tuple[str, ...] = ()
+    # in stage=pipeline's default stage.stages (`make demo`); False: it runs when stage.stages names it
+    in_demo: bool = True
     # (old key, new key): keys this stage's schema renamed, so an old command line is told the new name
     renamed: tuple[tuple[str, str], ...] = ()
 
@@ -61,6 +63,9 @@ STAGES: dict[str, StageSpec] = {
                   demo=(NO_OWN_EVAL,), renamed=(("stage.max_new_tokens", "stage.eval_max_new_tokens"),)),
         StageSpec("rm", "alignlab.config:RMConfig", inputs=("sft",), cost=1, resumable=True,
                   renamed=(("stage.max_new_tokens", "stage.normalize_max_new_tokens"),)),
+        # not in make demo: its 20 minutes on 2 cores leave no room; the full table names it in stage.stages
+        StageSpec("dpo", "alignlab.config:DPOConfig", inputs=("sft",), cost=2, resumable=True,
+                  demo=(NO_OWN_EVAL,), in_demo=False),
         StageSpec("ppo", "alignlab.config:PPOConfig", inputs=("sft", "rm"), cost=6, resumable=True,
                   uses_reward=True, demo=(NO_OWN_EVAL,)),
         # PPO-ptx: stage=ppo's recipe with the pretraining term on
@@ -74,14 +79,16 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("rain", "alignlab.rain.stage_config:RainConfig", inputs=("pretrain",), cost=6,
                   demo=("stage.n_prompts=100",)),
         StageSpec("eval", "alignlab.config:EvalConfig",
-                  inputs=("pretrain", "sft", "rm", "ppo", "ppo_ptx", "rejection_sampling", "context_distillation",
-                          "rain"),
+                  inputs=("pretrain", "sft", "rm", "dpo", "ppo", "ppo_ptx", "rejection_sampling",
+                          "context_distillation", "rain"),
                   cost=2, uses_reward=True, demo=("stage.n_prompts=100",)),
         StageSpec("pipeline", "alignlab.config:PipelineConfig", orchestrator=True),
     ]
 }  # fmt: skip
 # stage=pipeline's stages (every stage but the orchestrators), in the registry's order
 PIPELINE_STAGES: tuple[str, ...] = tuple(s for s, spec in STAGES.items() if not spec.orchestrator)
+# the ones it runs when stage.stages is not given (`make demo`)
+DEMO_STAGES: tuple[str, ...] = tuple(s for s in PIPELINE_STAGES if STAGES[s].in_demo)
 
 
 def recipe_of(stage: str) -> str:
@@ -120,14 +127,14 @@ def stage_dir(run_name: str, *, _root_) -> str:
 def stage_table() -> str:
     """stage=pipeline's stages as a markdown table (docs/pipeline.md holds a copy, kept true by a test)."""
     rows = [
-        "| stage | recipe | reads | resumable | scores with reward= | minutes (TinyHH, 2 cores) |",
-        "|---|---|---|---|---|---|",
+        "| stage | recipe | reads | resumable | scores with reward= | minutes (TinyHH, 2 cores) | in make demo |",
+        "|---|---|---|---|---|---|---|",
     ]
     for s in PIPELINE_STAGES:
         spec = STAGES[s]
         rows.append(
             f"| {s} | {spec.recipe} | {', '.join(spec.inputs) or 'data only'} | {'yes' if spec.resumable else 'no'} "
-            f"| {'yes' if spec.uses_reward else 'no'} | {spec.cost:g} |"
+            f"| {'yes' if spec.uses_reward else 'no'} | {spec.cost:g} | {'yes' if spec.in_demo else 'no'} |"
         )
     return "\n".join(rows)
 

@@ -42,13 +42,31 @@ _TRAINER_KEYS = {
 }
 
 
+# TRL's DPO keys with a slash, one name each: a second slash would read as stage=eval's eval/<system>/<metric>
+_SLASHED = {
+    "rewards/chosen": "reward_chosen",
+    "rewards/rejected": "reward_rejected",
+    "rewards/accuracies": "reward_accuracy",
+    "rewards/margins": "reward_margin",
+    "logps/chosen": "logp_chosen",
+    "logps/rejected": "logp_rejected",
+    "logits/chosen": "logit_chosen",
+    "logits/rejected": "logit_rejected",
+}
+
+
 def trainer_metric_name(key: str) -> str | None:
     """Our metric name for a key of the Trainer's log line (None: not logged)."""
     if key in _TRAINER_KEYS:
         return _TRAINER_KEYS[key]
     if key.startswith("eval_"):
-        return "eval/" + key.removeprefix("eval_")
-    return "train/" + key
+        return "eval/" + flat(key.removeprefix("eval_"))
+    return "train/" + flat(key)
+
+
+def flat(name: str) -> str:
+    """A Trainer key as one name under our namespace (TRL's rewards/margins -> reward_margin)."""
+    return _SLASHED.get(name, name.replace("/", "_"))
 
 
 class TrackerCallback(TrainerCallback):

@@ -58,8 +58,8 @@ BAD_CHOICES = [
     ("sft", "deepspeed.zero_stage=4", "0, 1, 2, 3"),
     ("rain", "stage.prompt_sets=[harmful,toxic]", "harmful, benign, attack"),
     ("eval", "stage.systems.sft.decoding=beam", "sample, greedy, best_of_n"),
-    ("pipeline", "stage.stages=[sft,dpo]", "pretrain, sft, rm"),
-    ("pipeline", "stage.rerun=[dpo]", "pretrain, sft, rm"),
+    ("pipeline", "stage.stages=[sft,kto]", "pretrain, sft, rm"),
+    ("pipeline", "stage.rerun=[kto]", "pretrain, sft, rm"),
 ]
 
 
@@ -90,8 +90,8 @@ def test_contradicting_settings():
     assert "needs model.tokenizer" in problems("stage=pretrain", "data=hh_rlhf")[0]
     assert "needs deepspeed.zero_stage=3" in problems("stage=sft", "deepspeed.offload_param=true")[0]
     assert "stage.ptx_source" in problems("stage=ppo_ptx", "data=hh_rlhf")[0]
-    (p,) = problems("stage=pipeline", "stage.stages=[sft]", '+stage.overrides.dpo=["stage.lr=1"]')
-    assert "stage.overrides.dpo" in p
+    (p,) = problems("stage=pipeline", "stage.stages=[sft]", '+stage.overrides.kto=["stage.lr=1"]')
+    assert "stage.overrides.kto" in p
 
 
 def test_every_problem_is_listed_at_once():

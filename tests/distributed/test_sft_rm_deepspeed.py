@@ -1,4 +1,5 @@
-"""stage=sft and stage=rm (TRL trainers on the shared DeepSpeed engine) on 2 CPU processes against 1 process."""
+"""stage=sft, stage=rm and stage=dpo (TRL trainers on the shared DeepSpeed engine) on 2 CPU processes against 1
+process."""
 
 from __future__ import annotations
 
@@ -87,3 +88,36 @@ def test_rm_two_processes_zero2(tinyhh_root, data_cache, tmp_path):
     assert last(b, "rm/accuracy") > 0.7  # it learned
     assert abs(last(a, "rm/accuracy") - last(b, "rm/accuracy")) <= 0.05
     assert abs(last(a, "train/loss") - last(b, "train/loss")) < 0.1 * last(a, "train/loss") + 0.02
+
+
+def test_dpo_two_processes_zero3_match_one(tinyhh_sft, tinyhh_root, data_cache, tmp_path):
+    # ZeRO-3: the policy's parameters are sharded, and TRL's frozen reference copy is prepared on the same engine
+    common = [
+        "stage=dpo",
+        "stage.steps=10",
+        "stage.batch_size=32",
+        "stage.micro_batch_size=16",
+        "stage.eval_rows=32",
+        "stage.lr=5e-5",
+        "stage.sample_eval=0",
+    ]
+    one, _ = run(tinyhh_root, data_cache, tmp_path, "one", *common)
+    two, proc = run(
+        tinyhh_root,
+        data_cache,
+        tmp_path,
+        "two",
+        *common,
+        "stage.micro_batch_size=8",
+        "launcher=deepspeed",
+        "launcher.nproc=2",
+        "deepspeed=zero3",
+    )
+    assert "world_size=2" in proc.stderr
+    a, b = read_metrics(one), read_metrics(two)
+    assert last(b, "eval/reward_margin") > 0 and last(a, "eval/reward_margin") > 0  # both learned
+    assert abs(last(a, "eval/loss") - last(b, "eval/loss")) < 0.03 * last(a, "eval/loss")
+    assert abs(last(a, "eval/reward_accuracy") - last(b, "eval/reward_accuracy")) <= 0.1
+    assert (two / "model" / "model.safetensors").stat().st_size == (
+        one / "model" / "model.safetensors"
+    ).stat().st_size  # the full policy, gathered from the shards

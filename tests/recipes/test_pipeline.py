@@ -15,8 +15,8 @@ def test_a_bad_override_fails_before_any_stage_runs(tmp_path, data_cache):
     assert proc.returncode != 0
     assert "stage ppo of the pipeline does not compose" in proc.stderr and "kl_coeff" in proc.stderr
     assert sorted(p.name for p in (tmp_path / "runs" / "tinyhh").iterdir()) == ["pipeline"]
-    proc = run_stage(tmp_path, data_cache, "stage=pipeline", "stage.stages=[sft,dpo]", check=False)
-    assert proc.returncode != 0 and "stage.stages='dpo' is not one of: pretrain, sft," in proc.stderr
+    proc = run_stage(tmp_path, data_cache, "stage=pipeline", "stage.stages=[sft,kto]", check=False)
+    assert proc.returncode != 0 and "stage.stages='kto' is not one of: pretrain, sft," in proc.stderr
 
 
 def test_a_failing_stage_stops_the_pipeline_and_names_its_log(tmp_path, data_cache):

@@ -178,6 +178,37 @@ def test_sft_killed_and_resumed_through_the_trainer(tinyhh_root, data_cache):
     ).read_bytes()
 
 
+def test_dpo_killed_and_resumed_ends_as_the_uninterrupted_run(tinyhh_sft, tinyhh_root, data_cache):
+    common = [
+        "stage=dpo",
+        "stage.steps=12",
+        "stage.log_every=2",
+        "stage.eval_every=6",
+        "stage.checkpoint_every=4",
+        "stage.eval_rows=32",
+        "stage.sample_eval=0",
+    ]
+    runs = tinyhh_root / "runs" / "tinyhh"
+    whole, cut = runs / "dpo_whole", runs / "dpo_cut"
+    run_stage(tinyhh_root, data_cache, *common, "stage.name=dpo_whole")
+    overrides = [
+        *common,
+        "stage.name=dpo_cut",
+        f"paths.runs={tinyhh_root / 'runs'}",
+        f"paths.data={data_cache}",
+    ]
+    stopped = terminate_at(overrides, cut, 4, tinyhh_root)
+    step = assert_preempted(stopped, cut, 4)
+    assert step < 12, "the run finished before the signal arrived"
+    resumed = run_stage(tinyhh_root, data_cache, *common, "stage.name=dpo_cut", "resume=auto")
+    assert f"(step {step})" in resumed.stderr
+    # held-out metrics (the implicit reward's accuracy and margin) and the final policy: the uninterrupted run's
+    assert comparable(cut, skip=("train/",)) == comparable(whole, skip=("train/",))
+    assert (cut / "model" / "model.safetensors").read_bytes() == (
+        whole / "model" / "model.safetensors"
+    ).read_bytes()
+
+
 def test_resume_with_another_world_size_is_a_clear_error(tmp_path, data_cache):
     """The ZeRO shards and each rank's RNG belong to the saved layout: refuse instead of a silently different run."""
     from omegaconf import OmegaConf

@@ -43,8 +43,8 @@ def pipeline_cfg(**kw):
 
 def test_pipeline_stages_names_the_bad_entry():
     assert pipeline_stages(pipeline_cfg(stages=["sft", "eval"])) == ["sft", "eval"]
-    with pytest.raises(ValueError, match="unknown stages \\['dpo'\\]"):
-        pipeline_stages(pipeline_cfg(stages=["sft", "dpo"]))
+    with pytest.raises(ValueError, match="unknown stages \\['kto'\\]"):
+        pipeline_stages(pipeline_cfg(stages=["sft", "kto"]))
     with pytest.raises(ValueError, match="each stage once"):
         pipeline_stages(pipeline_cfg(stages=["sft", "sft"]))
     with pytest.raises(ValueError, match="not in stage.stages: \\['ppo'\\]"):

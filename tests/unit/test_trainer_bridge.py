@@ -33,6 +33,11 @@ def test_metric_names_by_hand():
     assert trainer_metric_name("eval_loss") == "eval/loss"
     assert trainer_metric_name("num_tokens") == "train/num_tokens"
     assert trainer_metric_name("total_flos") is None
+    # TRL's DPO keys: one name under the namespace, never eval/<something>/<metric> (stage=eval's system keys)
+    assert trainer_metric_name("rewards/accuracies") == "train/reward_accuracy"
+    assert trainer_metric_name("eval_rewards/margins") == "eval/reward_margin"
+    assert trainer_metric_name("eval_logps/chosen") == "eval/logp_chosen"
+    assert trainer_metric_name("some/new_key") == "train/some_new_key"
 
 
 def test_tracker_callback_logs_namespaced_keys_at_the_offset_step():

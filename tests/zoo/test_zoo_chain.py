@@ -1,8 +1,8 @@
 """Every stage on random-init stand-ins of real model families, on local files in the formats people have.
 
-Each family runs sft -> rm -> ppo (2 iterations, with and without LoRA) -> rejection_sampling -> rain (2 prompts)
--> eval (judge=rm) as a user would (`python -m alignlab ...`, data=local), on its own data formats, so that together
-they cover HH transcripts (with CRLF rows), TRL prompt/completion and preference files in plain and conversational
+Each family runs sft -> rm -> dpo -> ppo (2 iterations, with and without LoRA) -> rejection_sampling -> rain (2
+prompts) -> eval (judge=rm) as a user would (`python -m alignlab ...`, data=local), on its own data formats, so that
+together they cover HH transcripts (with CRLF rows), TRL prompt/completion and preference files in plain and conversational
 form (explicit and implicit prompt), and chat messages with a system turn. The assertions are on what a user would
 check: the runs finish, models reload, answers are rendered and scored in the model's own format.
 """
@@ -108,6 +108,24 @@ def test_every_stage_on_the_family(world, family):
     )
     rm_model = rm / "model"
     assert 0.0 <= metrics(rm)["rm/accuracy"] <= 1.0 and (rm_model / "reward_normalization.json").exists()
+
+    # DPO on the same preference data, from the SFT model: the pairs in the model's own format, its EOS ending
+    # each answer (pad == eos on gpt2), and a policy that reloads without alignlab
+    dpo = run(
+        world,
+        family,
+        "dpo",
+        f"stage.init_from={sft_model}",
+        *model,
+        *data(world, rm_data),
+        "stage.steps=2",
+        "stage.batch_size=8",
+        "stage.micro_batch_size=8",
+        "stage.eval_rows=8",
+        "stage.lr=1e-3",
+    )
+    assert metrics(dpo)["eval/reward_margin"] != 0.0 and metrics(dpo)["data/train_pairs"] > 0
+    assert isinstance(AutoModelForCausalLM.from_pretrained(dpo / "model"), torch.nn.Module)
 
     rl = [
         f"stage.init_from={sft_model}",
