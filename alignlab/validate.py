@@ -71,7 +71,7 @@ def choice_table(cfg: DictConfig, recipe: str) -> dict[str, tuple]:
 
     table: dict[str, tuple] = {"deepspeed.zero_stage": distributed.ZERO_STAGES}
     s = cfg.stage
-    if recipe in ("sft", "rm"):
+    if recipe in ("sft", "rm", "dpo"):
         table["stage.lr_scheduler"] = schedulers()
     if recipe in ("rejection_sampling", "context_distillation"):
         table["stage.finetune.lr_scheduler"] = schedulers()
@@ -112,7 +112,7 @@ def stage_problems(cfg: DictConfig, recipe: str, world: int) -> list[str]:
         problems.append("deepspeed.offload_param=true needs deepspeed.zero_stage=3")
     if cfg.keep_checkpoints < 1:
         problems.append(f"keep_checkpoints={cfg.keep_checkpoints} must be >= 1 (resume needs a checkpoint)")
-    if recipe in ("pretrain", "sft", "rm"):
+    if recipe in ("pretrain", "sft", "rm", "dpo"):
         expect(distributed.grad_accum_steps, s.batch_size, s.micro_batch_size, world)
     if recipe in ("rejection_sampling", "context_distillation"):
         f = s.finetune

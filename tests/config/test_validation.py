@@ -54,6 +54,7 @@ def test_eval_default_only_misses_its_systems(tmp_path):
 # (test_choices.py)
 BAD_CHOICES = [
     ("sft", "stage.lr_scheduler=cosine_forever", "cosine_with_min_lr"),
+    ("dpo", "stage.lr_scheduler=cosine_forever", "cosine_with_min_lr"),
     ("rejection_sampling", "stage.finetune.lr_scheduler=cosine_forever", "cosine_with_min_lr"),
     ("sft", "deepspeed.zero_stage=4", "0, 1, 2, 3"),
     ("rain", "stage.prompt_sets=[harmful,toxic]", "harmful, benign, attack"),
@@ -76,6 +77,8 @@ def test_batch_arithmetic_names_the_real_keys():
     (p,) = problems("stage=sft", "stage.batch_size=30")
     assert "stage.batch_size=30" in p and "stage.micro_batch_size=16" in p
     assert problems("stage=sft", world=2) == [] and "world size 3" in problems("stage=sft", world=3)[0]
+    (p,) = problems("stage=dpo", "stage.batch_size=24")
+    assert "stage.batch_size=24" in p and "stage.micro_batch_size=16" in p
     (p,) = problems("stage=rejection_sampling", "stage.finetune.micro_batch_size=12")
     assert "stage.finetune.batch_size=32" in p and "stage.finetune.micro_batch_size=12" in p
     # PPO's minibatch is split into micro-batches: the message names minibatch_size, not a batch_size it lacks
