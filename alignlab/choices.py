@@ -34,6 +34,9 @@ Margin = Choice("Margin", "none small large")  # stage.margin (rm)
 DPOLoss = Choice("DPOLoss", "sigmoid ipo")  # stage.loss (dpo)
 KLEstimator = Choice("KLEstimator", "k1 k3")  # stage.kl_estimator (ppo)
 KLController = Choice("KLController", "fixed adaptive")  # stage.kl_controller (ppo)
+# stage.advantage (ppo, grpo, rloo): a critic with GAE, or a group baseline over K samples per prompt
+Advantage = Choice("Advantage", "gae grpo rloo")
+KLPenalty = Choice("KLPenalty", "reward loss")  # stage.kl_penalty (ppo, grpo, rloo): where beta * KL enters
 MissingEOS = Choice("MissingEOS", "none replace subtract")  # stage.missing_eos (ppo, rejection_sampling)
 Keep = Choice("Keep", "all last")  # stage.keep (rejection_sampling)
 TrainFrom = Choice("TrainFrom", "start previous")  # stage.train_from (rejection_sampling)

@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from alignlab.choices import (
+    Advantage,
     ChatTemplate,
     DPOLoss,
     DType,
@@ -25,6 +26,7 @@ from alignlab.choices import (
     Keep,
     KLController,
     KLEstimator,
+    KLPenalty,
     Launcher,
     Logger,
     Margin,
@@ -306,7 +308,7 @@ class DPOConfig(TrainerConfig):
 class PPOConfig(OptimizerConfig):
     """KL-penalised PPO (InstructGPT / Ziegler et al.) and PPO-ptx: actor from SFT, critic from the reward model."""
 
-    name: str = "ppo"  # run subdirectory name (stage=ppo_ptx writes ppo_ptx/)
+    name: str = "ppo"  # run subdirectory name (stage=ppo_ptx writes ppo_ptx/, stage=grpo grpo/, ...)
     init_from: str = "${stage_dir:sft}/model"  # policy and frozen reference: the SFT model
     value_from: str = "${reward.reward_model}"  # critic initialisation: the reward model (InstructGPT)
     iterations: int = 100  # PPO iterations: roll out rollout_batch_size episodes, then ppo_epochs of updates
@@ -326,6 +328,14 @@ class PPOConfig(OptimizerConfig):
     vf_coef: float = 0.1
     gamma: float = 1.0  # discount
     lam: float = 0.95  # GAE lambda
+    # gae: a critic (value_from) and GAE, PPO | grpo: (R - group mean) / group std (DeepSeekMath) | rloo: R minus
+    # the mean of the K - 1 other samples of its prompt (Ahmadian et al. 2024); grpo and rloo train no critic
+    advantage: Advantage = Advantage.gae
+    # K samples per prompt (grpo, rloo: >= 2; the rollout batch is rollout_batch_size / K prompts x K); gae: 1
+    group_size: int = 1
+    # reward: -beta * KL per token in the reward (PPO, RLOO) | loss: beta * KL (k3) of the current policy added
+    # to the policy loss, per token (GRPO)
+    kl_penalty: KLPenalty = KLPenalty.reward
     kl_coef: float = 0.2  # initial beta of the per-token KL penalty (InstructGPT 0.02; Llama 2 0.01 at 7B)
     # k1 = log pi - log pi_ref | k3 = (rho - 1) - log rho (never < 0)
     kl_estimator: KLEstimator = KLEstimator.k1
@@ -441,9 +451,16 @@ class SystemConfig:
     """One system of stage=eval: a model with a decoding, or the answers another stage already wrote."""
 
     model: str | None = None  # model directory or hub name (None: answers= gives the answers)
-    decoding: str = "sample"  # sample (temperature) | greedy | best_of_n (n samples, the reward model's best)
-    temperature: float = 1.0  # sampling temperature of sample / best_of_n
-    n: int = 8  # best_of_n: samples per prompt
+    # sample (temperature) | greedy | best_of_n (n samples, the reward model's best) | args (reward-guided
+    # decoding, Khanov et al. 2024: top_k candidates per token, log p + reward_weight x RM score, the best) |
+    # blockwise (Mudgal et al. 2024: n sampled continuations of block_size tokens, the RM's best, block by block)
+    decoding: str = "sample"
+    # sampling temperature of sample / best_of_n / blockwise; args: 0 = ARGS-greedy, > 0 = ARGS-stochastic
+    temperature: float = 1.0
+    n: int = 8  # best_of_n: samples per prompt; blockwise: candidate continuations per block
+    top_k: int = 10  # args: candidate tokens per step (ARGS's k)
+    reward_weight: float = 1.0  # args: w, the weight of the RM score against the log-probability
+    block_size: int = 8  # blockwise: tokens per block
     preprompt: str = ""  # text shown before every prompt (a prompting baseline); the judge never sees it
     # a samples.jsonl with {set, prompt, <answers_field>} rows for the same prompts
     answers: str | None = None
@@ -463,9 +480,15 @@ def _default_systems() -> dict[str, Any]:
         "sft": SystemConfig(model=model("sft")),
         "sft_preprompt": SystemConfig(model=model("sft"), preprompt=DEFAULT_PREPROMPTS[0]),
         "sft_best_of_8": SystemConfig(model=model("sft"), decoding="best_of_n", n=8),
+        # reward-guided decoding of SFT with the RM (alignlab/guided.py): ARGS-stochastic at T = 1, compared with
+        # sampling SFT at T = 1; blockwise best-of-4 continuations of 8 tokens
+        "sft_args": SystemConfig(model=model("sft"), decoding="args"),
+        "sft_blockwise": SystemConfig(model=model("sft"), decoding="blockwise", n=4),
         "dpo": SystemConfig(model=model("dpo")),
         "ppo": SystemConfig(model=model("ppo")),
         "ppo_ptx": SystemConfig(model=model("ppo_ptx")),
+        "grpo": SystemConfig(model=model("grpo")),
+        "rloo": SystemConfig(model=model("rloo")),
         "rejection_sampling": SystemConfig(model=model("rejection_sampling")),
         "context_distillation": SystemConfig(model=model("context_distillation")),
         # RAIN against greedy (the paper's comparison) first, then against sampling at T = 1 (ours)
@@ -509,7 +532,9 @@ class EvalConfig:
     # None = TinyHH's ptx data on data=tinyhh, otherwise the tax is not measured (logged, noted in report.md)
     ptx_source: str | None = None
     # training curves to plot (reward and KL per iteration): run directories with ppo/* metrics
-    curves: list[str] = field(default_factory=lambda: ["${stage_dir:ppo}", "${stage_dir:ppo_ptx}"])
+    curves: list[str] = field(
+        default_factory=lambda: [f"${{stage_dir:{s}}}" for s in ("ppo", "ppo_ptx", "grpo", "rloo")]
+    )
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 from alignlab.data.text_blocks import LMBatch
 from alignlab.generation import response_logits, token_logprobs
 from alignlab.rl.advantages import masked_mean
-from alignlab.rl.kl import shape_scores
+from alignlab.rl.kl import kl_per_token, shape_scores
 from alignlab.rl.losses import entropy_from_logits, lm_loss, policy_loss
 from alignlab.rollout import Prompts, Rollout
 
@@ -37,6 +37,7 @@ class MicroBatch:
     advantages: torch.Tensor
     old_values: torch.Tensor
     returns: torch.Tensor
+    ref_logprobs: torch.Tensor | None = None  # the reference's log-probs (GRPO's KL term in the loss)
 
 
 @dataclass
@@ -50,12 +51,13 @@ class Experience:
     response_mask: torch.Tensor  # [B, T] float
     # log-probs of the sampled tokens under the policy that sampled them (logits / T)
     old_logprobs: torch.Tensor
-    old_values: torch.Tensor  # the critic's values at sampling time
+    old_values: torch.Tensor  # the critic's values at sampling time (zeros without a critic: grpo, rloo)
     kl: torch.Tensor  # per-token KL estimate to the reference
     non_score: torch.Tensor  # -beta * kl: the KL penalty part of the rewards
     advantages: torch.Tensor
     returns: torch.Tensor
     seconds: dict[str, float]  # time/generate_s, time/score_s, time/reference_s
+    ref_logprobs: torch.Tensor | None = None  # kept where the loss needs them (kl_penalty=loss)
 
     def __len__(self) -> int:
         return len(self.rollout.texts)
@@ -79,6 +81,7 @@ class Experience:
             advantages=cut(self.advantages),
             old_values=cut(self.old_values),
             returns=cut(self.returns),
+            ref_logprobs=None if self.ref_logprobs is None else cut(self.ref_logprobs),
         )
 
 
@@ -102,7 +105,8 @@ def shaped_scores(
 
 @torch.no_grad()
 def forward_stats(policy, reference, critic, ro: Rollout, micro: int, temperature: float, lora: bool):
-    """Old log-probs, reference log-probs and values [B, T] of a rollout, micro-batched, without gradients."""
+    """Old log-probs, reference log-probs and values [B, T] of a rollout, micro-batched, without gradients
+    (critic None: critic-free advantages, values are zeros)."""
     old, ref, values = [], [], []
     for i in range(0, len(ro.texts), micro):
         sl = slice(i, i + micro)
@@ -115,15 +119,23 @@ def forward_stats(policy, reference, critic, ro: Rollout, micro: int, temperatur
         else:
             ref_logits = response_logits(reference, ids, mask, ctx)
         ref.append(token_logprobs(ref_logits, tokens, temperature))
-        values.append(critic(ids, mask)[:, ctx - 1 : -1])
+        values.append(critic(ids, mask)[:, ctx - 1 : -1] if critic is not None else torch.zeros_like(old[-1]))
     return torch.cat(old), torch.cat(ref), torch.cat(values)
 
 
 def actor_loss(
-    policy, mb: MicroBatch, temperature: float, clip_range: float, ptx_coef: float, ptx: LMBatch | None
+    policy,
+    mb: MicroBatch,
+    temperature: float,
+    clip_range: float,
+    ptx_coef: float,
+    ptx: LMBatch | None,
+    kl_coef: float = 0.0,
 ):
     """PPO's clipped policy loss on one micro-batch, plus ptx_coef * LM loss on a separate pretraining micro-batch
-    (PPO-ptx: one backward of the sum = g_PPO + ptx_coef * g_LM). Returns (loss, stats)."""
+    (PPO-ptx: one backward of the sum = g_PPO + ptx_coef * g_LM), plus kl_coef * the k3 KL of the current policy to
+    the reference per answer token (GRPO's loss-side penalty, DeepSeekMath eq. 3-4; needs mb.ref_logprobs).
+    Returns (loss, stats)."""
     logits = response_logits(policy, mb.ids, mb.mask, mb.ctx)
     logprobs = token_logprobs(logits, mb.response, temperature)
     out = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, clip_range)
@@ -136,6 +148,12 @@ def actor_loss(
         "ppo/entropy": entropy.item(),
     }
     loss = out.loss
+    if kl_coef:
+        if mb.ref_logprobs is None:
+            raise ValueError("a KL term in the loss needs the micro-batch's reference log-probs")
+        kl = masked_mean(kl_per_token(logprobs, mb.ref_logprobs, mb.response_mask, "k3"), mb.response_mask)
+        stats["ppo/kl_loss"] = kl.item()
+        loss = loss + kl_coef * kl
     if ptx is not None:
         ptx_loss = lm_loss(policy(input_ids=ptx.tokens, use_cache=False).logits, ptx.labels)
         stats["ppo/ptx_loss"] = ptx_loss.item()

@@ -128,10 +128,107 @@ class RewardScorer:
         self, prompts: list[str], responses: list[str], is_safety: list[bool] | None = None
     ) -> torch.Tensor:
         """Rewards [B] for the responses to the prompts (is_safety: per prompt, needed for kind=llama2)."""
+        return self._combine(lambda role: self.raw_scores(role, prompts, responses), is_safety)
+
+    def score_ids(self, sequences: list[list[int]], is_safety: list[bool] | None = None) -> torch.Tensor:
+        """Rewards [N] of token-id sequences in the reward models' tokenizer (prompt + answer, each ending with
+        the EOS the models read their score at; reward-guided decoding scores its candidate prefixes this way)."""
+        pad = self.tokenizer.pad_token_id
+
+        def raw(role: str) -> torch.Tensor:
+            out = []
+            for start in range(0, len(sequences), self.batch_size):
+                ids, mask = pad_sequences(sequences[start : start + self.batch_size], pad)
+                out.append(
+                    score_sequences(self.models[role], ids.to(self.device), mask.to(self.device)).cpu()
+                )
+            return torch.cat(out) if out else torch.zeros(0)
+
+        return self._combine(raw, is_safety)
+
+    def _combine(self, raw, is_safety: list[bool] | None) -> torch.Tensor:
+        """One RM's normalised score, or Llama 2's combination of the pair's raw scores; raw(role) -> [B]."""
         if self.kind == "single":
-            return self.norms["reward"](self.raw_scores("reward", prompts, responses))
+            return self.norms["reward"](raw("reward"))
         if is_safety is None:
             raise ValueError("reward.kind=llama2 needs each prompt's is_safety flag")
-        z_h = self.raw_scores("helpful", prompts, responses)
-        z_s = self.raw_scores("safety", prompts, responses)
-        return llama2_reward(z_h, z_s, torch.tensor(is_safety), self.threshold, self.whiten)
+        return llama2_reward(
+            raw("helpful"), raw("safety"), torch.tensor(is_safety), self.threshold, self.whiten
+        )
+
+
+class PrefixScores:
+    """Reward-model scores of growing answers, one KV cache per reward model: what ARGS asks at every token.
+
+    begin(prompts) encodes the prompts once; candidates(rows, tokens [n, k]) scores, for each of the n rows (indices
+    into the prompts), its prefix + each candidate token + the EOS the models read their score at (the same number
+    score_ids gives that sequence, up to float rounding; a candidate that is the EOS is read there), feeding only
+    those 2 tokens per candidate on a copy of
+    the row's cache; advance(rows, tokens [n]) appends the chosen token to those rows' prefixes. Finished rows are
+    simply no longer asked about. `tokens` counts the positions the reward model(s) computed (cost accounting).
+    Needs plain full-attention caches (Llama-style models); combination and normalisation as RewardScorer's.
+    """
+
+    def __init__(self, scorer: RewardScorer, end_id: int, is_safety: list[bool] | None = None):
+        self.scorer, self.end_id, self.is_safety = scorer, end_id, is_safety
+        self.tokens = 0
+
+    def begin(self, prompts: list[list[int]]) -> None:
+        from alignlab.tensors import pad_sequences
+
+        ids, mask = pad_sequences(prompts, self.scorer.tokenizer.pad_token_id, "left")
+        ids, self.mask = ids.to(self.scorer.device), mask.to(self.scorer.device)
+        self.rows = list(range(len(prompts)))  # prompt index of each row of the caches
+        self.caches = {
+            role: self._forward(role, ids, self.mask, position_ids(self.mask), None)[1]
+            for role in self.scorer.models
+        }
+        self.next_position = self.mask.sum(1)
+        self.tokens += ids.numel() * len(self.caches)
+
+    def _forward(self, role: str, ids, mask, positions, cache):
+        inner = self.scorer.models[role]
+        inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+        out = getattr(inner, inner.base_model_prefix)(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+        )
+        return inner.score(out.last_hidden_state).squeeze(-1).float(), out.past_key_values
+
+    def _select(self, rows: list[int]) -> torch.Tensor:
+        where = {r: i for i, r in enumerate(self.rows)}
+        return torch.tensor([where[r] for r in rows], device=self.mask.device)
+
+    @torch.no_grad()
+    def candidates(self, rows: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        from transformers.cache_utils import DynamicCache
+
+        n, k = tokens.shape
+        pick = self._select(rows).repeat_interleave(k)
+        ids = torch.stack([tokens.reshape(-1), torch.full_like(tokens.reshape(-1), self.end_id)], 1)
+        ids = ids.to(self.mask.device)
+        mask = torch.cat([self.mask[pick], torch.ones_like(ids)], 1)
+        positions = self.next_position[pick][:, None] + torch.arange(ids.shape[1], device=ids.device)
+        raw = {}
+        for role, cache in self.caches.items():
+            copy = DynamicCache()
+            for i, layer in enumerate(cache.layers):
+                copy.update(layer.keys[pick], layer.values[pick], i)
+            scores = self._forward(role, ids, mask, positions, copy)[0]
+            # read after the appended end token, or at a candidate that is itself the end (an EOS)
+            raw[role] = torch.where(ids[:, 0] == self.end_id, scores[:, 0], scores[:, 1]).cpu()
+        self.tokens += ids.numel() * len(self.caches)
+        flags = None if self.is_safety is None else [self.is_safety[r] for r in rows for _ in range(k)]
+        return self.scorer._combine(lambda role: raw[role], flags).view(n, k)
+
+    @torch.no_grad()
+    def advance(self, rows: list[int], tokens: torch.Tensor) -> None:
+        keep = self._select(rows)
+        for cache in self.caches.values():
+            cache.batch_select_indices(keep)
+        self.rows, self.mask = list(rows), torch.cat([self.mask[keep], self.mask.new_ones(len(rows), 1)], 1)
+        ids = tokens.reshape(-1, 1).to(self.mask.device)
+        positions = self.next_position[keep][:, None]
+        for role in self.caches:
+            self.caches[role] = self._forward(role, ids, self.mask, positions, self.caches[role])[1]
+        self.next_position = self.next_position[keep] + 1
+        self.tokens += ids.numel() * len(self.caches)

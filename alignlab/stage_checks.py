@@ -19,7 +19,10 @@ DECODINGS = (
     "sample",
     "greedy",
     "best_of_n",
+    "args",
+    "blockwise",
 )  # stage.systems.<name>.decoding (eval; systems is an untyped dict)
+GUIDED = ("best_of_n", "args", "blockwise")  # decodings that read the reward= model
 
 
 def ppo_sizes(s: DictConfig, world: int) -> tuple[int, int, int]:
@@ -42,6 +45,18 @@ def ppo_sizes(s: DictConfig, world: int) -> tuple[int, int, int]:
     )
     if s.ppo_epochs < 1 or s.iterations < 1:
         raise ConfigError("stage.ppo_epochs and stage.iterations must be >= 1")
+    if s.group_size < 1 or (s.advantage != "gae" and s.group_size < 2):
+        raise ConfigError(
+            f"stage.group_size={s.group_size}: stage.advantage={s.advantage} needs >= 2 samples per prompt"
+            if s.group_size >= 1
+            else f"stage.group_size={s.group_size} must be >= 1"
+        )
+    if (s.rollout_batch_size // world) % s.group_size:
+        raise ConfigError(
+            f"stage.rollout_batch_size={s.rollout_batch_size} on {world} rank(s) is {s.rollout_batch_size // world}"
+            f" episodes per rank, not whole groups of stage.group_size={s.group_size} (a prompt's K samples stay on"
+            " one rank): make rollout_batch_size a multiple of group_size x ranks"
+        )
     if s.whiten_rewards and s.rollout_batch_size // world < 8:
         raise ConfigError(
             "stage.whiten_rewards=true needs >= 8 episodes per rank (whitening tiny batches is noise)"

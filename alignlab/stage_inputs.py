@@ -24,7 +24,8 @@ def stage_models(cfg: DictConfig, recipe: str) -> list[tuple[str, str]]:
     if recipe in ("sft", "rm", "dpo", "context_distillation", "rain", "ppo", "rejection_sampling"):
         out = [("stage.init_from", s.init_from)]
         if recipe == "ppo":
-            out += [("stage.value_from", s.value_from), *reward_models(cfg)]
+            critic = [("stage.value_from", s.value_from)] if s.advantage == "gae" else []
+            out += [*critic, *reward_models(cfg)]
         if recipe == "rejection_sampling":
             out += reward_models(cfg)
         if recipe == "context_distillation" and s.gate:

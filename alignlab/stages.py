@@ -53,6 +53,29 @@ class StageSpec:
 # prompts per iteration (not 512). Measured: docs/results.md, "The pipeline".
 NO_OWN_EVAL = "stage.sample_eval=0"
 
+# GRPO (Shao et al. 2024, DeepSeekMath §4.1): group-normalised outcome advantages, beta * KL (k3, their eq. 4) in
+# the loss with beta 0.04, one update per rollout batch; RLOO (Ahmadian et al. 2024): leave-one-out baseline, the KL
+# penalty in the reward as PPO's (TRL's RLOOTrainer: beta 0.05). K = 4 samples per prompt (RLOO's paper: k = 2, 4).
+# Advantages are not whitened again over the batch (the group baseline is the normalisation).
+GRPO_PRESET = {
+    "advantage": "grpo",
+    "group_size": 4,
+    "kl_penalty": "loss",
+    "kl_estimator": "k3",
+    "kl_coef": 0.04,
+    "ppo_epochs": 1,
+    "whiten_advantages": False,
+}
+RLOO_PRESET = {
+    "advantage": "rloo",
+    "group_size": 4,
+    "kl_penalty": "reward",
+    "kl_estimator": "k1",
+    "kl_coef": 0.05,
+    "ppo_epochs": 1,
+    "whiten_advantages": False,
+}
+
 # In the order a user reads them, which lists every stage after its inputs (stage=pipeline's dependency order).
 STAGES: dict[str, StageSpec] = {
     s.name: s
@@ -72,16 +95,24 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("ppo_ptx", "alignlab.config:PPOConfig", recipe="ppo", preset={"ptx_coef": 1.0},
                   inputs=("sft", "rm"), cost=10, resumable=True, uses_reward=True,
                   demo=(NO_OWN_EVAL, "stage.ptx_micro_batch_size=4")),
+        # critic-free online RL: stage=ppo's recipe with K samples per prompt and a group baseline, no critic;
+        # not in make demo (its 20 minutes leave no room)
+        StageSpec("grpo", "alignlab.config:PPOConfig", recipe="ppo", preset=GRPO_PRESET, inputs=("sft", "rm"),
+                  cost=5, resumable=True, uses_reward=True, demo=(NO_OWN_EVAL,), in_demo=False),
+        StageSpec("rloo", "alignlab.config:PPOConfig", recipe="ppo", preset=RLOO_PRESET, inputs=("sft", "rm"),
+                  cost=5, resumable=True, uses_reward=True, demo=(NO_OWN_EVAL,), in_demo=False),
         StageSpec("rejection_sampling", "alignlab.config:RejectionSamplingConfig", inputs=("sft", "rm"), cost=3,
                   resumable=True, uses_reward=True, demo=(NO_OWN_EVAL, "stage.prompts_per_iteration=256")),
         StageSpec("context_distillation", "alignlab.config:ContextDistillationConfig", inputs=("sft", "rm"),
                   cost=1, resumable=True, demo=(NO_OWN_EVAL,), renamed=(("stage.prompts", "stage.n_prompts"),)),
         StageSpec("rain", "alignlab.rain.stage_config:RainConfig", inputs=("pretrain",), cost=6,
                   demo=("stage.n_prompts=100",)),
+        # make demo leaves out the reward-guided decodings (the full table: docs/pipeline.md)
         StageSpec("eval", "alignlab.config:EvalConfig",
-                  inputs=("pretrain", "sft", "rm", "dpo", "ppo", "ppo_ptx", "rejection_sampling",
+                  inputs=("pretrain", "sft", "rm", "dpo", "ppo", "ppo_ptx", "grpo", "rloo", "rejection_sampling",
                           "context_distillation", "rain"),
-                  cost=2, uses_reward=True, demo=("stage.n_prompts=100",)),
+                  cost=2, uses_reward=True,
+                  demo=("stage.n_prompts=100", "~stage.systems.sft_args", "~stage.systems.sft_blockwise")),
         StageSpec("pipeline", "alignlab.config:PipelineConfig", orchestrator=True),
     ]
 }  # fmt: skip

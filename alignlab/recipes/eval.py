@@ -39,9 +39,9 @@ from alignlab.evaluation.lm_loss import AlignmentTax, tokenizer_key
 from alignlab.evaluation.metrics import Rate, rate_difference, win_rate
 from alignlab.evaluation.report import write_report
 from alignlab.evaluation.tinyhh import tinyhh_prompts
-from alignlab.generation import sample
+from alignlab.generation import cut_at_stop, sample
 from alignlab.lifecycle import start_run, tinyhh_dir
-from alignlab.stage_checks import eval_systems
+from alignlab.stage_checks import GUIDED, eval_systems
 
 log = logging.getLogger("alignlab.eval")
 
@@ -99,15 +99,91 @@ def answers_from_file(path: str, field: str, prompts: list[dict], name: str) -> 
     return out
 
 
-def generate(sys_cfg: DictConfig, prompts: list[dict], s: DictConfig, scorer, device, seed: int) -> list[str]:
-    """A model system's answers: sample / greedy through generate, best-of-N scored by the reward model."""
+def guided(
+    sys_cfg: DictConfig, model, tokenizer, prompts: list[dict], shown: list[str], s: DictConfig, scorer
+):
+    """Reward-guided decoding (args | blockwise: alignlab/guided.py) of the shown prompts, batch by batch. The
+    reward model scores each candidate prefix as if the answer ended there (its EOS appended, the token it reads
+    its score at); kind=llama2 takes each prompt's set (harmful and attack prompts are the safety ones).
+    Returns (answers, the DecodingCost summed over the batches)."""
+    from alignlab.data import chat
+    from alignlab.data.examples import decode_answer, prompt_ids
+    from alignlab.guided import DecodingCost, args_decode, blockwise_decode
+    from alignlab.scoring import PrefixScores
+    from alignlab.tensors import pad_sequences
+
+    if tokenizer_key(tokenizer) != tokenizer_key(scorer.tokenizer):
+        raise ValueError(
+            f"decoding={sys_cfg.decoding} has the reward model score {sys_cfg.model}'s token ids, but the reward"
+            " model's tokenizer is another one: use a reward model trained on this model's tokenizer"
+        )
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    device = next(model.parameters()).device
+    ids = [prompt_ids(tokenizer, p) for p in shown]
+    safety = {tuple(q): p["set"] != "benign" for q, p in zip(ids, prompts, strict=True)}
+    lengths = sorted({len(q) for q in ids})
+
+    # the prompt a candidate continues (score_fn sees unfinished rows only)
+    def is_safety(seq: list[int]) -> bool:
+        return next(safety[tuple(seq[:n])] for n in lengths if tuple(seq[:n]) in safety)
+
+    end = chat.format_of(tokenizer).eos_id  # the token a reward model reads its score at (sequence_ids)
+
+    def score_fn(seqs: list[list[int]]) -> torch.Tensor:
+        flags = [is_safety(q) for q in seqs] if scorer.kind != "single" else None
+        return scorer.score_ids([q if q[-1] in (eos, end) else [*q, end] for q in seqs], flags)
+
+    total, answers = DecodingCost(), []
+    for start in range(0, len(prompts), s.batch_size):
+        query, mask = pad_sequences(ids[start : start + s.batch_size], pad, "left")
+        common = dict(max_new_tokens=s.max_new_tokens, eos_id=eos, pad_id=pad)
+        if sys_cfg.decoding == "args":  # the reward model keeps a KV cache of each answer so far
+            flags = [p["set"] != "benign" for p in prompts[start : start + s.batch_size]]
+            cached = PrefixScores(scorer, end, flags if scorer.kind != "single" else None)
+            out = args_decode(
+                model,
+                query.to(device),
+                mask.to(device),
+                cached,
+                k=sys_cfg.top_k,
+                w=sys_cfg.reward_weight,
+                # temperature 0: ARGS-greedy; > 0: ARGS-stochastic, softmax(score / T) over the k candidates
+                mode="greedy" if sys_cfg.temperature == 0 else "sample",
+                temperature=sys_cfg.temperature or 1.0,
+                **common,
+            )
+        else:
+            out = blockwise_decode(
+                model,
+                query.to(device),
+                mask.to(device),
+                score_fn,
+                num_candidates=sys_cfg.n,
+                block_size=sys_cfg.block_size,
+                temperature=sys_cfg.temperature,
+                **common,
+            )
+        for row, m in zip(out.response.cpu(), out.response_mask.cpu(), strict=True):
+            tokens = [t for t in row[m.bool()].tolist() if t != eos]
+            answers.append(cut_at_stop(decode_answer(tokenizer, tokens)))
+        for key, value in vars(out.cost).items():
+            setattr(total, key, getattr(total, key) + value)
+    return answers, total
+
+
+def generate(
+    sys_cfg: DictConfig, prompts: list[dict], s: DictConfig, scorer, device, seed: int
+) -> tuple[list[str], dict | None]:
+    """A model system's answers: sample / greedy through generate, best-of-N scored by the reward model, or
+    reward-guided decoding (args, blockwise); with the latter, what the decoding ran per answer (else None)."""
     model = models.load_causal_lm(sys_cfg.model).to(device).eval()
     tokenizer = models.load_tokenizer(sys_cfg.model)
     shown = [sys_cfg.preprompt + p["prompt"] for p in prompts]
     torch.manual_seed(seed)  # the same random numbers for every system
     temperature = 0.0 if sys_cfg.decoding == "greedy" else sys_cfg.temperature
-    if sys_cfg.decoding != "best_of_n":
-        return sample(
+    if sys_cfg.decoding not in GUIDED:
+        answers = sample(
             model,
             tokenizer,
             shown,
@@ -115,10 +191,14 @@ def generate(sys_cfg: DictConfig, prompts: list[dict], s: DictConfig, scorer, de
             temperature=temperature,
             batch_size=s.batch_size,
         )
+        return answers, None
     if scorer is None:
         raise ValueError(
-            "decoding=best_of_n needs the reward= model (reward.reward_model), which does not exist"
+            f"decoding={sys_cfg.decoding} needs the reward= model (reward.reward_model), which does not exist"
         )
+    if sys_cfg.decoding != "best_of_n":
+        answers, cost = guided(sys_cfg, model, tokenizer, prompts, shown, s, scorer)
+        return answers, {f"{k}_per_answer": v / len(prompts) for k, v in vars(cost).items()}
     n = sys_cfg.n
     flat = sample(
         model,
@@ -130,7 +210,7 @@ def generate(sys_cfg: DictConfig, prompts: list[dict], s: DictConfig, scorer, de
     )
     scores = scorer([p["prompt"] for p in prompts for _ in range(n)], flat).view(len(prompts), n)
     best = scores.argmax(1).tolist()
-    return [flat[i * n + b] for i, b in enumerate(best)]
+    return [flat[i * n + b] for i, b in enumerate(best)], None
 
 
 @torch.no_grad()
@@ -226,7 +306,7 @@ def append_notes(report: Path, notes: list[str]) -> None:
 def load_scorer(cfg: DictConfig, systems: dict[str, DictConfig], device):
     """The reward scorer (unwhitened), where the RM score, the RM judge or best-of-N needs it and it exists."""
     s = cfg.stage
-    if (s.rm_score or s.judge == "rm" or any(x.decoding == "best_of_n" for x in systems.values())) and (
+    if (s.rm_score or s.judge == "rm" or any(x.decoding in GUIDED for x in systems.values())) and (
         cfg.reward.kind != "single" or Path(cfg.reward.reward_model).exists()
     ):
         from alignlab.scoring import RewardScorer
@@ -298,11 +378,15 @@ def evaluate_system(
     if sys_cfg.answers is not None:
         answers = answers_from_file(sys_cfg.answers, sys_cfg.answers_field, prompts, name)
     else:
-        answers = generate(sys_cfg, prompts, s, b.scorer, device, seed)
+        answers, cost = generate(sys_cfg, prompts, s, b.scorer, device, seed)
     texts = [p["prompt"] for p in prompts]
     verdicts = b.judge(texts, answers)
     rm = b.scorer(texts, answers).tolist() if b.scorer is not None and s.rm_score else None
     m = system_metrics(prompts, verdicts, rm)
+    if sys_cfg.answers is None and cost is not None:
+        m.update(
+            cost
+        )  # policy_tokens_per_answer, reward_tokens_per_answer, ...: what the guided decoding ran
     if b.has_reference and b.reference is None and sys_cfg.model is not None:
         b.reference = models.load_causal_lm(b.reference_path).to(device).eval()
     m["kl"] = kl_to_reference(sys_cfg, b.reference, prompts, s, device, seed) if b.reference else None

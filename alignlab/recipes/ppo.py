@@ -1,4 +1,5 @@
-"""stage=ppo (and stage=ppo_ptx): KL-penalised PPO for language models, InstructGPT / Ziegler et al. style.
+"""stage=ppo (and stage=ppo_ptx, grpo, rloo): KL-penalised PPO for language models, InstructGPT / Ziegler et al.
+style, and its critic-free variants.
 
 Actor from the SFT model and critic from the reward model, each a DeepSpeed engine with its own optimizer; the
 frozen reference (the SFT model; with LoRA, the policy with its adapters disabled) and the reward scorer in eval
@@ -14,6 +15,12 @@ mode; dropout off everywhere. run() numbers its steps: 1 data, 2 engines, 3 deri
       pretraining micro-batch, PPO-ptx) and clipped value loss, one optimizer step per minibatch for each engine
                                                              (ppo_update)
   4.6 metrics, KL controller update, sample tables          (iteration_metrics, append_samples)
+
+stage=grpo and stage=rloo (stage.advantage): each iteration samples K = group_size answers to each of
+rollout_batch_size / K prompts; no critic: an episode's advantage is its return against its group's (GRPO:
+normalised by the group's std; RLOO: the mean of its K - 1 siblings), the same at every token of the answer.
+The KL penalty goes in the reward (kl_penalty=reward, RLOO) or into the loss (kl_penalty=loss, GRPO's k3 term).
+Everything else (rollouts, ptx, ZeRO-3, resume) is PPO's.
 
 Spec: the project's RLHF spec (rlhf.md), sections 3-4; the tensor math lives in alignlab/rl/ and is unit-tested there.
 """
@@ -46,7 +53,7 @@ from alignlab.evaluation.lm_loss import lm_eval_loss
 from alignlab.evaluation.tinyhh import judge_start_end
 from alignlab.experience import Experience, MicroBatch, actor_loss, forward_stats, shaped_scores
 from alignlab.lifecycle import Run, check_init_from, deepspeed_json, start_run, step_boundary, tinyhh_dir
-from alignlab.rl.advantages import explained_variance, gae, masked_mean, masked_whiten
+from alignlab.rl.advantages import explained_variance, gae, group_advantages, masked_mean, masked_whiten
 from alignlab.rl.kl import kl_controller, kl_per_token, token_rewards
 from alignlab.rl.losses import value_loss
 from alignlab.rollout import Prompts, Rollout, load_prompts, sample_rollout
@@ -83,7 +90,9 @@ class Engines:
     """PPO's four models: actor and critic engines, the frozen reference and the reward scorer."""
 
     policy: Any  # DeepSpeed engine around the actor (the model being trained)
-    critic: Any  # DeepSpeed engine around TokenValueModel(value model from the reward model)
+    critic: (
+        Any  # DeepSpeed engine around TokenValueModel(value model from the reward model); None: critic-free
+    )
     reference: torch.nn.Module | None  # the frozen SFT model; None with LoRA (the policy, adapters disabled)
     scorer: RewardScorer
     lora: bool
@@ -113,13 +122,18 @@ def build_engines(cfg: DictConfig, accum: int, world_size: int, device) -> Engin
     s, m = cfg.stage, cfg.model
     lora = m.lora.enabled
     policy_model = models.load_causal_lm(s.init_from, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
-    value_model = models.load_reward_model(s.value_from, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+    value_model = (
+        models.load_reward_model(s.value_from, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+        if s.advantage == "gae"
+        else None
+    )
     reference = None
     if lora:
         lo = m.lora
         lora_args = dict(r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=lo.target_modules)
         policy_model = models.apply_lora(policy_model, **lora_args)
-        value_model = models.apply_lora(value_model, **lora_args, task_type="SEQ_CLS")
+        if value_model is not None:
+            value_model = models.apply_lora(value_model, **lora_args, task_type="SEQ_CLS")
     else:
         reference = models.load_causal_lm(s.init_from, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
         models.disable_dropout(reference)
@@ -127,7 +141,9 @@ def build_engines(cfg: DictConfig, accum: int, world_size: int, device) -> Engin
     n_params = models.count_parameters(policy_model)
     return Engines(
         policy=engine_for(policy_model, s.lr, cfg, accum, world_size),
-        critic=engine_for(models.TokenValueModel(value_model), s.value_lr, cfg, accum, world_size),
+        critic=None
+        if value_model is None
+        else engine_for(models.TokenValueModel(value_model), s.value_lr, cfg, accum, world_size),
         reference=reference,
         scorer=RewardScorer.from_config(cfg.reward, device=device, dtype=m.dtype),
         lora=lora,
@@ -150,12 +166,17 @@ class PPOState:
     opt_step: int = 0  # optimizer steps taken: PPO-ptx's position in its pretraining data
 
 
+def trained(engines: Engines) -> dict[str, Any]:
+    """The engines a checkpoint holds: the actor, and the critic where there is one."""
+    return {"actor": engines.policy} | ({"critic": engines.critic} if engines.critic is not None else {})
+
+
 def save_checkpoint(st: PPOState, it: int, root: Path | None = None) -> Path:
     """Both engines, every rank's RNG, the KL coefficient and the optimizer-step count (collective)."""
     return save_resumable(
         root or st.run.checkpoints,
         it,
-        {"actor": st.engines.policy, "critic": st.engines.critic},
+        trained(st.engines),
         state={"kl_coef": st.kl_ctl.value, "opt_step": st.opt_step},
         config=st.run.config,
         keep=st.run.keep_checkpoints,
@@ -232,13 +253,18 @@ def make_experience(st: PPOState, prompts: Prompts, it: int) -> Experience:
     )
     t_ref = time.perf_counter()
 
-    # 4.4 Per-token rewards, GAE, whitening.
+    # 4.4 Per-token rewards, GAE (or the group baseline), whitening.
     mask = ro.response_mask.float()
     kl = kl_per_token(old_logprobs, ref_logprobs, mask, s.kl_estimator)
-    rewards, non_score = token_rewards(scores, kl, mask, st.kl_ctl.value)
+    beta_in_reward = st.kl_ctl.value if s.kl_penalty == "reward" else 0.0
+    rewards, non_score = token_rewards(scores, kl, mask, beta_in_reward)
     if s.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
-    advantages, returns = gae(rewards, old_values, mask, s.gamma, s.lam)
+    if s.advantage == "gae":
+        advantages, returns = gae(rewards, old_values, mask, s.gamma, s.lam)
+    else:  # the episode's return against its group's, at every answer token (gamma = 1)
+        group = group_advantages(rewards.sum(1), s.group_size, s.advantage)
+        advantages, returns = group[:, None] * mask, rewards.flip(1).cumsum(1).flip(1) * mask
     if s.whiten_advantages:
         advantages = masked_whiten(advantages, mask)
     return Experience(
@@ -252,6 +278,7 @@ def make_experience(st: PPOState, prompts: Prompts, it: int) -> Experience:
         non_score=non_score,
         advantages=advantages,
         returns=returns,
+        ref_logprobs=ref_logprobs if s.kl_penalty == "loss" else None,
         seconds={
             "time/generate_s": t_gen - t0,
             "time/score_s": t_score - t_gen,
@@ -267,10 +294,13 @@ def train_micro_batch(st: PPOState, mb: MicroBatch, ptx: LMBatch | None, it: int
     """One micro-batch of both engines: actor (policy + ptx loss) backward and step, then critic (value loss).
     The engines accumulate gradients and take their optimizer step at the minibatch's last micro-batch."""
     s, policy, critic = st.stage, st.engines.policy, st.engines.critic
-    loss, row = actor_loss(policy, mb, s.temperature, s.clip_range, s.ptx_coef, ptx)
+    beta_in_loss = st.kl_ctl.value if s.kl_penalty == "loss" else 0.0
+    loss, row = actor_loss(policy, mb, s.temperature, s.clip_range, s.ptx_coef, ptx, beta_in_loss)
     check_finite(loss, "policy loss", it, st)
     policy.backward(loss)
     policy.step()
+    if critic is None:
+        return row
     values = critic(mb.ids, mb.mask)[:, mb.ctx - 1 : -1]
     vout = value_loss(values, mb.old_values, mb.returns, mb.response_mask, s.clip_range_value)
     check_finite(vout.loss, "value loss", it, st)
@@ -323,7 +353,6 @@ def iteration_metrics(
             "ppo/kl": seq_kl.mean().item(),
             "ppo/non_score_reward": exp.non_score.sum(1).mean().item(),
             "ppo/reward": (exp.non_score.sum(1) + exp.scores).mean().item(),
-            "ppo/explained_variance": explained_variance(exp.old_values, exp.returns, mask),
             "ppo/response_length": ro.lengths.float().mean().item(),
             "ppo/eos_fraction": ro.ended.float().mean().item(),
             "ppo/advantage_mean": masked_mean(exp.advantages, mask).item(),
@@ -332,6 +361,8 @@ def iteration_metrics(
             "perf/tokens_per_s_generate": n_tokens / max(1e-9, t_gen),
         }
     )
+    if st.engines.critic is not None:
+        metrics["ppo/explained_variance"] = explained_variance(exp.old_values, exp.returns, mask)
     metrics = distributed.means_over_ranks(metrics)
     metrics["ppo/kl_coef"] = st.kl_ctl.value
     elapsed = time.perf_counter() - t0
@@ -423,7 +454,8 @@ def run(cfg: DictConfig) -> None:
     run = start_run(cfg, resumable=True)
     env, device, tracker = run.env, run.device, run.tracker
     model_out = check_init_from(s.init_from, run.run_dir)
-    models.require_input(s.value_from, "stage.value_from")
+    if s.advantage == "gae":
+        models.require_input(s.value_from, "stage.value_from")
     per_rank, minibatches, accum = ppo_sizes(s, env.world_size)
 
     # 1. Prompts (held-out ones for evaluation never train) and pretraining blocks (PPO-ptx; alignment tax).
@@ -436,9 +468,10 @@ def run(cfg: DictConfig) -> None:
     train_prompts, eval_prompts = load_prompts(
         cfg, data_dir, tokenizer, s.eval_prompts, s.max_prompt_length, env.world_size
     )
-    if len(train_prompts) < s.rollout_batch_size:
+    if len(train_prompts) < s.rollout_batch_size // s.group_size:
         raise ValueError(
-            f"{len(train_prompts)} training prompts < stage.rollout_batch_size={s.rollout_batch_size}"
+            f"{len(train_prompts)} training prompts < the {s.rollout_batch_size // s.group_size} an iteration reads"
+            f" (stage.rollout_batch_size={s.rollout_batch_size} / stage.group_size={s.group_size})"
         )
     ptx_train, ptx_held_out = (
         load_ptx_blocks(cfg, data_dir, tokenizer)
@@ -454,7 +487,9 @@ def run(cfg: DictConfig) -> None:
     # 3. Derived sizes, computed once and logged.
     log_sizes(st, train_prompts, per_rank, minibatches, accum)
 
-    # 4. The loop. Iteration i reads rollout_batch_size prompts from a seeded per-epoch order; rank r its slice.
+    # 4. The loop. Iteration i reads rollout_batch_size / K prompts from a seeded per-epoch order, rank r its
+    # slice, each of them K times in a row (K = group_size: one group per prompt; 1 for PPO).
+    per_rank_prompts = per_rank // s.group_size
     prompt_order = EpochOrder(len(train_prompts), cfg.seed)
     ptx = (
         ptx_stream(ptx_train, s.ptx_micro_batch_size, accum, env.world_size, cfg.seed) if s.ptx_coef else None
@@ -462,7 +497,7 @@ def run(cfg: DictConfig) -> None:
     samples_path = run.run_dir / "samples.jsonl"
     save = functools.partial(save_checkpoint, st)
     if run.resume:  # resume=auto: engines, RNG, beta and the pretraining-data position of the interrupted run
-        state = load_resumable(run.resume, {"actor": engines.policy, "critic": engines.critic})
+        state = load_resumable(run.resume, trained(engines))
         kl_ctl.value, st.opt_step = state["kl_coef"], state["opt_step"]
         if env.is_main:
             keep_sample_rows(samples_path, run.resume_step)
@@ -470,11 +505,13 @@ def run(cfg: DictConfig) -> None:
         if env.is_main:
             samples_path.unlink(missing_ok=True)
         evaluate(st, 0)  # the starting point: KL is exactly 0 here (policy == reference)
-    bar = tracker.progress(s.iterations, "ppo", initial=run.resume_step)
+    bar = tracker.progress(s.iterations, s.name, initial=run.resume_step)
     for it in range(run.resume_step + 1, s.iterations + 1):
         t0 = time.perf_counter()
-        start = (it - 1) * s.rollout_batch_size + env.rank * per_rank
-        prompts = train_prompts.take(prompt_order(range(start, start + per_rank)))
+        start = (it - 1) * (s.rollout_batch_size // s.group_size) + env.rank * per_rank_prompts
+        prompts = train_prompts.take(
+            [i for i in prompt_order(range(start, start + per_rank_prompts)) for _ in range(s.group_size)]
+        )
         # 4.1-4.4 Roll out, score, old/reference log-probs and values, per-token rewards and advantages.
         exp = make_experience(st, prompts, it)
         # 4.5 ppo_epochs x shuffled minibatches x micro-batches; one optimizer step per minibatch and engine.

@@ -86,3 +86,34 @@ def explained_variance(predictions: torch.Tensor, targets: torch.Tensor, mask: t
     if var_t <= 0:
         return float("nan")
     return float(1 - masked_var(targets - predictions, mask, unbiased=False) / var_t)
+
+
+GROUP_ESTIMATORS = (
+    "grpo",
+    "rloo",
+)  # group_advantages' kinds: critic-free, one baseline per prompt's K samples
+
+
+def group_advantages(returns: torch.Tensor, group_size: int, kind: str, eps: float = 1e-4) -> torch.Tensor:
+    """Critic-free advantages [B] of B = n x K episodes, K consecutive samples per prompt (a group).
+
+    grpo (Shao et al. 2024, DeepSeekMath eq. 3, outcome supervision): A_i = (R_i - mean_g R) / (std_g R + eps),
+      std the Bessel-corrected standard deviation of the group (as TRL's GRPOTrainer); a group whose K returns are
+      equal has no signal (A = 0).
+    rloo (Ahmadian et al. 2024, REINFORCE leave-one-out; Kool et al. 2019): A_i = R_i - mean_{j != i} R_j
+      = K / (K - 1) * (R_i - mean_g R), the baseline each sample's K - 1 siblings, unbiased.
+    returns: [B] per-episode returns (the score, and under a reward-side KL penalty its summed non-score part).
+    """
+    if kind not in GROUP_ESTIMATORS:
+        raise ValueError(f"kind={kind!r}; choose one of {', '.join(GROUP_ESTIMATORS)}")
+    if group_size < 2:
+        raise ValueError(f"group_size={group_size}: a group baseline needs K >= 2 samples per prompt")
+    if returns.dim() != 1 or len(returns) % group_size:
+        raise ValueError(
+            f"{tuple(returns.shape)} returns are not whole groups of {group_size} (K consecutive samples per prompt)"
+        )
+    groups = returns.view(-1, group_size)
+    centred = groups - groups.mean(1, keepdim=True)
+    if kind == "grpo":
+        return (centred / (groups.std(1, keepdim=True) + eps)).view(-1)
+    return (centred * group_size / (group_size - 1)).view(-1)

@@ -36,6 +36,8 @@ BAD_CHOICES = [
     ("dpo", "stage.subset", "harmless", "all, helpful, safety"),
     ("ppo", "stage.kl_estimator", "k2", "k1, k3"),
     ("ppo_ptx", "stage.kl_controller", "pid", "fixed, adaptive"),
+    ("grpo", "stage.advantage", "vtrace", "gae, grpo, rloo"),
+    ("rloo", "stage.kl_penalty", "both", "reward, loss"),
     ("ppo", "stage.missing_eos", "ignore", "none, replace, subtract"),
     ("rejection_sampling", "stage.missing_eos", "ignore", "none, replace, subtract"),
     ("rejection_sampling", "stage.keep", "best", "all, last"),

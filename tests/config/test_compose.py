@@ -76,7 +76,7 @@ def test_cli_errors_are_readable(tmp_path):
 
 def test_help_and_cfg_job(tmp_path):
     out = alignlab("--help", cwd=tmp_path).stdout
-    stages = "stage: context_distillation, dpo, eval, pipeline, ppo, ppo_ptx, pretrain, rain, rejection_sampling, rm, sft"
+    stages = "stage: context_distillation, dpo, eval, grpo, pipeline, ppo, ppo_ptx, pretrain, rain, rejection_sampling, rloo, rm, sft"
     assert stages in out and "deepspeed: zero0, zero2, zero3" in out
     out = alignlab("stage=pretrain", "stage.lr=0.01", "--cfg", "job", cwd=tmp_path).stdout
     cfg = OmegaConf.create(out)

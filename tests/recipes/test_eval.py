@@ -13,6 +13,8 @@ pytestmark = pytest.mark.slow
 
 SYSTEMS = ["~stage.systems.ppo", "~stage.systems.ppo_ptx", "~stage.systems.rejection_sampling"]
 SYSTEMS += ["~stage.systems.context_distillation", "~stage.systems.rain"]
+SYSTEMS += ["~stage.systems.dpo", "~stage.systems.grpo", "~stage.systems.rloo"]  # the session's runs of some
+SYSTEMS += ["~stage.systems.sft_args", "~stage.systems.sft_blockwise"]  # judged in tests/science
 
 
 @pytest.fixture(scope="module")

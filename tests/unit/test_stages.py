@@ -68,7 +68,7 @@ def test_stage_dir_follows_the_runs_root_and_the_experiment():
 def test_the_reward_decides_the_outputs_of_the_stages_that_score_with_it():
     old, new = {"reward": {"reward_model": "a"}}, {"reward": {"reward_model": "b"}}
     scoring = {s for s in PIPELINE_STAGES if config_changes(s, old, new)}
-    assert scoring == {"ppo", "ppo_ptx", "rejection_sampling", "eval"}
+    assert scoring == {"ppo", "ppo_ptx", "grpo", "rloo", "rejection_sampling", "eval"}
     assert config_changes("rm_helpful", old, new) == []  # a run name, not a stage= option
 
 

@@ -1,7 +1,7 @@
 """Every stage on random-init stand-ins of real model families, on local files in the formats people have.
 
-Each family runs sft -> rm -> dpo -> ppo (2 iterations, with and without LoRA) -> rejection_sampling -> rain (2
-prompts) -> eval (judge=rm) as a user would (`python -m alignlab ...`, data=local), on its own data formats, so that
+Each family runs sft -> rm -> dpo -> ppo (2 iterations, with and without LoRA) -> grpo -> rejection_sampling -> rain
+(2 prompts) -> eval (judge=rm, with the reward-guided decodings) as a user would (`python -m alignlab ...`, data=local), on its own data formats, so that
 together they cover HH transcripts (with CRLF rows), TRL prompt/completion and preference files in plain and conversational
 form (explicit and implicit prompt), and chat messages with a system turn. The assertions are on what a user would
 check: the runs finish, models reload, answers are rendered and scored in the model's own format.
@@ -149,6 +149,10 @@ def test_every_stage_on_the_family(world, family):
     for run_dir in (ppo, lora):
         reloaded = AutoModelForCausalLM.from_pretrained(run_dir / "model")  # plain transformers, no PEFT
         assert isinstance(reloaded, torch.nn.Module) and metrics(run_dir)["ppo/kl_coef"] > 0
+    # critic-free: 2 prompts x K = 4 answers each, no critic loaded or saved
+    grpo = run(world, family, "grpo", *rl, *ppo_sizes)
+    assert not (grpo / "checkpoints" / "checkpoint-2" / "critic").exists()
+    assert metrics(grpo)["ppo/kl_loss"] >= 0 and (grpo / "model" / "config.json").exists()
     samples = [json.loads(x) for x in (ppo / "samples.jsonl").read_text().splitlines()]
     assert samples and all(
         s["prompt"].endswith("\n\nAssistant:") for s in samples
@@ -196,7 +200,10 @@ def test_every_stage_on_the_family(world, family):
 
     systems = (
         f"stage.systems={{sft: {{model: '{sft_model}'}}, ppo: {{model: '{ppo / 'model'}'}}, "
-        f"rain: {{answers: '{rain / 'samples.jsonl'}', answers_field: rain}}}}"
+        f"rain: {{answers: '{rain / 'samples.jsonl'}', answers_field: rain}}, "
+        # reward-guided decoding with the family's RM: its KV cache (ARGS) and whole prefixes (blockwise)
+        f"sft_args: {{model: '{sft_model}', decoding: args, top_k: 3}}, "
+        f"sft_blockwise: {{model: '{sft_model}', decoding: blockwise, n: 2, block_size: 3}}}}"
     )
     ev = run(
         world,
@@ -214,4 +221,5 @@ def test_every_stage_on_the_family(world, family):
         "stage.curves=[]",
     )
     results = json.loads((ev / "results.json").read_text())
-    assert {"sft", "ppo", "rain"} <= set(results["systems"])
+    assert {"sft", "ppo", "rain", "sft_args", "sft_blockwise"} <= set(results["systems"])
+    assert results["systems"]["sft_args"]["reward_calls_per_answer"] > 0

@@ -371,6 +371,46 @@ def test_ppo_ptx_gradients(tiny_lm, tokenizer):
     assert 0 < stats["ppo/entropy"] <= torch.log(torch.tensor(float(len(tokenizer)))).item() + 1e-5
 
 
+# ------------------------------------------------------------------ GRPO's KL term in the loss
+
+
+def test_grpo_kl_in_the_loss_is_beta_times_the_mean_k3_and_its_gradient(tiny_lm, tokenizer):
+    policy = eos_biased(tiny_lm, tokenizer.eos_token_id)
+    disable_dropout(policy)
+    temperature, clip, beta = 1.0, 0.2, 0.3
+    ro = rollout(policy, tokenizer, temperature, seed=6)
+    with torch.no_grad():
+        old = token_logprobs(
+            response_logits(policy, ro.input_ids, ro.attention_mask, ro.context_len), ro.response, temperature
+        )
+    torch.manual_seed(7)
+    ref = old + 0.5 * torch.randn_like(old)  # a reference the policy has moved away from
+    mb = dataclasses.replace(
+        micro_batch(ro, [0, 1, 2, 3], old, torch.randn(ro.response.shape)),
+        ref_logprobs=ref[[0, 1, 2, 3]][:, : int(ro.response_mask[[0, 1, 2, 3]].sum(1).max())],
+    )
+    # by hand: PPO's loss + beta * mean over answer tokens of (rho - 1) - log rho, rho = pi_ref / pi
+    policy.zero_grad()
+    logprobs = token_logprobs(response_logits(policy, mb.ids, mb.mask, mb.ctx), mb.response, temperature)
+    rho = torch.exp(mb.ref_logprobs - logprobs)
+    k3 = ((rho - 1 - torch.log(rho)) * mb.response_mask).sum() / mb.response_mask.sum()
+    want = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, clip).loss + beta * k3
+    want.backward()
+    g_want = grads(policy)
+    policy.zero_grad()
+    loss, stats = actor_loss(policy, mb, temperature, clip, 0.0, None, kl_coef=beta)
+    loss.backward()
+    assert loss.item() == pytest.approx(want.item(), abs=1e-6)
+    assert stats["ppo/kl_loss"] == pytest.approx(k3.item(), abs=1e-6) and k3.item() > 0
+    for got, w in zip(grads(policy), g_want, strict=True):
+        assert torch.allclose(got, w, atol=1e-6)
+    # without the reference's log-probs there is nothing to penalise against: an error, not a silent 0
+    with pytest.raises(ValueError, match="reference log-probs"):
+        actor_loss(
+            policy, dataclasses.replace(mb, ref_logprobs=None), temperature, clip, 0.0, None, kl_coef=beta
+        )
+
+
 # ------------------------------------------------------------------ dropout off
 
 
