@@ -117,6 +117,10 @@ PPO_SHORT = [
     "stage.sample_eval=100",
     "stage.samples_every=10",
 ]
+# The session's DPO (its defaults: one epoch) and RLOO runs, judged by stage=eval in tests/science's pipeline
+# (which skips them as finished) and read by tests/recipes/test_dpo.py; no oracle judging of their own.
+DPO_OVERRIDES = ["stage.sample_eval=0"]
+RLOO_OVERRIDES = ["stage.iterations=50", "stage.sample_eval=0"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -141,7 +145,7 @@ def pytest_configure(config):
             sys.modules["torch"].set_num_threads(int(threads))
 
 
-CHAIN_FIXTURES = ("tinyhh_root", "tinyhh_sft", "tinyhh_rm", "tinyhh_ppo")
+CHAIN_FIXTURES = ("tinyhh_root", "tinyhh_sft", "tinyhh_rm", "tinyhh_ppo", "tinyhh_dpo", "tinyhh_rloo")
 # Longest tiers first (longest-processing-time-first keeps the workers' ends close); unit tests fill in last.
 TIER_RANK = {"distributed": 0, "zoo": 1, "slurm": 2, "recipes": 3, "science": 3, "config": 4, "unit": 5}
 SHARED_SCOPES = ("module", "class", "package")
@@ -385,3 +389,21 @@ def tinyhh_ppo(tinyhh_rm, tinyhh_root, tinyhh_chain) -> Path:
     chain = tinyhh_chain
     chain.ensure("ppo", lambda: run_stage(chain.root, chain.data, "stage=ppo", *PPO_SHORT, timeout=1500))
     return link(tinyhh_root, chain, "ppo")
+
+
+@pytest.fixture(scope="session")
+def tinyhh_dpo(tinyhh_sft, tinyhh_root, tinyhh_chain) -> Path:
+    """stage=dpo with its defaults on that SFT model (one epoch, ~1 minute), trained once per session."""
+    chain = tinyhh_chain
+    chain.ensure("dpo", lambda: run_stage(chain.root, chain.data, "stage=dpo", *DPO_OVERRIDES, timeout=1500))
+    return link(tinyhh_root, chain, "dpo")
+
+
+@pytest.fixture(scope="session")
+def tinyhh_rloo(tinyhh_rm, tinyhh_root, tinyhh_chain) -> Path:
+    """stage=rloo with RLOO_OVERRIDES on that SFT model and RM (~1.5 minutes), trained once per session."""
+    chain = tinyhh_chain
+    chain.ensure(
+        "rloo", lambda: run_stage(chain.root, chain.data, "stage=rloo", *RLOO_OVERRIDES, timeout=1500)
+    )
+    return link(tinyhh_root, chain, "rloo")

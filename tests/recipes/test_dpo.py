@@ -12,7 +12,7 @@ from tests.conftest import run_stage
 
 pytestmark = pytest.mark.slow
 
-# 20 steps of 32 pairs (of ~3,600), 64 held-out pairs, no oracle judging: seconds, the same code paths.
+# LoRA: 20 steps of 32 pairs (of ~3,600), 64 held-out pairs, no oracle judging: seconds, the same code paths.
 SHORT = ["stage=dpo", "stage.steps=20", "stage.eval_rows=64", "stage.sample_eval=0"]
 
 
@@ -20,19 +20,20 @@ def evals(rows, key):
     return [r[key] for r in rows if key in r]
 
 
-def test_dpo_learns_the_held_out_preferences(tinyhh_sft, tinyhh_root, data_cache):
-    run_stage(tinyhh_root, data_cache, *SHORT, "stage.lr=5e-5", "stage.name=dpo_short")
-    out = tinyhh_root / "runs" / "tinyhh" / "dpo_short"
+def test_dpo_learns_the_held_out_preferences(tinyhh_dpo):
+    # the session's DPO run with its defaults (tests/conftest.py; tests/science judges its answers)
+    out = tinyhh_dpo
     rows = read_metrics(out)
     accuracy, margin = evals(rows, "eval/reward_accuracy"), evals(rows, "eval/reward_margin")
-    print({"accuracy": accuracy, "margin": margin})  # session's chain: 0.75, 0.07
-    assert [r["step"] for r in rows if "eval/reward_accuracy" in r] == [0, 20]  # before and after training
+    print({"accuracy": accuracy, "margin": margin})  # session's chain: 0.80 after one epoch at lr 2e-5
+    steps = [r["step"] for r in rows if "eval/reward_accuracy" in r]
+    assert steps[0] == 0 and len(steps) == 2  # before and after training
     assert margin[0] == 0.0  # step 0: the policy is its reference
-    assert accuracy[-1] > 0.6 and margin[-1] > 0  # the implicit reward ranks held-out pairs
+    assert accuracy[-1] > 0.7 and margin[-1] > 0  # the implicit reward ranks held-out pairs
     assert {"config.yaml", "metrics.jsonl", "model", "checkpoints", "done.json"} <= {
         p.name for p in out.iterdir()
     }
-    assert (out / "checkpoints" / "checkpoint-20" / "manifest.json").exists()
+    assert (out / "checkpoints" / f"checkpoint-{steps[-1]}" / "manifest.json").exists()
     assert models.load_causal_lm(str(out / "model")).config.num_hidden_layers > 0
 
 

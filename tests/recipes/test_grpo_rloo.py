@@ -1,8 +1,8 @@
 """stage=grpo and stage=rloo end to end on TinyHH from the session's SFT model and reward model: PPO's recipe with
 K samples per prompt, a group baseline and no critic (docs/grpo.md).
 
-One short GRPO run is both the contract check and the uninterrupted run the resume test compares with; one short
-RLOO run checks the reward-side KL penalty and the leave-one-out advantages it trained on.
+One short GRPO run is both the contract check and the uninterrupted run the resume test compares with; the
+session's RLOO run (tests/conftest.py) shows the reward-side KL penalty.
 """
 
 from __future__ import annotations
@@ -82,25 +82,16 @@ def test_grpo_killed_and_resumed_matches_the_uninterrupted_run(grpo, tinyhh_root
     ).read_bytes()
 
 
-def test_rloo_penalises_kl_in_the_reward_with_leave_one_out_advantages(tinyhh_rm, tinyhh_root, data_cache):
-    run_stage(
-        tinyhh_root,
-        data_cache,
-        "stage=rloo",
-        "stage.name=rloo_short",
-        "stage.iterations=3",
-        "stage.rollout_batch_size=32",
-        "stage.eval_prompts=16",
-        "stage.sample_eval=0",
-    )
-    out = tinyhh_root / "runs" / "tinyhh" / "rloo_short"
+def test_rloo_penalises_kl_in_the_reward_with_leave_one_out_advantages(tinyhh_rloo):
+    # the session's RLOO run (tests/conftest.py; tests/science judges its answers)
+    out = tinyhh_rloo
     stage = OmegaConf.load(out / "config.yaml").stage
     assert (stage.advantage, stage.kl_penalty, stage.kl_estimator) == ("rloo", "reward", "k1")
     its = per_iteration(read_metrics(out))
-    assert len(its) == 3
+    assert len(its) == stage.iterations
     for r in its:
         assert "ppo/kl_loss" not in r and "ppo/value_loss" not in r
-    # the penalty is in the reward: -beta x the summed KL, once the policy has moved
-    assert its[-1]["ppo/non_score_reward"] == pytest.approx(-stage.kl_coef * its[-1]["ppo/kl"], rel=1e-4)
-    assert its[-1]["ppo/kl"] != 0.0
-    assert not (out / "checkpoints" / "checkpoint-3" / "critic").exists()
+        # the penalty is in the reward: -beta x the summed KL of the batch
+        assert r["ppo/non_score_reward"] == pytest.approx(-stage.kl_coef * r["ppo/kl"], rel=1e-4, abs=1e-7)
+    assert its[-1]["ppo/kl"] > 0  # the policy moved
+    assert not (out / "checkpoints" / f"checkpoint-{stage.iterations}" / "critic").exists()
