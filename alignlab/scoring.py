@@ -179,10 +179,10 @@ class PrefixScores:
         ids, mask = pad_sequences(prompts, self.scorer.tokenizer.pad_token_id, "left")
         ids, self.mask = ids.to(self.scorer.device), mask.to(self.scorer.device)
         self.rows = list(range(len(prompts)))  # prompt index of each row of the caches
-        self.caches = {
-            role: self._forward(role, ids, self.mask, position_ids(self.mask), None)[1]
-            for role in self.scorer.models
-        }
+        self.caches, self.last = {}, {}  # last: each row's score at its last token (pad == eos reads it)
+        for role in self.scorer.models:
+            scores, self.caches[role] = self._forward(role, ids, self.mask, position_ids(self.mask), None)
+            self.last[role] = scores[:, -1]
         self.next_position = self.mask.sum(1)
         self.tokens += ids.numel() * len(self.caches)
 
@@ -214,8 +214,14 @@ class PrefixScores:
             for i, layer in enumerate(cache.layers):
                 copy.update(layer.keys[pick], layer.values[pick], i)
             scores = self._forward(role, ids, mask, positions, copy)[0]
-            # read after the appended end token, or at a candidate that is itself the end (an EOS)
-            raw[role] = torch.where(ids[:, 0] == self.end_id, scores[:, 0], scores[:, 1]).cpu()
+            # read after the appended end token, or at a candidate that is itself the end (an EOS). With pad == eos
+            # a model reads the token before the trailing EOS (score_sequences): the candidate, or for an EOS
+            # candidate the prefix's last token
+            if self.end_id == self.scorer.tokenizer.pad_token_id:
+                read = torch.where(ids[:, 0] == self.end_id, self.last[role][pick], scores[:, 0])
+            else:
+                read = torch.where(ids[:, 0] == self.end_id, scores[:, 0], scores[:, 1])
+            raw[role] = read.cpu()
         self.tokens += ids.numel() * len(self.caches)
         flags = None if self.is_safety is None else [self.is_safety[r] for r in rows for _ in range(k)]
         return self.scorer._combine(lambda role: raw[role], flags).view(n, k)
@@ -229,6 +235,7 @@ class PrefixScores:
         ids = tokens.reshape(-1, 1).to(self.mask.device)
         positions = self.next_position[keep][:, None]
         for role in self.caches:
-            self.caches[role] = self._forward(role, ids, self.mask, positions, self.caches[role])[1]
+            scores, self.caches[role] = self._forward(role, ids, self.mask, positions, self.caches[role])
+            self.last[role] = scores[:, -1]
         self.next_position = self.next_position[keep] + 1
         self.tokens += ids.numel() * len(self.caches)

@@ -87,12 +87,11 @@ def ptx_stream(blocks: Packed, micro_batch_size: int, accum: int, world_size: in
 
 @dataclass
 class Engines:
-    """PPO's four models: actor and critic engines, the frozen reference and the reward scorer."""
+    """PPO's four models: actor and critic engines, the frozen reference and the reward scorer (GRPO, RLOO: three)."""
 
     policy: Any  # DeepSpeed engine around the actor (the model being trained)
-    critic: (
-        Any  # DeepSpeed engine around TokenValueModel(value model from the reward model); None: critic-free
-    )
+    # DeepSpeed engine around TokenValueModel(value model from the reward model); None: critic-free (grpo, rloo)
+    critic: Any
     reference: torch.nn.Module | None  # the frozen SFT model; None with LoRA (the policy, adapters disabled)
     scorer: RewardScorer
     lora: bool
@@ -172,7 +171,8 @@ def trained(engines: Engines) -> dict[str, Any]:
 
 
 def save_checkpoint(st: PPOState, it: int, root: Path | None = None) -> Path:
-    """Both engines, every rank's RNG, the KL coefficient and the optimizer-step count (collective)."""
+    """The engines (the critic where there is one), every rank's RNG, the KL coefficient and the optimizer-step
+    count (collective)."""
     return save_resumable(
         root or st.run.checkpoints,
         it,

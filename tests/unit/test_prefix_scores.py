@@ -10,9 +10,9 @@ from alignlab.scoring import PrefixScores, RewardScorer
 from tests.unit.conftest import tiny_config, word_tokenizer
 
 
-@pytest.fixture
-def scorers(tmp_path):
-    tok = word_tokenizer()
+@pytest.fixture(params=[False, True], ids=["pad", "pad_is_eos"])
+def scorers(tmp_path, request):
+    tok = word_tokenizer(pad_is_eos=request.param)
     paths = {}
     for seed, role in enumerate(("helpful", "safety")):
         torch.manual_seed(seed)  # initializer_range 0.3: positions and attention move the score
