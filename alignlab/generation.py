@@ -27,11 +27,13 @@ def sample(
     temperature: float = 1.0,
     batch_size: int = 32,
     stop_strings: tuple[str, ...] = DEFAULT_STOP,
+    tokens: list[int] | None = None,
 ) -> list[str]:
     """Pure ancestral sampling (top_k=0, top_p=1) at `temperature` (0 = greedy); returns decoded answers.
 
     Prompts are rendered in the model's chat format and tokenized as every stage does (data/examples.py); an
-    answer ends at the EOS (a chat template's end-of-turn token) or a stop string.
+    answer ends at the EOS (a chat template's end-of-turn token) or a stop string. tokens: if given, gets each
+    answer's prompt + generated tokens (its EOS included), the positions the model computed with its KV cache.
     """
     from alignlab.data.examples import decode_answer, prompt_ids
 
@@ -56,9 +58,13 @@ def sample(
             eos_token_id=tokenizer.eos_token_id,
             **sampling,
         )
-        for row in gen[:, ids.shape[1] :].tolist():
+        for n_prompt, row in zip(mask.sum(1).tolist(), gen[:, ids.shape[1] :].tolist(), strict=True):
             if tokenizer.eos_token_id in row:
                 row = row[: row.index(tokenizer.eos_token_id)]
+                if tokens is not None:
+                    tokens.append(n_prompt + len(row) + 1)
+            elif tokens is not None:
+                tokens.append(n_prompt + len(row))
             out.append(cut_at_stop(decode_answer(tokenizer, row), stop_strings))
     return out
 

@@ -49,7 +49,8 @@ class DecodingCost:
     policy_tokens: int = 0  # positions the policy computed: left padding and re-encoded prefixes included
     reward_calls: int = 0  # calls of score_fn
     reward_sequences: int = 0  # sequences passed to score_fn
-    reward_tokens: int = 0  # their summed lengths (as passed: what the caller appends is not counted)
+    # their summed lengths (as passed: what the caller appends is not counted), per reward model
+    reward_tokens: int = 0
 
 
 @dataclass

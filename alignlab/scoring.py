@@ -165,7 +165,7 @@ class PrefixScores:
     score_ids gives that sequence, up to float rounding; a candidate that is the EOS is read there), feeding only
     those 2 tokens per candidate on a copy of
     the row's cache; advance(rows, tokens [n]) appends the chosen token to those rows' prefixes. Finished rows are
-    simply no longer asked about. `tokens` counts the positions the reward model(s) computed (cost accounting).
+    simply no longer asked about. `tokens` counts the positions each reward model computed (cost accounting).
     Needs plain full-attention caches (Llama-style models); combination and normalisation as RewardScorer's.
     """
 
@@ -184,7 +184,7 @@ class PrefixScores:
             scores, self.caches[role] = self._forward(role, ids, self.mask, position_ids(self.mask), None)
             self.last[role] = scores[:, -1]
         self.next_position = self.mask.sum(1)
-        self.tokens += ids.numel() * len(self.caches)
+        self.tokens += ids.numel()
 
     def _forward(self, role: str, ids, mask, positions, cache):
         inner = self.scorer.models[role]
@@ -222,7 +222,7 @@ class PrefixScores:
             else:
                 read = torch.where(ids[:, 0] == self.end_id, scores[:, 0], scores[:, 1])
             raw[role] = read.cpu()
-        self.tokens += ids.numel() * len(self.caches)
+        self.tokens += ids.numel()
         flags = None if self.is_safety is None else [self.is_safety[r] for r in rows for _ in range(k)]
         return self.scorer._combine(lambda role: raw[role], flags).view(n, k)
 
@@ -238,4 +238,4 @@ class PrefixScores:
             scores, self.caches[role] = self._forward(role, ids, self.mask, positions, self.caches[role])
             self.last[role] = scores[:, -1]
         self.next_position = self.next_position[keep] + 1
-        self.tokens += ids.numel() * len(self.caches)
+        self.tokens += ids.numel()

@@ -65,6 +65,10 @@ def comparisons(results: dict) -> list[str]:
     return lines
 
 
+def flops(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
 def num(x: float | None, digits: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
@@ -79,8 +83,8 @@ def markdown(results: dict, plots: list[str]) -> str:
         "",
         "| system | "
         + " | ".join(label for _, label in RATES)
-        + f" | win rate vs {base} | RM score | KL to reference | pretraining loss |",
-        "|---|" + "---|" * (len(RATES) + 4),
+        + f" | win rate vs {base} | RM score | KL to reference | pretraining loss | inference FLOPs per answer |",
+        "|---|" + "---|" * (len(RATES) + 5),
     ]
     for name, m in systems.items():
         wr = results["win_rates"].get(name, {}).get(base)
@@ -92,7 +96,8 @@ def markdown(results: dict, plots: list[str]) -> str:
         lines.append(
             f"| {name} | "
             + " | ".join(pct(m.get(k)) for k, _ in RATES)
-            + f" | {win} | {num(m.get('rm_score'))} | {num(m.get('kl'))} | {num(m.get('ptx_loss'), 4)} |"
+            + f" | {win} | {num(m.get('rm_score'))} | {num(m.get('kl'))} | {num(m.get('ptx_loss'), 4)}"
+            + f" | {flops(m.get('inference_flops_per_answer'))} |"
         )
     if results.get("differences"):
         lines += ["", f"## Differences to {base} (percentage points, 95% Newcombe interval)", ""]
@@ -114,7 +119,10 @@ def markdown(results: dict, plots: list[str]) -> str:
     lines += [
         "",
         "KL: mean log-prob ratio of a system's own answers to the reference model (sampled systems at T = 1 only; "
-        "best-of-N's KL is at most log N - (N-1)/N). Pretraining loss: held-out pretraining text, nats per token.",
+        "best-of-N's KL is at most log N - (N-1)/N). Pretraining loss: held-out pretraining text, nats per token. "
+        "Inference FLOPs per answer: 2 x parameters x the positions the policy and the reward model(s) computed "
+        "for it (prompt and answer through the KV cache; best-of-N's N samples and their scoring; a guided "
+        "decoding's candidates), '-' for answers files.",
         "",
     ]
     lines += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
@@ -122,10 +130,11 @@ def markdown(results: dict, plots: list[str]) -> str:
 
 
 def write_report(results: dict, out_dir: str | Path, curves: dict[str, str] | None = None) -> list[Path]:
-    """report.md and the plots (rates.png, tradeoff.png, win_rates.png, reward_kl.png) into out_dir."""
+    """report.md and the plots (rates.png, tradeoff.png, win_rates.png, cost.png, reward_kl.png) into out_dir."""
     out_dir = Path(out_dir)
     plots = [plot_rates(results, out_dir / "rates.png"), plot_tradeoff(results, out_dir / "tradeoff.png")]
     plots.append(plot_win_rates(results, out_dir / "win_rates.png"))
+    plots.append(plot_cost(results, out_dir / "cost.png"))
     plots.append(plot_reward_kl(results, curves or {}, out_dir / "reward_kl.png"))
     plots = [p for p in plots if p is not None]
     atomic_write_text(out_dir / "report.md", markdown(results, [str(p) for p in plots]))
@@ -208,6 +217,46 @@ def plot_tradeoff(results: dict, path: Path) -> Path | None:
     ax.set_ylabel("helpfulness (%)")
     ax.set_title("Helpful vs harmless (95% intervals)")
     ax.grid(alpha=0.3)
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def pareto(points: dict[str, tuple[float, float]]) -> list[str]:
+    """The systems no other beats on both axes (lower cost, higher quality), in order of cost."""
+    front = [
+        n
+        for n, (c, q) in points.items()
+        if not any((c2 <= c and q2 >= q) and (c2, q2) != (c, q) for c2, q2 in points.values())
+    ]
+    return sorted(front, key=lambda n: points[n][0])
+
+
+def plot_cost(results: dict, path: Path) -> Path | None:
+    """Harmlessness and helpfulness against inference FLOPs per answer (log scale), the Pareto front of each
+    joined: what quality each decoding buys per unit of inference compute."""
+    sets = [k for k in ("harmlessness", "helpfulness") if any(k in m for m in results["systems"].values())]
+    costed = {n: m for n, m in results["systems"].items() if m.get("inference_flops_per_answer")}
+    if not sets or not costed:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 4.5), squeeze=False)
+    for ax, key in zip(axes[0], sets, strict=True):
+        points = {
+            n: (m["inference_flops_per_answer"], m[key]["value"]) for n, m in costed.items() if key in m
+        }
+        for i, (name, (c, q)) in enumerate(points.items()):
+            ax.errorbar(c, 100 * q, yerr=error_bar(costed[name][key]), fmt="o", color=f"C{i % 10}", capsize=2)
+            ax.annotate(name, (c, 100 * q), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        front = pareto(points)
+        ax.plot([points[n][0] for n in front], [100 * points[n][1] for n in front], "k--", lw=0.8)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        ax.set_xlabel("inference FLOPs per answer")
+        ax.set_ylabel(f"{key} (%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Quality vs inference cost (dashed: Pareto front)")
     try:
         return _save(fig, path)
     finally:

@@ -172,16 +172,34 @@ def guided(
     return answers, total
 
 
+def inference_cost(
+    policy_params: int, policy_tokens: float, scorer, reward_tokens: float
+) -> dict[str, float]:
+    """Per answer: the positions the policy and each reward model computed, and the forward FLOPs they cost,
+    2 x parameters x tokens per model (Kaplan et al.'s forward estimate; attention's share is small at these
+    lengths)."""
+    reward_params = sum(models.count_parameters(m) for m in scorer.models.values()) if scorer else 0
+    return {
+        "policy_tokens_per_answer": policy_tokens,
+        "reward_tokens_per_answer": reward_tokens,
+        "inference_flops_per_answer": 2.0 * (policy_params * policy_tokens + reward_params * reward_tokens),
+    }
+
+
 def generate(
     sys_cfg: DictConfig, prompts: list[dict], s: DictConfig, scorer, device, seed: int
-) -> tuple[list[str], dict | None]:
+) -> tuple[list[str], dict[str, float]]:
     """A model system's answers: sample / greedy through generate, best-of-N scored by the reward model, or
-    reward-guided decoding (args, blockwise); with the latter, what the decoding ran per answer (else None)."""
+    reward-guided decoding (args, blockwise); and what they cost per answer (inference_cost; for the guided
+    decodings also their DecodingCost per answer). Sampled tokens are counted as the KV cache computes them: the
+    prompt once, then each generated token up to and including the EOS."""
     model = models.load_causal_lm(sys_cfg.model).to(device).eval()
     tokenizer = models.load_tokenizer(sys_cfg.model)
+    params = models.count_parameters(model)
     shown = [sys_cfg.preprompt + p["prompt"] for p in prompts]
     torch.manual_seed(seed)  # the same random numbers for every system
     temperature = 0.0 if sys_cfg.decoding == "greedy" else sys_cfg.temperature
+    tokens: list[int] = []
     if sys_cfg.decoding not in GUIDED:
         answers = sample(
             model,
@@ -190,15 +208,21 @@ def generate(
             max_new_tokens=s.max_new_tokens,
             temperature=temperature,
             batch_size=s.batch_size,
+            tokens=tokens,
         )
-        return answers, None
+        return answers, inference_cost(params, sum(tokens) / len(prompts), None, 0.0)
     if scorer is None:
         raise ValueError(
             f"decoding={sys_cfg.decoding} needs the reward= model (reward.reward_model), which does not exist"
         )
     if sys_cfg.decoding != "best_of_n":
         answers, cost = guided(sys_cfg, model, tokenizer, prompts, shown, s, scorer)
-        return answers, {f"{k}_per_answer": v / len(prompts) for k, v in vars(cost).items()}
+        per_answer = {f"{k}_per_answer": v / len(prompts) for k, v in vars(cost).items()}
+        return answers, per_answer | inference_cost(
+            params, per_answer["policy_tokens_per_answer"], scorer, per_answer["reward_tokens_per_answer"]
+        )
+    from alignlab.data.examples import sequence_ids
+
     n = sys_cfg.n
     flat = sample(
         model,
@@ -207,10 +231,14 @@ def generate(
         max_new_tokens=s.max_new_tokens,
         temperature=temperature,
         batch_size=s.batch_size,
+        tokens=tokens,
     )
-    scores = scorer([p["prompt"] for p in prompts for _ in range(n)], flat).view(len(prompts), n)
+    texts = [p["prompt"] for p in prompts for _ in range(n)]
+    scores = scorer(texts, flat).view(len(prompts), n)
     best = scores.argmax(1).tolist()
-    return [flat[i * n + b] for i, b in enumerate(best)], None
+    scored = sum(len(sequence_ids(scorer.tokenizer, p, r)) for p, r in zip(texts, flat, strict=True))
+    cost = inference_cost(params, sum(tokens) / len(prompts), scorer, scored / len(prompts))
+    return [flat[i * n + b] for i, b in enumerate(best)], cost
 
 
 @torch.no_grad()
@@ -383,10 +411,8 @@ def evaluate_system(
     verdicts = b.judge(texts, answers)
     rm = b.scorer(texts, answers).tolist() if b.scorer is not None and s.rm_score else None
     m = system_metrics(prompts, verdicts, rm)
-    if sys_cfg.answers is None and cost is not None:
-        m.update(
-            cost
-        )  # policy_tokens_per_answer, reward_tokens_per_answer, ...: what the guided decoding ran
+    if sys_cfg.answers is None:  # inference_flops_per_answer, policy_tokens_per_answer, ...: what it ran
+        m.update(cost)
     if b.has_reference and b.reference is None and sys_cfg.model is not None:
         b.reference = models.load_causal_lm(b.reference_path).to(device).eval()
     m["kl"] = kl_to_reference(sys_cfg, b.reference, prompts, s, device, seed) if b.reference else None

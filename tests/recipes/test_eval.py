@@ -47,6 +47,12 @@ def test_systems_side_by_side(evaluated):
     assert systems["base_greedy"]["kl"] is None and systems["base_greedy"]["system"]["decoding"] == "greedy"
     assert results["comparisons"] == {}
     assert systems["base"]["ptx_loss"] < systems["sft"]["ptx_loss"]  # SFT pays a (small) pretraining-loss tax
+    # inference cost: best-of-8 samples 8 answers and scores them with the RM; the preprompt lengthens the prompt
+    flops = {n: m["inference_flops_per_answer"] for n, m in systems.items()}
+    assert flops["sft_best_of_8"] > 7 * flops["sft"] and flops["sft_preprompt"] > flops["sft"] > 0
+    assert (
+        systems["sft"]["reward_tokens_per_answer"] == 0 < systems["sft_best_of_8"]["reward_tokens_per_answer"]
+    )
     for a, row in results["win_rates"].items():
         for b, w in row.items():  # a vs b mirrors b vs a
             mirror = results["win_rates"][b][a]
@@ -55,7 +61,7 @@ def test_systems_side_by_side(evaluated):
     for name, m in systems.items():
         row = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
         assert f"{100 * m['harmlessness']['value']:.1f}% [{100 * m['harmlessness']['ci_low']:.1f}" in row
-    for png in ("rates.png", "tradeoff.png", "win_rates.png", "reward_kl.png"):
+    for png in ("rates.png", "tradeoff.png", "win_rates.png", "reward_kl.png", "cost.png"):
         assert (evaluated / png).read_bytes()[:4] == b"\x89PNG"
 
 

@@ -51,7 +51,6 @@ def test_cached_candidates_score_as_the_whole_sequences(scorers, kind):
         for r, t in zip(rows, chosen.tolist(), strict=True):
             answers[r].append(t)
         cached.advance(rows, chosen)
-    # one encoding of the prompts, 2 tokens per candidate, 1 per appended token, for each reward model
-    models = 1 if kind == "single" else 2
+    # one encoding of the prompts, 2 tokens per candidate, 1 per appended token (each reward model computes them)
     calls = [3, 3, 2, 1]
-    assert cached.tokens == models * (3 * 5 + sum(2 * 3 * n + n for n in calls))
+    assert cached.tokens == 3 * 5 + sum(2 * 3 * n + n for n in calls)

@@ -78,6 +78,7 @@ def fake_results():
             "rm_score": {"base": -0.9, "sft": -0.1, "ppo": 0.66}[name],
             "kl": {"base": 1.7, "sft": 0.0, "ppo": 0.7}[name],
             "ptx_loss": 0.14,
+            "inference_flops_per_answer": {"base": 2.5e8, "sft": 2.5e8, "ppo": 3.1e8}[name],
         }
     scores = {"base": [0.1, 0.2, 0.9], "sft": [0.5, 0.2, 0.3], "ppo": [0.9, 0.9, 0.9]}
     win = {a: {b: win_rate(scores[a], scores[b]).as_dict() for b in scores if b != a} for a in scores}
@@ -109,7 +110,7 @@ def test_report_numbers_are_the_results_and_plots_render(tmp_path):
     results = fake_results()
     written = write_report(results, tmp_path)
     names = {p.name for p in written}
-    assert names == {"report.md", "rates.png", "tradeoff.png", "win_rates.png", "reward_kl.png"}
+    assert names == {"report.md", "rates.png", "tradeoff.png", "win_rates.png", "reward_kl.png", "cost.png"}
     for p in written:
         if p.suffix == ".png":
             assert p.read_bytes()[:8] == PNG and p.stat().st_size > 5000
@@ -118,8 +119,9 @@ def test_report_numbers_are_the_results_and_plots_render(tmp_path):
         row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[1 : 1 + len(RATES)] == EXPECTED_RATE_CELLS[name]
-        assert float(cells[-3]) == pytest.approx(m["rm_score"], abs=5e-4)
-        assert float(cells[-2]) == pytest.approx(m["kl"], abs=5e-4)
+        assert float(cells[-4]) == pytest.approx(m["rm_score"], abs=5e-4)
+        assert float(cells[-3]) == pytest.approx(m["kl"], abs=5e-4)
+        assert float(cells[-1]) == m["inference_flops_per_answer"]
         wr = results["win_rates"].get(name, {}).get("sft")
         if wr:
             assert cells[1 + len(RATES)].startswith(f"{100 * wr['rate']:.1f}%")
