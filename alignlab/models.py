@@ -339,23 +339,26 @@ def token_values(value_model, input_ids: torch.Tensor, attention_mask: torch.Ten
 
     Works through a PEFT wrapper (LoRA layers live inside the modules called here).
     """
-    inner = value_model
+    return score_head_forward(value_model, input_ids, attention_mask, position_ids(attention_mask))[0]
+
+
+def score_head_forward(model, input_ids, attention_mask, positions, past_key_values=None, use_cache=False):
+    """(the score head at every fed position [B, L], the KV cache or None): token_values, and with a cache the
+    incremental form reward-guided decoding reads (scoring.PrefixScores)."""
+    inner = model
     if hasattr(inner, "get_base_model"):  # PEFT -> the wrapped transformers model (adapters stay active)
         inner = inner.get_base_model()
-    backbone = getattr(inner, inner.base_model_prefix)
     head = getattr(inner, "score", None)
     if head is None:
-        raise ValueError(
-            f"{type(inner).__name__} has no `score` head; the critic must be a reward-model class"
-        )
-
-    hidden = backbone(
+        raise ValueError(f"{type(inner).__name__} has no `score` head; it must be a reward-model class")
+    out = getattr(inner, inner.base_model_prefix)(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask),
-        use_cache=False,
-    ).last_hidden_state
-    return head(hidden).squeeze(-1).float()
+        position_ids=positions,
+        past_key_values=past_key_values,
+        use_cache=use_cache,
+    )
+    return head(out.last_hidden_state).squeeze(-1).float(), out.past_key_values if use_cache else None
 
 
 class TokenValueModel(torch.nn.Module):

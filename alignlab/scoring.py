@@ -38,9 +38,14 @@ def score_texts(
 ) -> torch.Tensor:
     """Reward-model scores [len(prompts)] of prompt + response + EOS, right-padded in batches, on the CPU."""
     seqs = [sequence_ids(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
+    return score_id_batches(model, seqs, tokenizer.pad_token_id, device, batch_size)
+
+
+def score_id_batches(model, seqs: list[list[int]], pad_id: int, device, batch_size: int = 32) -> torch.Tensor:
+    """Reward-model scores [len(seqs)] of token-id sequences, right-padded in batches, on the CPU."""
     out = []
     for start in range(0, len(seqs), batch_size):
-        ids, mask = pad_sequences(seqs[start : start + batch_size], tokenizer.pad_token_id)
+        ids, mask = pad_sequences(seqs[start : start + batch_size], pad_id)
         out.append(score_sequences(model, ids.to(device), mask.to(device)).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
@@ -136,13 +141,7 @@ class RewardScorer:
         pad = self.tokenizer.pad_token_id
 
         def raw(role: str) -> torch.Tensor:
-            out = []
-            for start in range(0, len(sequences), self.batch_size):
-                ids, mask = pad_sequences(sequences[start : start + self.batch_size], pad)
-                out.append(
-                    score_sequences(self.models[role], ids.to(self.device), mask.to(self.device)).cpu()
-                )
-            return torch.cat(out) if out else torch.zeros(0)
+            return score_id_batches(self.models[role], sequences, pad, self.device, self.batch_size)
 
         return self._combine(raw, is_safety)
 
@@ -174,8 +173,6 @@ class PrefixScores:
         self.tokens = 0
 
     def begin(self, prompts: list[list[int]]) -> None:
-        from alignlab.tensors import pad_sequences
-
         ids, mask = pad_sequences(prompts, self.scorer.tokenizer.pad_token_id, "left")
         ids, self.mask = ids.to(self.scorer.device), mask.to(self.scorer.device)
         self.rows = list(range(len(prompts)))  # prompt index of each row of the caches
@@ -187,12 +184,9 @@ class PrefixScores:
         self.tokens += ids.numel()
 
     def _forward(self, role: str, ids, mask, positions, cache):
-        inner = self.scorer.models[role]
-        inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-        out = getattr(inner, inner.base_model_prefix)(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+        return models.score_head_forward(
+            self.scorer.models[role], ids, mask, positions, cache, use_cache=True
         )
-        return inner.score(out.last_hidden_state).squeeze(-1).float(), out.past_key_values
 
     def _select(self, rows: list[int]) -> torch.Tensor:
         where = {r: i for i, r in enumerate(self.rows)}

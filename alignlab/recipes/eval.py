@@ -121,7 +121,8 @@ def guided(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     device = next(model.parameters()).device
     ids = [prompt_ids(tokenizer, p) for p in shown]
-    safety = {tuple(q): p["set"] != "benign" for q, p in zip(ids, prompts, strict=True)}
+    flags = [p["set"] != "benign" for p in prompts]  # harmful and attack prompts are Llama 2's safety ones
+    safety = {tuple(q): f for q, f in zip(ids, flags, strict=True)}
     lengths = sorted({len(q) for q in ids})
 
     # the prompt a candidate continues (score_fn sees unfinished rows only)
@@ -131,16 +132,16 @@ def guided(
     end = chat.format_of(tokenizer).eos_id  # the token a reward model reads its score at (sequence_ids)
 
     def score_fn(seqs: list[list[int]]) -> torch.Tensor:
-        flags = [is_safety(q) for q in seqs] if scorer.kind != "single" else None
-        return scorer.score_ids([q if q[-1] in (eos, end) else [*q, end] for q in seqs], flags)
+        seq_flags = [is_safety(q) for q in seqs] if scorer.kind != "single" else None
+        return scorer.score_ids([q if q[-1] in (eos, end) else [*q, end] for q in seqs], seq_flags)
 
     total, answers = DecodingCost(), []
     for start in range(0, len(prompts), s.batch_size):
         query, mask = pad_sequences(ids[start : start + s.batch_size], pad, "left")
         common = dict(max_new_tokens=s.max_new_tokens, eos_id=eos, pad_id=pad)
         if sys_cfg.decoding == "args":  # the reward model keeps a KV cache of each answer so far
-            flags = [p["set"] != "benign" for p in prompts[start : start + s.batch_size]]
-            cached = PrefixScores(scorer, end, flags if scorer.kind != "single" else None)
+            batch_flags = flags[start : start + s.batch_size] if scorer.kind != "single" else None
+            cached = PrefixScores(scorer, end, batch_flags)
             out = args_decode(
                 model,
                 query.to(device),

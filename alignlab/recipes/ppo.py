@@ -262,9 +262,9 @@ def make_experience(st: PPOState, prompts: Prompts, it: int) -> Experience:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
     if s.advantage == "gae":
         advantages, returns = gae(rewards, old_values, mask, s.gamma, s.lam)
-    else:  # the episode's return against its group's, at every answer token (gamma = 1)
+    else:  # the episode's return against its group's, at every answer token; no critic, so no returns to fit
         group = group_advantages(rewards.sum(1), s.group_size, s.advantage)
-        advantages, returns = group[:, None] * mask, rewards.flip(1).cumsum(1).flip(1) * mask
+        advantages, returns = group[:, None] * mask, torch.zeros_like(mask)
     if s.whiten_advantages:
         advantages = masked_whiten(advantages, mask)
     return Experience(
