@@ -97,6 +97,8 @@ class TinyHHConfig:
     # byte-level BPE vocabulary (a larger softmax costs more than the longer sequences save)
     vocab_size: int = 1024
     n_ranked: int = 1000  # InstructGPT-style ranked sets (K = 4..9 answers per prompt)
+    heldout_topics: int = 0  # benign and harmful topics (each) kept out of SFT/preference/RL data; 0 = off
+    heldout_suffixes: int = 0  # attack suffixes kept out of SFT/preference/RL data (not pretraining); 0 = off
 
 
 @dataclass
@@ -521,6 +523,9 @@ class EvalConfig:
     judge_template: str = TINYHH_JUDGE_TEMPLATE
     # TinyHH eval sets
     prompt_sets: list[str] = field(default_factory=lambda: ["benign", "harmful", "attack"])
+    # a TinyHH world with a held-out split (data.tinyhh.heldout_*): also its held-out sets (held-out topics,
+    # held-out attack suffixes), reported as *_heldout rates beside the seen ones
+    heldout: bool = True
     prompts: str = "tinyhh"  # tinyhh, or a file / hub dataset with `prompt` (and `set`) columns
     n_prompts: int = 200  # prompts per set (0 = all)
     max_new_tokens: int = 96  # answer budget
@@ -532,6 +537,10 @@ class EvalConfig:
     # pretraining text of the tax (hub name or local file, `text` column; its first tenth, PPO's held-out split);
     # None = TinyHH's ptx data on data=tinyhh, otherwise the tax is not measured (logged, noted in report.md)
     ptx_source: str | None = None
+    # answers a deployment serves, over which training compute is spread: a system's total cost is its training
+    # FLOPs (every stage behind its models after pretraining, compute.json) + served_answers x its inference FLOPs
+    # per answer (report.md's total column, total_cost.png)
+    served_answers: int = 10000
     # training curves to plot (reward and KL per iteration): run directories with ppo/* metrics
     curves: list[str] = field(
         default_factory=lambda: [f"${{stage_dir:{s}}}" for s in ("ppo", "ppo_ptx", "grpo", "rloo")]

@@ -19,6 +19,7 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from trl import SFTConfig, SFTTrainer
 
 from alignlab import models
+from alignlab.compute import train_flops
 from alignlab.data import chat
 from alignlab.data.examples import LengthReport, sft_example
 from alignlab.data.splits import seeded_split
@@ -31,6 +32,7 @@ from alignlab.trainer_bridge import (
     steps_for,
     train_resumable,
     trainer_arguments,
+    trainer_tokens,
 )
 
 log = logging.getLogger("alignlab.finetune")
@@ -135,7 +137,8 @@ def finetune(
     Shared by stage=sft and the stages that fine-tune on their own generated data (rejection sampling, context
     distillation). hp: the fine-tuning fields of the stage config (batch sizes, lr and schedule, max_length,
     train_on, epochs/steps, ...). Metrics go to the run's tracker at step_offset + the trainer's step; returns
-    the held-out answer loss before/after and the step count. checkpoint_dir: where the engine state goes
+    the held-out answer loss before/after, the step count and the training compute (train_tokens, train_flops:
+    alignlab/compute.py). checkpoint_dir: where the engine state goes
     (default <run_dir>/checkpoints). resume_from: a checkpoint there to continue from (resume=auto).
     """
     env, tracker = run.env, run.tracker
@@ -204,11 +207,12 @@ def finetune(
             saving := CheckpointCallback(run),
         ],
     )
+    n_params, n_trainable = models.count_parameters(model), models.count_parameters(model, trainable=True)
     log.info(
         "%d params (%d trainable) | %d train / %d held-out demonstrations from %s | %d tokens, %.0f%% of them "
         "trained | %d steps of %d sequences (%.2f epochs) | %d rows truncated",
-        models.count_parameters(model),
-        sum(p.numel() for p in model.parameters() if p.requires_grad),
+        n_params,
+        n_trainable,
         len(train),
         len(held_out),
         source,
@@ -232,6 +236,7 @@ def finetune(
 
     # 4. Train; the Trainer evaluates the held-out answer-token loss at step 0, every eval_every steps and at the end.
     train_resumable(trainer, run, saving, resume_from)
+    tokens = trainer_tokens(trainer)  # every position forwarded and back-propagated (the prompt's too)
     before, after = (callback.evaluations[i][1]["eval_loss"] for i in (0, -1))
     result = {"eval/answer_loss_start": before, "eval/answer_loss": after}
     tracker.log(result, step=step_offset + steps)
@@ -245,7 +250,12 @@ def finetune(
     # Models this process loads next (rejection sampling's next sampler) are plain ones, not ZeRO-3 partitions.
     unset_hf_deepspeed_config()
     gc.collect()
-    return {**result, "steps": steps}
+    return {
+        **result,
+        "steps": steps,
+        "train_tokens": tokens,
+        "train_flops": train_flops(n_params, n_trainable, tokens),
+    }
 
 
 def split_generated(rows: list[dict], n: int, seed: int) -> tuple[list[dict], list[dict]]:

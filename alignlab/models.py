@@ -329,8 +329,25 @@ def disable_dropout(model: torch.nn.Module) -> None:
                     setattr(config, key, 0.0)
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def parameter_count(name_or_path: str, *, reward: bool = False, trust_remote_code: bool = False) -> int:
+    """The parameters of a saved causal LM (reward: a reward model, one score output) from its config alone: the
+    model is built on the meta device, so no weights are read (compute accounting of models not loaded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if reward:
+        config.num_labels = 1
+    auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto.from_config(config, trust_remote_code=trust_remote_code)
+    return count_parameters(model)
+
+
+def count_parameters(model: torch.nn.Module, trainable: bool = False) -> int:
+    """The model's parameters (trainable: those that train); a ZeRO-3 partition counts whole (its ds_numel)."""
+    return sum(
+        getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable
+    )
 
 
 def token_values(value_model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

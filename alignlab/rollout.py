@@ -191,11 +191,13 @@ def sample_answers(
     temperature: float,
     device,
     progress=None,
+    positions: list[int] | None = None,
 ) -> tuple[list[list[str]], list[list[bool]]]:
     """k sampled answers per prompt, in batches of batch_size sequences: (texts [P][k], ended [P][k]).
 
     The k copies of a prompt are independent samples (rows of one batch draw independently); progress, a tqdm
-    bar, advances by one per answer.
+    bar, advances by one per answer. positions: if given, gets each answer's prompt + answer positions (padding
+    left out), in the order of the answers: what the KV-cache sampler computed for it (its compute).
     """
     flat = prompts.take([i for i in range(len(prompts)) for _ in range(k)])
     texts: list[str] = []
@@ -207,6 +209,8 @@ def sample_answers(
         )
         texts.extend(ro.texts)
         ended.extend(ro.ended.tolist())
+        if positions is not None:
+            positions.extend((ro.query_mask.sum(1) + ro.response_mask.sum(1)).tolist())
         if progress is not None:
             progress.update(len(part))
     return [texts[i * k : (i + 1) * k] for i in range(len(prompts))], [

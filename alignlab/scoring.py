@@ -95,6 +95,7 @@ class RewardScorer:
             if kind == "single"
             else {"helpful": helpful_model, "safety": safety_model}
         )
+        self.paths = dict(paths)  # role -> the model directory it was loaded from (compute.json's inputs)
         self.models, self.norms = {}, {}
         for role, path in paths.items():
             if not path:
@@ -106,6 +107,11 @@ class RewardScorer:
             self.models[role] = models.load_reward_model(path, dtype=dtype).to(self.device).eval()
             self.norms[role] = load_normalization(path) if normalize else Normalization()
         self.tokenizer = models.load_tokenizer(next(iter(paths.values())))
+
+    @property
+    def params(self) -> int:
+        """Parameters of every reward model a score runs through (both of Llama 2's pair)."""
+        return sum(models.count_parameters(m) for m in self.models.values())
 
     @classmethod
     def from_config(cls, r, *, device, dtype: str = "float32", whiten: bool | None = None) -> RewardScorer:

@@ -39,6 +39,9 @@ _TRAINER_KEYS = {
     "eval_samples_per_second": None,
     "eval_steps_per_second": None,
     "total_flos": None,
+    # the token count compute.json is made of (trainer_tokens); the Trainer's own tokens/s repeats perf/tokens_per_s
+    "num_input_tokens_seen": None,
+    "train_tokens_per_second": None,
 }
 
 
@@ -210,6 +213,9 @@ def trainer_arguments(
         dataloader_num_workers=0,
         activation_checkpointing=bool(stage.get("gradient_checkpointing", False)),  # TRL defaults it on
         train_sampling_strategy="group_by_length" if stage.get("group_by_length", False) else "random",
+        # the non-padding positions of every training batch, over all ranks, kept in the Trainer's checkpointed
+        # state: what trainer_tokens reads for compute.json
+        include_num_input_tokens_seen="non_padding",
         **extra,
     )
 
@@ -237,6 +243,12 @@ def train_resumable(trainer, run: Run, callback: CheckpointCallback, resume_from
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if callback.preempted:
         stop_preempted(run, *callback.preempted)
+
+
+def trainer_tokens(trainer) -> float:
+    """The token positions the Trainer has trained on: every rank's non-padding positions of every micro-batch,
+    across a resume (the count is in the checkpointed trainer state)."""
+    return float(trainer.state.num_input_tokens_seen)
 
 
 def save_trainer_model(trainer, tokenizer, out_dir: Path, env: distributed.DistEnv, step: int) -> None:

@@ -118,6 +118,12 @@ def stage_problems(cfg: DictConfig, recipe: str, world: int) -> list[str]:
         f = s.finetune
         names = ("stage.finetune.batch_size", "stage.finetune.micro_batch_size")
         expect(distributed.grad_accum_steps, f.batch_size, f.micro_batch_size, world, names=names)
+    if (
+        cfg.data.source == "tinyhh"
+    ):  # the held-out split's counts (data.tinyhh.heldout_*), before any data work
+        from alignlab.tinyhh.emitters import check_split
+
+        expect(check_split, cfg.data.tinyhh)
     own_model = Path(cfg.run_dir) / "model"
     if "init_from" in s and s.init_from and models.same_path(s.init_from, own_model) and recipe != "rain":
         problems.append(f"stage.init_from={s.init_from} is this run's own output; set run_dir= elsewhere")

@@ -13,6 +13,18 @@ RATES = (
     ("helpfulness", "helpfulness (benign prompts)"),
     ("attack_success", "attack success (suffix attacks)"),
 )
+# a TinyHH world with a held-out split (data.tinyhh.heldout_*): the same rates on what no training data held
+HELDOUT_RATES = (
+    ("harmlessness_heldout", "harmlessness, held-out topics"),
+    ("helpfulness_heldout", "helpfulness, held-out topics"),
+    ("attack_success_heldout", "attack success, held-out suffixes"),
+)
+
+
+def rates_in(results: dict) -> tuple[tuple[str, str], ...]:
+    """The report's rate columns: RATES, then the HELDOUT_RATES some system has."""
+    systems = results["systems"].values()
+    return RATES + tuple((k, label) for k, label in HELDOUT_RATES if any(k in m for m in systems))
 
 
 def pct(rate: dict | None) -> str:
@@ -56,11 +68,12 @@ def comparisons(results: dict) -> list[str]:
             "sampling at T = 1 is ours.",
             "",
         ]
-    lines.append("| system | minus | " + " | ".join(k for k, _ in RATES) + " |")
-    lines.append("|---|---|" + "---|" * len(RATES))
+    rates = rates_in(results)
+    lines.append("| system | minus | " + " | ".join(k for k, _ in rates) + " |")
+    lines.append("|---|---|" + "---|" * len(rates))
     for name, row in results["comparisons"].items():
         for other, diffs in row.items():
-            cells = " | ".join(points(diffs.get(k)) for k, _ in RATES)
+            cells = " | ".join(points(diffs.get(k)) for k, _ in rates)
             lines.append(f"| {name} | {other} ({decoding(systems[other]['system'])}) | {cells} |")
     return lines
 
@@ -75,6 +88,8 @@ def num(x: float | None, digits: int = 3) -> str:
 
 def markdown(results: dict, plots: list[str]) -> str:
     systems, base = results["systems"], results["baseline"]
+    served = results.get("served_answers", 0)
+    rates = rates_in(results)
     lines = [
         "# Evaluation report",
         "",
@@ -82,9 +97,10 @@ def markdown(results: dict, plots: list[str]) -> str:
         f"intervals; win rate = wins / (wins + losses) on the judge's score, against `{base}`.",
         "",
         "| system | "
-        + " | ".join(label for _, label in RATES)
-        + f" | win rate vs {base} | RM score | KL to reference | pretraining loss | inference FLOPs per answer |",
-        "|---|" + "---|" * (len(RATES) + 5),
+        + " | ".join(label for _, label in rates)
+        + f" | win rate vs {base} | RM score | KL to reference | pretraining loss | inference FLOPs per answer"
+        + f" | training FLOPs | total FLOPs at {served:,} answers |",
+        "|---|" + "---|" * (len(rates) + 7),
     ]
     for name, m in systems.items():
         wr = results["win_rates"].get(name, {}).get(base)
@@ -95,16 +111,17 @@ def markdown(results: dict, plots: list[str]) -> str:
         )
         lines.append(
             f"| {name} | "
-            + " | ".join(pct(m.get(k)) for k, _ in RATES)
+            + " | ".join(pct(m.get(k)) for k, _ in rates)
             + f" | {win} | {num(m.get('rm_score'))} | {num(m.get('kl'))} | {num(m.get('ptx_loss'), 4)}"
-            + f" | {flops(m.get('inference_flops_per_answer'))} |"
+            + f" | {flops(m.get('inference_flops_per_answer'))} | {flops(m.get('training_flops'))}"
+            + f" | {flops(m.get('total_flops'))} |"
         )
     if results.get("differences"):
         lines += ["", f"## Differences to {base} (percentage points, 95% Newcombe interval)", ""]
-        lines.append("| system | " + " | ".join(k for k, _ in RATES) + " |")
-        lines.append("|---|" + "---|" * len(RATES))
+        lines.append("| system | " + " | ".join(k for k, _ in rates) + " |")
+        lines.append("|---|" + "---|" * len(rates))
         for name, diffs in results["differences"].items():
-            lines.append(f"| {name} | " + " | ".join(points(diffs.get(k)) for k, _ in RATES) + " |")
+            lines.append(f"| {name} | " + " | ".join(points(diffs.get(k)) for k, _ in rates) + " |")
     if results.get("comparisons"):
         lines += comparisons(results)
     lines += ["", "## Win rates (row against column)", ""]
@@ -122,7 +139,10 @@ def markdown(results: dict, plots: list[str]) -> str:
         "best-of-N's KL is at most log N - (N-1)/N). Pretraining loss: held-out pretraining text, nats per token. "
         "Inference FLOPs per answer: 2 x parameters x the positions the policy and the reward model(s) computed "
         "for it (prompt and answer through the KV cache; best-of-N's N samples and their scoring; a guided "
-        "decoding's candidates), '-' for answers files.",
+        "decoding's candidates; an answers file's from the inference_cost.json its stage wrote, else '-'). "
+        "Training FLOPs: every stage after pretraining behind the system's models (its policy's chain, and the "
+        "reward model's where it decodes with one), each once, from their compute.json (6 x parameters x trained "
+        f"tokens, 2 x for forwards). Total: training + {served:,} answers x inference per answer.",
         "",
     ]
     lines += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
@@ -130,11 +150,21 @@ def markdown(results: dict, plots: list[str]) -> str:
 
 
 def write_report(results: dict, out_dir: str | Path, curves: dict[str, str] | None = None) -> list[Path]:
-    """report.md and the plots (rates.png, tradeoff.png, win_rates.png, cost.png, reward_kl.png) into out_dir."""
+    """report.md and the plots (rates.png, tradeoff.png, win_rates.png, cost.png, total_cost.png, reward_kl.png)
+    into out_dir."""
     out_dir = Path(out_dir)
     plots = [plot_rates(results, out_dir / "rates.png"), plot_tradeoff(results, out_dir / "tradeoff.png")]
     plots.append(plot_win_rates(results, out_dir / "win_rates.png"))
     plots.append(plot_cost(results, out_dir / "cost.png"))
+    plots.append(
+        plot_cost(
+            results,
+            out_dir / "total_cost.png",
+            cost="total_flops",
+            xlabel=f"total FLOPs (training + {results.get('served_answers', 0):,} answers)",
+            title="Quality vs total cost: training + inference (dashed: Pareto front)",
+        )
+    )
     plots.append(plot_reward_kl(results, curves or {}, out_dir / "reward_kl.png"))
     plots = [p for p in plots if p is not None]
     atomic_write_text(out_dir / "report.md", markdown(results, [str(p) for p in plots]))
@@ -161,7 +191,7 @@ def _plt():
 def plot_rates(results: dict, path: Path) -> Path | None:
     """Grouped bars: each rate per system with its 95% interval."""
     systems = results["systems"]
-    present = [(k, label) for k, label in RATES if any(k in m for m in systems.values())]
+    present = [(k, label) for k, label in rates_in(results) if any(k in m for m in systems.values())]
     if not present:
         return None
     plt = _plt()
@@ -233,19 +263,23 @@ def pareto(points: dict[str, tuple[float, float]]) -> list[str]:
     return sorted(front, key=lambda n: points[n][0])
 
 
-def plot_cost(results: dict, path: Path) -> Path | None:
-    """Harmlessness and helpfulness against inference FLOPs per answer (log scale), the Pareto front of each
-    joined: what quality each decoding buys per unit of inference compute."""
+def plot_cost(
+    results: dict,
+    path: Path,
+    cost: str = "inference_flops_per_answer",
+    xlabel: str = "inference FLOPs per answer",
+    title: str = "Quality vs inference cost (dashed: Pareto front)",
+) -> Path | None:
+    """Harmlessness and helpfulness against a cost (log scale; default inference FLOPs per answer; total_flops:
+    training + inference), the Pareto front of each joined: what quality each system buys per unit of compute."""
     sets = [k for k in ("harmlessness", "helpfulness") if any(k in m for m in results["systems"].values())]
-    costed = {n: m for n, m in results["systems"].items() if m.get("inference_flops_per_answer")}
+    costed = {n: m for n, m in results["systems"].items() if m.get(cost)}
     if not sets or not costed:
         return None
     plt = _plt()
     fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 4.5), squeeze=False)
     for ax, key in zip(axes[0], sets, strict=True):
-        points = {
-            n: (m["inference_flops_per_answer"], m[key]["value"]) for n, m in costed.items() if key in m
-        }
+        points = {n: (m[cost], m[key]["value"]) for n, m in costed.items() if key in m}
         for i, (name, (c, q)) in enumerate(points.items()):
             ax.errorbar(c, 100 * q, yerr=error_bar(costed[name][key]), fmt="o", color=f"C{i % 10}", capsize=2)
             ax.annotate(name, (c, 100 * q), fontsize=8, xytext=(4, 4), textcoords="offset points")
@@ -253,10 +287,10 @@ def plot_cost(results: dict, path: Path) -> Path | None:
         ax.plot([points[n][0] for n in front], [100 * points[n][1] for n in front], "k--", lw=0.8)
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(plt.NullFormatter())
-        ax.set_xlabel("inference FLOPs per answer")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{key} (%)")
         ax.grid(alpha=0.3)
-    fig.suptitle("Quality vs inference cost (dashed: Pareto front)")
+    fig.suptitle(title)
     try:
         return _save(fig, path)
     finally:

@@ -14,7 +14,7 @@ import torch
 
 from alignlab.checkpoint import atomic_write_text
 from alignlab.generation import next_token_logprobs, option_token_id, sample
-from alignlab.tinyhh.emitters import judge_answer, judge_prompt
+from alignlab.tinyhh.emitters import HELDOUT_SETS, judge_answer, judge_prompt
 from alignlab.tinyhh.oracle import judge
 
 if TYPE_CHECKING:
@@ -110,7 +110,27 @@ def evaluate(
 
 
 EVAL_SETS = ("eval_benign", "eval_harmful", "eval_attack", "eval_selfeval")
-PROMPT_SETS = ("harmful", "benign", "attack")  # the answered sets: eval_<name>.jsonl
+# TinyHH answered set -> (rate, success of a verdict: the oracle's Judgement or stage=eval's Verdict), for
+# stage=eval and stage=rain; a world with a held-out split has the *_heldout sets too
+SET_METRICS = {
+    "harmful": ("harmlessness", lambda v: v.harmful is False),
+    "benign": ("helpfulness", lambda v: v.helpful is True),
+    "attack": ("attack_success", lambda v: v.harmful is True),
+    "harmful_heldout": ("harmlessness_heldout", lambda v: v.harmful is False),
+    "benign_heldout": ("helpfulness_heldout", lambda v: v.helpful is True),
+    "attack_heldout": ("attack_success_heldout", lambda v: v.harmful is True),
+}
+# the answered sets: eval_<name>.jsonl; the held-out ones exist in a world with a split (data.tinyhh.heldout_*)
+PROMPT_SETS = ("harmful", "benign", "attack", *HELDOUT_SETS)
+
+
+def with_heldout(sets, data_dir: Path, heldout: bool) -> list[str]:
+    """The named sets, then (heldout) the held-out sets this TinyHH world has (one generated with a split,
+    data.tinyhh.heldout_*) that they do not name."""
+    sets = list(sets)
+    if heldout:
+        sets += [h for h in HELDOUT_SETS if h not in sets and (data_dir / f"eval_{h}.jsonl").exists()]
+    return sets
 
 
 def tinyhh_prompts(data_dir: Path, sets, n: int) -> list[dict]:
@@ -123,7 +143,13 @@ def tinyhh_prompts(data_dir: Path, sets, n: int) -> list[dict]:
             raise ValueError(
                 f"stage.prompt_sets: {name!r} is not a TinyHH eval set; choose from {list(PROMPT_SETS)}"
             )
-        rows = load_rows(str(data_dir / f"eval_{name}.jsonl")).to_list()
+        path = data_dir / f"eval_{name}.jsonl"
+        if not path.exists():  # a held-out set of a world generated without the split
+            raise ValueError(
+                f"stage.prompt_sets: {path} does not exist: the held-out sets come from a TinyHH world with a "
+                "split (data.tinyhh.heldout_topics / heldout_suffixes > 0)"
+            )
+        rows = load_rows(str(path)).to_list()
         out += [{"set": name, "prompt": r["prompt"]} for r in (rows if n <= 0 else rows[:n])]
     return out
 

@@ -65,6 +65,9 @@ class RainConfig:
     prompt_split: str = "train"  # non-TinyHH: split (or slice) to read
     # TinyHH eval sets
     prompt_sets: list[str] = field(default_factory=lambda: ["harmful", "benign", "attack"])
+    # a TinyHH world with a held-out split (data.tinyhh.heldout_*): also its held-out sets, so stage=eval can
+    # judge RAIN's answers on them beside every other system's
+    heldout: bool = True
     n_prompts: int = 200  # prompts per set (first N; 0 = all): TinyHH holds 200 per set
     max_prompt_length: int = 128  # longer prompts are dropped (counted and logged)
     max_new_tokens: int = 64  # answer budget, RAIN and vanilla alike (authors: 2048 tokens in all)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from alignlab import distributed, models
+from alignlab import compute, distributed, models
 from alignlab.checkpoint import atomic_write_text
 from alignlab.data import chat
 from alignlab.data.loading import load_rows
@@ -136,15 +136,17 @@ def prompts_to_distill(cfg: DictConfig, data_dir: Path | None, tokenizer, env) -
 
 def sample_both(
     cfg: DictConfig, run: Run, tokenizer, todo: ToDistill
-) -> tuple[dict[str, list[str]], dict[str, list[bool]]]:
+) -> tuple[dict[str, list[str]], dict[str, list[bool]], dict[str, list[int]]]:
     """Two answers per prompt of this rank from the starting model: behind the preprompt ("teacher") and to the
-    plain prompt ("plain"). Returns (answers, ended), each keyed by those names."""
+    plain prompt ("plain"). Returns (answers, ended, positions: each answer's prompt + answer positions, its
+    sampling compute), each keyed by those names."""
     s = cfg.stage
     sampler = load_sampler(
         s.init_from, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code, device=run.device
     )
-    answers, ended = {}, {}
+    answers, ended, positions = {}, {}, {}
     for name, prompts in (("teacher", todo.preprompted), ("plain", todo.plain)):
+        positions[name] = []
         bar = run.tracker.progress(len(prompts), f"cd: sample {name}")
         answers[name], ended[name] = sample_one(
             sampler,
@@ -155,18 +157,25 @@ def sample_both(
             temperature=s.temperature,
             device=run.device,
             progress=bar,
+            positions=positions[name],
         )
         bar.close()
     del sampler
     gc.collect()
-    return answers, ended
+    return answers, ended, positions
 
 
 def gate_candidates(
-    cfg: DictConfig, run: Run, mine: list[dict], answers: dict[str, list[str]], ended: dict[str, list[bool]]
+    cfg: DictConfig,
+    run: Run,
+    mine: list[dict],
+    answers: dict[str, list[str]],
+    ended: dict[str, list[bool]],
+    positions: dict[str, list[int]],
 ) -> list[dict]:
     """The gate: both answers scored on the prompt WITHOUT the preprompt; then the truncation rule. Every
-    candidate with both answers, both scores and the decisions, gathered from all ranks."""
+    candidate with both answers, both scores, the decisions and the positions sampled for each answer,
+    gathered from all ranks."""
     s, device = cfg.stage, run.device
     texts = [r["prompt"] for r in mine]
     if s.gate:
@@ -193,12 +202,32 @@ def gate_candidates(
             "ended": bool(e),
             "gate_passed": bool(g),
             "kept": bool(k),
+            "positions": n,  # the preprompted prompt + answer, as sampled (compute.json)
+            "baseline_positions": nb,
         }
-        for r, t, b, sc, bs, e, g, k in zip(
-            mine, answers["teacher"], answers["plain"], score, baseline, complete, passed, keep, strict=True
+        for r, t, b, sc, bs, e, g, k, n, nb in zip(
+            *(mine, answers["teacher"], answers["plain"], score, baseline, complete, passed, keep),
+            *(positions["teacher"], positions["plain"]),
+            strict=True,
         )
     ]
     return [c for part in distributed.gather_objects(candidates) for c in part]
+
+
+def distillation_compute(cfg: DictConfig, candidates: list[dict], finetuned: dict) -> compute.Ledger:
+    """The stage's training compute (alignlab/compute.py): both answers per prompt sampled from the starting model,
+    both scored by the gate model (its positions counted as sampled, preprompt included: a slight over-count),
+    and the fine-tune. Rows of a distill.jsonl written before positions were recorded count 0."""
+    s = cfg.stage
+    sampled = sum(c.get("positions", 0) + c.get("baseline_positions", 0) for c in candidates)
+    ledger = compute.Ledger()
+    trust = cfg.model.trust_remote_code
+    ledger.forward("sample", models.parameter_count(s.init_from, trust_remote_code=trust), sampled)
+    if s.gate:
+        gate = models.parameter_count(s.gate_model, reward=True, trust_remote_code=trust)
+        ledger.forward("gate", gate, sampled)
+    ledger.add("finetune", finetuned["train_flops"], finetuned["train_tokens"])
+    return ledger
 
 
 def write_distill_data(run: Run, candidates: list[dict], s: DictConfig) -> list[dict]:
@@ -275,8 +304,8 @@ def run(cfg: DictConfig) -> None:
         candidates = [json.loads(line) for line in drawn.read_text().splitlines()]
         log.info("resume=auto: the %d answers drawn before, from %s", len(candidates), drawn)
     else:
-        answers, ended = sample_both(cfg, run, tokenizer, todo)
-        candidates = gate_candidates(cfg, run, todo.mine, answers, ended)
+        answers, ended, positions = sample_both(cfg, run, tokenizer, todo)
+        candidates = gate_candidates(cfg, run, todo.mine, answers, ended, positions)
 
     # 5. The generated data, written before training (rank 0; atomic), then read back by every rank.
     train_rows = write_distill_data(run, candidates, s)
@@ -288,7 +317,7 @@ def run(cfg: DictConfig) -> None:
 
     # 6. Distil: the SFT loss on (prompt WITHOUT preprompt, preprompted answer).
     train, held_out = split_generated(train_rows, s.finetune.eval_rows, cfg.seed)
-    steps = finetune(
+    result = finetune(
         run,
         cfg,
         s.finetune,
@@ -298,7 +327,15 @@ def run(cfg: DictConfig) -> None:
         model_out=model_out,
         source=str(run.run_dir / "train.jsonl"),
         resume_from=run.resume,  # the generation above is seeded: a resumed run distils the same rows
-    )["steps"]
+    )
+    steps = result["steps"]
+    if env.is_main:
+        compute.write(
+            run.run_dir,
+            "context_distillation",
+            distillation_compute(cfg, candidates, result),
+            [s.init_from, s.gate_model if s.gate else None],
+        )
 
     # 7. TinyHH: starting model, starting model behind a preprompt (the teacher), distilled model; same prompts.
     if data_dir is not None and s.sample_eval and env.is_main:

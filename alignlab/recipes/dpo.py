@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from trl import DPOConfig as TRLDPOConfig
 from trl import DPOTrainer
 
-from alignlab import models
+from alignlab import compute, models
 from alignlab.data import chat
 from alignlab.data.examples import LengthReport, prompt_ids, sequence_ids
 from alignlab.data.preferences import load_pairs
@@ -33,6 +33,7 @@ from alignlab.trainer_bridge import (
     steps_for,
     train_resumable,
     trainer_arguments,
+    trainer_tokens,
 )
 
 log = logging.getLogger("alignlab.dpo")
@@ -167,10 +168,13 @@ def run(cfg: DictConfig) -> None:
         callbacks=callbacks,
         peft_config=lora_config(cfg) if cfg.model.lora.enabled else None,
     )
+    # the policy as trained (PEFT-wrapped with LoRA: its adapters are what trains)
+    n_params = models.count_parameters(trainer.model)
+    n_trainable = models.count_parameters(trainer.model, trainable=True)
     log.info(
         "%d params | %s loss, beta %g | %d training pairs (%d dropped as too long) from %s, subset=%s | "
         "%d held-out pairs | %d steps of %d (%.2f epochs)",
-        models.count_parameters(model),
+        n_params,
         s.loss,
         s.beta,
         len(train),
@@ -194,6 +198,14 @@ def run(cfg: DictConfig) -> None:
 
     # 4. Train (from the checkpoint under resume=auto; a signal checkpoints and stops the stage).
     train_resumable(trainer, run, saving, run.resume)
+    # compute.json (alignlab/compute.py): chosen and rejected positions trained, and the same positions through
+    # the reference (a frozen copy, or the adapters disabled), every step
+    tokens = trainer_tokens(trainer)
+    ledger = compute.Ledger()
+    ledger.train("train", n_params, n_trainable, tokens)
+    ledger.forward("reference", n_params - (n_trainable if cfg.model.lora.enabled else 0), tokens)
+    if env.is_main:
+        compute.write(run.run_dir, "dpo", ledger, [s.init_from])
 
     # 5. Save: resumable engine state, then the policy (LoRA adapters merged) for the later stages.
     save_trainer_model(trainer, tokenizer, model_out, env, steps)

@@ -31,26 +31,19 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from alignlab import distributed, models
+from alignlab import compute, distributed, models
 from alignlab.checkpoint import atomic_write_json, atomic_write_text
 from alignlab.data.text_blocks import load_ptx_texts
 from alignlab.evaluation.judges import OracleJudge, RewardModelJudge, TemplateJudge, Verdict
 from alignlab.evaluation.lm_loss import AlignmentTax, tokenizer_key
 from alignlab.evaluation.metrics import Rate, rate_difference, win_rate
 from alignlab.evaluation.report import write_report
-from alignlab.evaluation.tinyhh import tinyhh_prompts
+from alignlab.evaluation.tinyhh import SET_METRICS, tinyhh_prompts, with_heldout
 from alignlab.generation import cut_at_stop, sample
 from alignlab.lifecycle import start_run, tinyhh_dir
 from alignlab.stage_checks import GUIDED, eval_systems
 
 log = logging.getLogger("alignlab.eval")
-
-# TinyHH set -> (metric, success)
-SET_METRICS = {
-    "harmful": ("harmlessness", lambda v: v.harmful is False),
-    "benign": ("helpfulness", lambda v: v.helpful is True),
-    "attack": ("attack_success", lambda v: v.harmful is True),
-}
 
 
 def load_eval_prompts(cfg: DictConfig, data_dir: Path | None) -> list[dict]:
@@ -60,7 +53,7 @@ def load_eval_prompts(cfg: DictConfig, data_dir: Path | None) -> list[dict]:
     s = cfg.stage
     take = (lambda rows: rows) if s.n_prompts <= 0 else (lambda rows: rows[: s.n_prompts])
     if s.prompts == "tinyhh":
-        return tinyhh_prompts(data_dir, s.prompt_sets, s.n_prompts)
+        return tinyhh_prompts(data_dir, with_heldout(s.prompt_sets, data_dir, s.heldout), s.n_prompts)
     rows = load_rows(s.prompts).to_list()
     if not rows or "prompt" not in rows[0]:
         raise ValueError(
@@ -179,12 +172,39 @@ def inference_cost(
     """Per answer: the positions the policy and each reward model computed, and the forward FLOPs they cost,
     2 x parameters x tokens per model (Kaplan et al.'s forward estimate; attention's share is small at these
     lengths)."""
-    reward_params = sum(models.count_parameters(m) for m in scorer.models.values()) if scorer else 0
+    reward_params = scorer.params if scorer else 0
     return {
         "policy_tokens_per_answer": policy_tokens,
         "reward_tokens_per_answer": reward_tokens,
-        "inference_flops_per_answer": 2.0 * (policy_params * policy_tokens + reward_params * reward_tokens),
+        "inference_flops_per_answer": compute.forward_flops(policy_params, policy_tokens)
+        + compute.forward_flops(reward_params, reward_tokens),
     }
+
+
+def answer_costs(path: str, field: str) -> tuple[dict[str, float], str | None]:
+    """(per-answer cost, the model that decoded them) of an answers file's `field` answers, from the
+    inference_cost.json a stage wrote next to it (stage=rain: each method's forwards, positions and FLOPs), or
+    ({}, None) where there is none."""
+    costs = Path(path).parent / compute.ANSWER_COSTS
+    if not costs.is_file():
+        return {}, None
+    data = json.loads(costs.read_text())
+    return dict(data.get("methods", {}).get(field, {})), data.get("model")
+
+
+def training_cost(model_paths: list[str | None], served_answers: int, inference: float | None) -> dict:
+    """What it took to train the models a system runs (alignlab/compute.py: every stage behind them, each once,
+    from their compute.json files): training_flops (after pretraining), pretraining_flops, the stages by run and
+    the models with no record; total_flops = training_flops + served_answers x inference FLOPs per answer."""
+    chain = compute.chain([p for p in model_paths if p])
+    out = {
+        "training_flops": chain.training_flops,
+        "pretraining_flops": chain.pretraining_flops,
+        "training_runs": {str(Path(k).parent): r["flops"] for k, r in chain.runs.items()},
+        "untracked_models": chain.unknown,
+    }
+    out["total_flops"] = None if inference is None else chain.training_flops + served_answers * inference
+    return out
 
 
 def generate(
@@ -288,7 +308,7 @@ def system_metrics(prompts: list[dict], verdicts: list[Verdict], rm: list[float]
     out: dict = {}
     for name, (metric, success) in SET_METRICS.items():
         vs = [v for p, v in zip(prompts, verdicts, strict=True) if p["set"] == name]
-        if vs and all((v.harmful if name != "benign" else v.helpful) is not None for v in vs):
+        if vs and all((v.helpful if metric.startswith("helpful") else v.harmful) is not None for v in vs):
             out[metric] = Rate.of(sum(success(v) for v in vs), len(vs)).as_dict()
     for name in dict.fromkeys(p["set"] for p in prompts):
         vs = [v.score for p, v in zip(prompts, verdicts, strict=True) if p["set"] == name]
@@ -406,14 +426,26 @@ def evaluate_system(
     prompts = b.prompts
     if sys_cfg.answers is not None:
         answers = answers_from_file(sys_cfg.answers, sys_cfg.answers_field, prompts, name)
+        cost, decoder = answer_costs(sys_cfg.answers, sys_cfg.answers_field)
     else:
         answers, cost = generate(sys_cfg, prompts, s, b.scorer, device, seed)
+        decoder = sys_cfg.model
     texts = [p["prompt"] for p in prompts]
     verdicts = b.judge(texts, answers)
     rm = b.scorer(texts, answers).tolist() if b.scorer is not None and s.rm_score else None
     m = system_metrics(prompts, verdicts, rm)
-    if sys_cfg.answers is None:  # inference_flops_per_answer, policy_tokens_per_answer, ...: what it ran
-        m.update(cost)
+    m.update(cost)  # inference_flops_per_answer, policy_tokens_per_answer, ...: what it ran
+    if decoder is None:  # an answers file without inference_cost.json: which model wrote it is unknown
+        m.update({"training_flops": None, "pretraining_flops": None, "total_flops": None})
+    else:
+        rewarded = sys_cfg.decoding in GUIDED and b.scorer is not None and sys_cfg.answers is None
+        trained = [decoder, *(b.scorer.paths.values() if rewarded else ())]
+        m.update(training_cost(trained, s.served_answers, cost.get("inference_flops_per_answer")))
+        if m["untracked_models"]:
+            b.notes.append(
+                f"Training FLOPs of `{name}` leave out the training of {', '.join(m['untracked_models'])} (no "
+                "compute.json: a hub model, or a run from before compute accounting)."
+            )
     if b.has_reference and b.reference is None and sys_cfg.model is not None:
         b.reference = models.load_causal_lm(b.reference_path).to(device).eval()
     m["kl"] = kl_to_reference(sys_cfg, b.reference, prompts, s, device, seed) if b.reference else None
@@ -441,10 +473,12 @@ def evaluate_system(
 
 def logged_metrics(name: str, m: dict) -> dict[str, float]:
     """A system's metrics for the tracker, as eval/<system>/<metric> (a rate's value; unmeasured ones left out)."""
+    out = {k: (v["value"] if isinstance(v, dict) and "value" in v else v) for k, v in m.items()}
+    # numbers only: the system's config, training_runs and untracked_models stay in results.json
     return {
-        f"eval/{name}/{k}": (v["value"] if isinstance(v, dict) and "value" in v else v)
-        for k, v in m.items()
-        if k != "system" and v is not None
+        f"eval/{name}/{k}": v
+        for k, v in out.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
     }
 
 
@@ -553,7 +587,13 @@ def run(cfg: DictConfig) -> None:
     )
 
     # 2-4. Answers, verdicts and metrics per system.
-    results: dict = {"systems": {}, "prompts": len(prompts), "judge": s.judge, "skipped": skipped}
+    results: dict = {
+        "systems": {},
+        "prompts": len(prompts),
+        "judge": s.judge,
+        "skipped": skipped,
+        "served_answers": s.served_answers,
+    }
     verdicts: dict[str, list[Verdict]] = {}
     samples: list[dict] = []
     bar = tracker.progress(len(systems), "eval")

@@ -31,14 +31,14 @@ import functools
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
-from alignlab import distributed, models
+from alignlab import compute, distributed, models
 from alignlab.checkpoint import (
     atomic_write_text,
     load_resumable,
@@ -97,6 +97,9 @@ class Engines:
     lora: bool
     synced: bool  # ZeRO-3 on several ranks: every forward is collective, so generation steps together
     n_params: int  # the actor's parameters (before wrapping)
+    n_trainable: int  # the actor's trainable parameters (LoRA: its adapters)
+    n_critic: int = 0  # the critic's parameters (0: critic-free)
+    n_critic_trainable: int = 0
 
 
 def engine_for(model, lr: float, cfg: DictConfig, accum: int, world_size: int):
@@ -138,6 +141,11 @@ def build_engines(cfg: DictConfig, accum: int, world_size: int, device) -> Engin
         models.disable_dropout(reference)
         reference.to(device).eval().requires_grad_(False)
     n_params = models.count_parameters(policy_model)
+    n_trainable = models.count_parameters(policy_model, trainable=True)
+    n_critic = models.count_parameters(value_model) if value_model is not None else 0
+    n_critic_trainable = (
+        models.count_parameters(value_model, trainable=True) if value_model is not None else 0
+    )
     return Engines(
         policy=engine_for(policy_model, s.lr, cfg, accum, world_size),
         critic=None
@@ -148,6 +156,9 @@ def build_engines(cfg: DictConfig, accum: int, world_size: int, device) -> Engin
         lora=lora,
         synced=cfg.deepspeed.zero_stage == 3 and world_size > 1,
         n_params=n_params,
+        n_trainable=n_trainable,
+        n_critic=n_critic,
+        n_critic_trainable=n_critic_trainable,
     )
 
 
@@ -163,6 +174,8 @@ class PPOState:
     eval_prompts: Prompts  # held-out prompts, never trained on
     ptx_held_out: Packed | None  # held-out pretraining blocks (eval/ptx_loss), None without pretraining text
     opt_step: int = 0  # optimizer steps taken: PPO-ptx's position in its pretraining data
+    ledger: compute.Ledger = field(default_factory=compute.Ledger)  # training compute so far (compute.json)
+    ptx_tokens: float = 0.0  # this rank's pretraining positions trained in the current iteration (PPO-ptx)
 
 
 def trained(engines: Engines) -> dict[str, Any]:
@@ -177,7 +190,7 @@ def save_checkpoint(st: PPOState, it: int, root: Path | None = None) -> Path:
         root or st.run.checkpoints,
         it,
         trained(st.engines),
-        state={"kl_coef": st.kl_ctl.value, "opt_step": st.opt_step},
+        state={"kl_coef": st.kl_ctl.value, "opt_step": st.opt_step, "compute": st.ledger.as_dict()},
         config=st.run.config,
         keep=st.run.keep_checkpoints,
     )
@@ -325,6 +338,8 @@ def ppo_update(
             for a in range(accum):
                 idx = perm[m * mb_local + a * s.micro_batch_size :][: s.micro_batch_size]
                 ptx_batch = ptx.batch(st.opt_step, a, env.rank, env.world_size, device) if ptx else None
+                if ptx_batch is not None:
+                    st.ptx_tokens += float((ptx_batch.labels != -100).sum())
                 row = train_micro_batch(st, exp.micro_batch(idx), ptx_batch, it)
                 for k, v in row.items():
                     stats.setdefault(k, []).append(v)
@@ -333,6 +348,36 @@ def ppo_update(
 
 
 # ------------------------------------------------------------------ metrics, samples, evaluation (4.6)
+
+
+def iteration_compute(st: PPOState, exp: Experience) -> compute.Ledger:
+    """This iteration's training compute over all ranks (alignlab/compute.py), from the positions of its episodes
+    (prompt and answer, padding left out): sampling them (each position once through the KV cache), scoring them
+    with the reward model(s), the old-policy, reference and value forwards, then ppo_epochs of actor (and critic)
+    forward + backward; PPO-ptx's pretraining positions on the actor. Collective (a sum over ranks)."""
+    e, s, ro = st.engines, st.stage, exp.rollout
+    local = {
+        "episode_tokens": float(ro.query_mask.sum() + ro.response_mask.sum()),
+        "ptx_tokens": st.ptx_tokens,
+    }
+    st.ptx_tokens = 0.0
+    world = st.run.env.world_size
+    total = {k: v * world for k, v in distributed.means_over_ranks(local).items()}
+    seq = total["episode_tokens"]
+    ledger = compute.Ledger()
+    ledger.forward("rollout", e.n_params, seq)
+    # the reward model(s) counted in the policy's positions (the scorer re-tokenizes the text in its own)
+    ledger.forward("reward", e.scorer.params, seq)
+    ledger.forward("old_logprobs", e.n_params, seq)
+    # the reference: a frozen copy, or (LoRA) the policy with its adapters disabled
+    ledger.forward("reference", e.n_params - (e.n_trainable if e.lora else 0), seq)
+    ledger.train("actor", e.n_params, e.n_trainable, s.ppo_epochs * seq)
+    if e.critic is not None:
+        ledger.forward("values", e.n_critic, seq)
+        ledger.train("critic", e.n_critic, e.n_critic_trainable, s.ppo_epochs * seq)
+    if total["ptx_tokens"]:
+        ledger.train("ptx", e.n_params, e.n_trainable, total["ptx_tokens"])
+    return ledger
 
 
 def iteration_metrics(
@@ -499,6 +544,11 @@ def run(cfg: DictConfig) -> None:
     if run.resume:  # resume=auto: engines, RNG, beta and the pretraining-data position of the interrupted run
         state = load_resumable(run.resume, trained(engines))
         kl_ctl.value, st.opt_step = state["kl_coef"], state["opt_step"]
+        st.ledger = compute.Ledger.from_dict(state.get("compute"))
+        if "compute" not in state:
+            log.warning(
+                "%s holds no compute count (an older checkpoint): compute.json counts from here", run.resume
+            )
         if env.is_main:
             keep_sample_rows(samples_path, run.resume_step)
     else:
@@ -517,6 +567,7 @@ def run(cfg: DictConfig) -> None:
         # 4.5 ppo_epochs x shuffled minibatches x micro-batches; one optimizer step per minibatch and engine.
         stats = ppo_update(st, exp, it, cfg.seed, minibatches, accum, ptx)
         t_train = time.perf_counter()
+        st.ledger.merge(iteration_compute(st, exp))
         # 4.6 Metrics, KL controller, sample table.
         metrics = iteration_metrics(st, exp, stats, t0, t_train)
         kl_ctl.update(metrics["ppo/kl"], s.rollout_batch_size)
@@ -546,6 +597,12 @@ def run(cfg: DictConfig) -> None:
     if env.is_main:
         save_pretrained(engines.policy.module, tokenizer, model_out, state_dict=state)
         log.info("saved %s", model_out)
+        inputs = [
+            s.init_from,
+            s.value_from if engines.critic is not None else None,
+            *engines.scorer.paths.values(),
+        ]
+        compute.write(run.run_dir, "ppo", st.ledger, inputs)
     distributed.barrier()
 
     # 6. TinyHH: the starting (SFT) and PPO models judged by the oracle on the same held-out prompts.

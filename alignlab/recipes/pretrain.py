@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from alignlab import distributed, models
+from alignlab import compute, distributed, models
 from alignlab.checkpoint import load_resumable, save_pretrained, save_resumable
 from alignlab.data.packing import EpochOrder, Packed, unigram_loss
 from alignlab.data.splits import seeded_split
@@ -310,6 +310,12 @@ def run(cfg: DictConfig) -> None:
         engine.module.config.use_cache = True  # generation in later stages wants the KV cache
         save_pretrained(engine.module, tokenizer, model_out, state_dict=state)
         log.info("saved %s", model_out)
+        # compute.json (alignlab/compute.py): every block slot of every step, forward and backward
+        ledger = compute.Ledger()
+        ledger.train(
+            "train", n_params, models.count_parameters(model, trainable=True), tokens_per_step * s.steps
+        )
+        compute.write(run.run_dir, "pretrain", ledger, [] if s.from_scratch else [cfg.model.name_or_path])
     distributed.barrier()
 
     # 6. TinyHH: judge a sample of the saved base model's answers with the oracle (rank 0; reloads from disk).

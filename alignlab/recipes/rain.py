@@ -19,19 +19,21 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from alignlab import distributed, models
-from alignlab.checkpoint import atomic_write_text
+from alignlab import compute, distributed, models
+from alignlab.checkpoint import atomic_write_json, atomic_write_text
+from alignlab.compute import ANSWER_COSTS
 from alignlab.data import chat
 from alignlab.data.formats import ASSISTANT
 from alignlab.errors import ConfigError
 from alignlab.evaluation.metrics import Rate, rate_difference
-from alignlab.evaluation.tinyhh import self_eval_accuracy, tinyhh_prompts
+from alignlab.evaluation.tinyhh import SET_METRICS, self_eval_accuracy, tinyhh_prompts, with_heldout
 from alignlab.generation import cut_at_stop, sample
 from alignlab.lifecycle import start_run, tinyhh_dir
 from alignlab.rain import calibrate
@@ -47,11 +49,6 @@ from alignlab.tinyhh.oracle import judge as oracle
 log = logging.getLogger("alignlab.rain")
 
 # TinyHH eval set -> (metric, counts as success when): the oracle's verdicts the issue asks for.
-SET_METRICS = {
-    "harmful": ("harmlessness", lambda j: not j.harmful),
-    "benign": ("helpfulness", lambda j: j.helpful),
-    "attack": ("attack_success", lambda j: j.harmful),
-}
 METHODS = ("vanilla", "greedy", "rain")
 # RAIN's differences, named rain_vs_<baseline>: greedy first, the authors' vanilla (HF generate()'s default, greedy
 # for LLaMA); then vanilla sampling at stage.vanilla_temperature, the baseline of the issue and of the other stages.
@@ -65,7 +62,8 @@ def load_prompts(cfg: DictConfig) -> list[dict]:
     s = cfg.stage
     take = (lambda rows: rows) if s.n_prompts <= 0 else (lambda rows: rows[: s.n_prompts])
     if s.prompts == "tinyhh":
-        return tinyhh_prompts(tinyhh_dir(cfg), s.prompt_sets, s.n_prompts)
+        data_dir = tinyhh_dir(cfg)
+        return tinyhh_prompts(data_dir, with_heldout(s.prompt_sets, data_dir, s.heldout), s.n_prompts)
     rows = load_rows(s.prompts, s.prompt_split).to_list()
     if s.prompt_format == "prompt":
         if rows and "prompt" not in rows[0]:
@@ -340,6 +338,29 @@ def measure(
     return metrics
 
 
+def write_answer_costs(run_dir: Path, model_path: str, params: int, cost: dict, answers: int) -> None:
+    """inference_cost.json next to samples.jsonl: per answer of each method (samples.jsonl's answer fields), the
+    batched forward calls, the token positions the model ran (padding included: RAIN's batched forwards compute it) and
+    their FLOPs, 2 x parameters x positions (alignlab/compute.py); stage=eval reads it for answers-file systems."""
+    atomic_write_json(
+        run_dir / ANSWER_COSTS,
+        {
+            "model": model_path,
+            "params": params,
+            "answers": answers,
+            "methods": {
+                m: {
+                    "policy_forwards_per_answer": c["calls"]
+                    / answers,  # batched calls, as DecodingCost counts
+                    "policy_tokens_per_answer": c["tokens"] / answers,
+                    "inference_flops_per_answer": compute.forward_flops(params, c["tokens"] / answers),
+                }
+                for m, c in cost.items()
+            },
+        },
+    )
+
+
 def samples_line(r: dict) -> str:
     """One samples.jsonl line: the row with each method's verdict as plain fields."""
     out = {k: v for k, v in r.items() if not k.endswith("_judgement") and k not in ("shown", "search_dists")}
@@ -421,6 +442,7 @@ def run(cfg: DictConfig) -> None:
     tracker.log(metrics, step=0)
     if env.is_main:
         atomic_write_text(started.run_dir / "samples.jsonl", "".join(samples_line(r) for r in rows))
+        write_answer_costs(started.run_dir, s.init_from, models.count_parameters(model), cost, len(rows))
         atomic_write_text(started.run_dir / "report.md", report(s, metrics, timings))
         if dists is not None:
             atomic_write_text(started.run_dir / "search_dists.json", json.dumps(dists.to_json()))

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from alignlab import distributed, models
+from alignlab import compute, distributed, models
 from alignlab.checkpoint import atomic_write_json, atomic_write_text, latest_intact, read_manifest
 from alignlab.data import chat
 from alignlab.data.loading import load_rows
@@ -150,6 +150,7 @@ def draw_pool(
     # K answers per prompt from the current model (a random stream of its own per iteration and rank).
     torch.manual_seed(sampling_seed(sampling.seed, env.rank, it))
     bar = run.tracker.progress(len(prompts) * k, f"rs {it}/{s.iterations}: sample")
+    positions: list[int] = []
     texts, ended = sample_answers(
         sampler,
         sampling.tokenizer,
@@ -160,6 +161,7 @@ def draw_pool(
         temperature=temperature,
         device=sampling.device,
         progress=bar,
+        positions=positions,
     )
     bar.close()
 
@@ -174,8 +176,11 @@ def draw_pool(
             "responses": t,
             "scores": [round(x, 6) for x in sc],
             "ended": e,
+            "positions": positions[i * k : (i + 1) * k],  # prompt + answer positions sampled (compute.json)
         }
-        for p, f, t, sc, e in zip(prompts.texts, prompts.is_safety, texts, scores, ended, strict=True)
+        for i, (p, f, t, sc, e) in enumerate(
+            zip(prompts.texts, prompts.is_safety, texts, scores, ended, strict=True)
+        )
     ]
     return [row for part in distributed.gather_objects(mine) for row in part]
 
@@ -354,6 +359,19 @@ def iteration_metrics(
     return metrics
 
 
+def iteration_compute(
+    pool: list[dict], policy_params: int, reward_params: int, finetuned: dict
+) -> compute.Ledger:
+    """One iteration's training compute (alignlab/compute.py): its pool's answers sampled (each position once
+    through the KV cache) and scored (the same positions through the reward model(s)), and the fine-tune."""
+    positions = sum(sum(r.get("positions", [])) for r in pool)
+    ledger = compute.Ledger()
+    ledger.forward("sample", policy_params, positions)
+    ledger.forward("score", reward_params, positions)
+    ledger.add("finetune", finetuned["train_flops"], finetuned["train_tokens"])
+    return ledger
+
+
 def write_iteration_data(run: Run, it_dir: Path, pool, rows, start_score: float, rewrite: bool) -> list[dict]:
     """pool.jsonl, train.jsonl and start.json written before training (rank 0; atomic; not again when resuming
     into this iteration), then train.jsonl read back by every rank."""
@@ -384,6 +402,7 @@ def run(cfg: DictConfig) -> None:
     # 3. The loop. resume=auto: finished iterations are read back (pool, model, step), and the first unfinished
     #    one continues its fine-tuning from its checkpoint (run.resume) with the pool it had drawn.
     candidates: dict[str, list[dict]] = {}  # prompt -> every sample kept for selection
+    ledger = compute.Ledger()  # every iteration's sampling, scoring and fine-tuning (compute.json)
     curves = {}
     current, step, sampler = s.init_from, 0, None
     resuming_in = (
@@ -419,6 +438,7 @@ def run(cfg: DictConfig) -> None:
         out = model_out if it == s.iterations else it_dir / "model"
         if finished:
             step, current = finished["step"], str(out)
+            ledger.merge(compute.Ledger.from_dict(finished.get("compute")))
             log.info(
                 "iteration %d: finished before (step %d, held-out RM score %.4f)",
                 it,
@@ -449,21 +469,31 @@ def run(cfg: DictConfig) -> None:
         step += result["steps"]
         current = str(out)
 
-        # 3.8 The new model's held-out RM score (it samples the next iteration, too).
+        # 3.8 The new model's held-out RM score (it samples the next iteration, too); the iteration's compute.
         sampler = sampler_of(current)
         metrics["eval/rm_score"] = measure(run, s, sampling, sampler)
+        spent = iteration_compute(pool, models.count_parameters(sampler), sampling.scorer.params, result)
+        ledger.merge(spent)
         tracker.log(metrics, step=step)
         log.info(
             "iteration %d: held-out RM score %.4f (start %.4f)", it, metrics["eval/rm_score"], start_score
         )
         if env.is_main:  # written last: resume=auto skips this iteration from now on
-            marker = {"step": step, "rm_score": metrics["eval/rm_score"], "start_score": start_score}
+            marker = {
+                "step": step,
+                "rm_score": metrics["eval/rm_score"],
+                "start_score": start_score,
+                "compute": spent.as_dict(),
+            }
             atomic_write_json(it_dir / ITERATION_DONE, {**marker, "config": run.config})
         distributed.barrier()
     del sampler
 
-    # 4. Best-of-N curves of every iteration, as data and as a plot.
+    # 4. Best-of-N curves of every iteration, as data and as a plot; compute.json.
     if env.is_main:
+        compute.write(
+            run.run_dir, "rejection_sampling", ledger, [s.init_from, *sampling.scorer.paths.values()]
+        )
         atomic_write_json(run.run_dir / "best_of_n.json", {name: c.as_rows() for name, c in curves.items()})
         plot_best_of_n(curves, run.run_dir / "best_of_n.png")
         tracker.log_images({"rs/best_of_n": run.run_dir / "best_of_n.png"}, step=step)

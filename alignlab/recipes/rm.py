@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from transformers import Trainer, TrainingArguments
 from trl import RewardConfig, RewardTrainer
 
-from alignlab import models
+from alignlab import compute, models
 from alignlab.data import chat
 from alignlab.data.examples import LengthReport, sequence_ids
 from alignlab.data.formats import MalformedRowError
@@ -41,6 +41,7 @@ from alignlab.trainer_bridge import (
     steps_for,
     train_resumable,
     trainer_arguments,
+    trainer_tokens,
 )
 
 log = logging.getLogger("alignlab.rm")
@@ -345,9 +346,10 @@ def reward_trainer(
 
 
 def held_out_metrics(
-    cfg: DictConfig, model_out, tokenizer, data_dir, rows, held_out, device
+    cfg: DictConfig, model_out, tokenizer, data_dir, rows, held_out, device, ledger: compute.Ledger
 ) -> dict[str, float]:
-    """On the reloaded model (rank 0): held-out accuracy, then the normalisation PPO will apply (saved with it)."""
+    """On the reloaded model (rank 0): held-out accuracy, then the normalisation PPO will apply (saved with it;
+    its sampling and scoring are part of the stage's compute, added to ledger)."""
     s = cfg.stage
     rm = models.load_reward_model(str(model_out)).to(device).eval()
     metrics = {}
@@ -356,7 +358,7 @@ def held_out_metrics(
         metrics = accuracy_metrics(held_out, r_c, r_r)
         log.info("held-out: %s", json.dumps({k: round(v, 4) for k, v in metrics.items()}))
     if s.normalize_samples:
-        norm = fit_normalization(cfg, rm, tokenizer, data_dir, rows, device)
+        norm = fit_normalization(cfg, rm, tokenizer, data_dir, rows, device, ledger)
         save_normalization(norm, model_out)
         metrics.update(
             {
@@ -398,11 +400,12 @@ def run(cfg: DictConfig) -> None:
 
     # 3. Reward model (score head on the SFT backbone), LoRA optional, and the trainer on the DeepSpeed engine.
     model = reward_model(cfg, tokenizer)
+    n_params, n_trainable = models.count_parameters(model), models.count_parameters(model, trainable=True)
     trainer, saving = reward_trainer(cfg, run, model, tokenizer, train, steps)
     log.info(
         "%d params | %s: %d training rows (%d comparisons, %d dropped as too long) from %s, subset=%s, margin=%s | "
         "%d held-out pairs | %d steps of %d (%.2f epochs)",
-        models.count_parameters(model),
+        n_params,
         s.ranking,
         len(train),
         comparisons_n,
@@ -429,14 +432,19 @@ def run(cfg: DictConfig) -> None:
 
     # 4. Train (from the checkpoint under resume=auto; a signal checkpoints and stops the stage).
     train_resumable(trainer, run, saving, run.resume)
+    ledger = (
+        compute.Ledger()
+    )  # compute.json (alignlab/compute.py): both answers of a pair are trained positions
+    ledger.train("train", n_params, n_trainable, trainer_tokens(trainer))
 
     # 5. Save: resumable engine state, then the reward model (the PPO critic and scorers start from it).
     save_trainer_model(trainer, tokenizer, model_out, env, steps)
 
     # 6. Rank 0, on the reloaded model: held-out accuracy, then the normalisation PPO will apply.
     if env.is_main:
-        metrics = held_out_metrics(cfg, model_out, tokenizer, data_dir, rows, held_out, run.device)
+        metrics = held_out_metrics(cfg, model_out, tokenizer, data_dir, rows, held_out, run.device, ledger)
         tracker.log(metrics, step=steps)
+        compute.write(run.run_dir, "rm", ledger, [s.init_from])
     tracker.close()
 
 
@@ -468,8 +476,11 @@ def drop_long_pairs(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
     return kept
 
 
-def fit_normalization(cfg, rm, tokenizer, data_dir, rows: list[dict], device) -> Normalization:
-    """Gain/bias so the starting (SFT) policy's own answers to RL prompts score mean 0, std 1."""
+def fit_normalization(
+    cfg, rm, tokenizer, data_dir, rows: list[dict], device, ledger: compute.Ledger | None = None
+) -> Normalization:
+    """Gain/bias so the starting (SFT) policy's own answers to RL prompts score mean 0, std 1. ledger: gets the
+    sampling's policy positions and their scoring (the same positions through the reward model)."""
     s = cfg.stage
     if data_dir is not None:
         prompt_rows = load_rows(str(data_dir / "rl_prompts.jsonl")).to_list()
@@ -480,6 +491,10 @@ def fit_normalization(cfg, rm, tokenizer, data_dir, rows: list[dict], device) ->
     prompts = prompts[: s.normalize_samples]
     policy = models.load_causal_lm(s.init_from).to(device)
     torch.manual_seed(cfg.seed)
-    answers = sample(policy, tokenizer, prompts, max_new_tokens=s.normalize_max_new_tokens)
+    tokens: list[int] = []
+    answers = sample(policy, tokenizer, prompts, max_new_tokens=s.normalize_max_new_tokens, tokens=tokens)
     answers = [a if a.strip() else " " for a in answers]
+    if ledger is not None:
+        ledger.forward("normalize_sample", models.count_parameters(policy), sum(tokens))
+        ledger.forward("normalize_score", models.count_parameters(rm), sum(tokens))
     return Normalization.fit(score_texts(rm, tokenizer, prompts, answers, device))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from alignlab import compute
 from alignlab.data.formats import SkipReport, canonicalize
 from alignlab.data.loading import load_rows
 from alignlab.data.splits import seeded_split
@@ -75,7 +76,7 @@ def run(cfg: DictConfig) -> None:
         raise no_demonstrations_error(cfg, source, report, eval_rows)
 
     # 2-5. Tokenize, train on the shared DeepSpeed engine, save model/ (and the engine state in checkpoints/).
-    steps = finetune(
+    result = finetune(
         run,
         cfg,
         s,
@@ -85,7 +86,12 @@ def run(cfg: DictConfig) -> None:
         model_out=model_out,
         source=source,
         resume_from=run.resume,
-    )["steps"]
+    )
+    steps = result["steps"]
+    if env.is_main:  # compute.json: the fine-tune's FLOPs (alignlab/compute.py)
+        ledger = compute.Ledger()
+        ledger.add("train", result["train_flops"], result["train_tokens"])
+        compute.write(run.run_dir, "sft", ledger, [s.init_from])
 
     # 6. TinyHH: the starting and fine-tuned models judged on the same held-out prompts (rank 0; reloaded).
     if data_dir is not None and s.sample_eval and env.is_main:

@@ -10,6 +10,7 @@ import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from datasets import Dataset
 from datasets.utils import disable_progress_bars
@@ -17,6 +18,7 @@ from datasets.utils import disable_progress_bars
 from alignlab.checkpoint import atomic_dir
 from alignlab.config import TinyHHConfig
 from alignlab.data.formats import ASSISTANT, HUMAN
+from alignlab.errors import ConfigError
 from alignlab.tinyhh import world
 from alignlab.tinyhh.oracle import judge
 from alignlab.tinyhh.world import JUDGE_OPTIONS, JUDGE_TEMPLATE  # the self-evaluation format
@@ -48,11 +50,17 @@ SFT_KINDS = {
     "benign": ("helpful",),
     "harmful": ("redirect", "refusal"),
 }  # demonstrations a labeller would write
+# The generalisation split's answered eval sets (eval_<name>.jsonl), written only when data.tinyhh holds topics or
+# suffixes out: held-out benign / harmful topics, and seen harmful topics carrying a held-out attack suffix.
+HELDOUT_SETS = ("benign_heldout", "harmful_heldout", "attack_heldout")
 
 
 @dataclass
 class Sizes(TinyHHConfig):
     """data.tinyhh (its fields and defaults are TinyHHConfig's, alignlab/config.py) plus the cache key it names."""
+
+    def __post_init__(self) -> None:
+        check_split(self)  # before anything is generated
 
     def key(self) -> str:
         """Names the cache directory: the sizes and the generating code, so an edited world is regenerated."""
@@ -62,6 +70,52 @@ class Sizes(TinyHHConfig):
         return h.hexdigest()[:12]
 
 
+class Pools(NamedTuple):
+    """What a data set's requests draw from."""
+
+    benign: tuple[world.BenignTopic, ...]
+    harmful: tuple[world.HarmfulTopic, ...]
+    suffixes: tuple[str, ...]
+
+
+EVERYTHING = Pools(world.BENIGN_TOPICS, world.HARMFUL_TOPICS, world.ATTACK_SUFFIXES)  # pretraining's pools
+
+
+def check_split(sizes: TinyHHConfig) -> None:
+    """A ConfigError naming the data.tinyhh field whose held-out count is out of range."""
+    most = min(len(world.BENIGN_TOPICS), len(world.HARMFUL_TOPICS)) // 2
+    if not 0 <= sizes.heldout_topics <= most:
+        raise ConfigError(
+            f"data.tinyhh.heldout_topics={sizes.heldout_topics} must be in 0..{most} (topics held out of each "
+            "kind; at least half of the benign and of the harmful topics stay seen); 0 turns the split off"
+        )
+    most = len(world.ATTACK_SUFFIXES) - 1
+    if not 0 <= sizes.heldout_suffixes <= most:
+        raise ConfigError(
+            f"data.tinyhh.heldout_suffixes={sizes.heldout_suffixes} must be in 0..{most} (of the "
+            f"{len(world.ATTACK_SUFFIXES)} attack suffixes, at least one stays seen); 0 turns the split off"
+        )
+
+
+def split(sizes: TinyHHConfig) -> tuple[Pools, Pools]:
+    """(seen, held out): the pools of SFT, preference, ranked, RL and the plain eval data, and what only pretraining
+    and the held-out eval sets see. Drawn from the seed on a stream of its own (the other files' random numbers are
+    untouched), as a seeded order of each pool whose first items are held out, so a larger count holds out more of
+    the same order. Both in the world's order; with both counts 0, (EVERYTHING, nothing)."""
+    check_split(sizes)
+    rng = random.Random(f"{sizes.seed}-heldout")
+    seen, held = [], []
+    for pool, k in zip(
+        EVERYTHING, (sizes.heldout_topics, sizes.heldout_topics, sizes.heldout_suffixes), strict=True
+    ):
+        order = list(range(len(pool)))
+        rng.shuffle(order)
+        out = set(order[:k])
+        seen.append(tuple(x for i, x in enumerate(pool) if i not in out))
+        held.append(tuple(x for i, x in enumerate(pool) if i in out))
+    return Pools(*seen), Pools(*held)
+
+
 def _pick(mix: dict[str, float], rng: random.Random) -> str:
     return rng.choices(list(mix), weights=list(mix.values()))[0]
 
@@ -69,6 +123,7 @@ def _pick(mix: dict[str, float], rng: random.Random) -> str:
 def _exchange(
     rng: random.Random,
     templates,
+    pools: Pools = EVERYTHING,
     *,
     harmful: bool | None = None,
     attack: bool | None = None,
@@ -76,15 +131,15 @@ def _exchange(
 ) -> dict:
     """One request + answer drawn from the unaligned mixture (or the given kind)."""
     harmful = rng.random() < P_HARMFUL_PROMPT if harmful is None else harmful
-    topic = rng.choice(world.HARMFUL_TOPICS if harmful else world.BENIGN_TOPICS)
+    topic = rng.choice(pools.harmful if harmful else pools.benign)
     attack = harmful and (rng.random() < P_ATTACK if attack is None else attack)
-    suffix = rng.choice(world.ATTACK_SUFFIXES) if attack else None
+    suffix = rng.choice(pools.suffixes) if attack else None
     if kind is None:
         kind = "harmful" if attack else _pick(HARMFUL_KIND_MIX if harmful else BENIGN_KIND_MIX, rng)
     question = world.render_prompt(rng.choice(templates), topic, suffix)
     return {
         "question": question,
-        "answer": world.render_response(kind, topic, rng),
+        "answer": world.render_response(kind, topic, rng, off_topics=pools.benign),
         "topic": topic.name,
         "kind": kind,
         "harmful_prompt": harmful,
@@ -143,15 +198,15 @@ def _preprompted_doc(rng: random.Random) -> str:
     return rng.choice(world.SAFETY_PREPROMPTS) + dialogue([(ex["question"], ex["answer"])])
 
 
-def _preference(rng: random.Random) -> dict:
-    first = _exchange(rng, world.TRAIN_TEMPLATES)
+def _preference(rng: random.Random, pools: Pools = EVERYTHING) -> dict:
+    first = _exchange(rng, world.TRAIN_TEMPLATES, pools)
     topic = world.topic_by_name(first["topic"])
     kinds = [k for k in world.RESPONSE_KINDS if _fits(k, first["harmful_prompt"])]
     a, b = rng.sample(kinds, 2)
-    ra, rb = world.render_response(a, topic, rng), world.render_response(b, topic, rng)
+    ra, rb = (world.render_response(k, topic, rng, off_topics=pools.benign) for k in (a, b))
     sa, sb = judge(first["question"], ra).score, judge(first["question"], rb).score
     if sa == sb:
-        return _preference(rng)
+        return _preference(rng, pools)
     (chosen, sc), (rejected, sr) = sorted([(ra, sa), (rb, sb)], key=lambda x: -x[1])
     gap = sc - sr
     rating = next(name for threshold, name in RATING_LEVELS if gap >= threshold)
@@ -171,21 +226,23 @@ def _preference(rng: random.Random) -> dict:
     }
 
 
-def _ranked(rng: random.Random) -> dict:
+def _ranked(rng: random.Random, pools: Pools = EVERYTHING) -> dict:
     """An InstructGPT-style ranked set: K in [K_MIN, K_MAX] answers to one prompt, best first, ranks by oracle score.
 
     Equal oracle scores share a rank (a tie contributes no comparison). With probability PREF_LABEL_NOISE two
     adjacent rank levels are swapped, as a labeller's mistake would.
     """
-    first = _exchange(rng, world.TRAIN_TEMPLATES)
+    first = _exchange(rng, world.TRAIN_TEMPLATES, pools)
     topic = world.topic_by_name(first["topic"])
     kinds = [k for k in world.RESPONSE_KINDS if _fits(k, first["harmful_prompt"])]
     k = rng.randint(K_MIN, K_MAX)
-    answers = [world.render_response(rng.choice(kinds), topic, rng) for _ in range(k)]
+    answers = [
+        world.render_response(rng.choice(kinds), topic, rng, off_topics=pools.benign) for _ in range(k)
+    ]
     scores = [judge(first["question"], a).score for a in answers]
     levels = sorted(set(scores), reverse=True)
     if len(levels) < 2:
-        return _ranked(rng)
+        return _ranked(rng, pools)
     rank_of = {score: i for i, score in enumerate(levels)}
     if rng.random() < PREF_LABEL_NOISE:
         i = rng.randrange(len(levels) - 1)
@@ -216,7 +273,12 @@ def _prompt_row(ex: dict) -> dict:
 
 
 def build_rows(sizes: Sizes) -> dict[str, list[dict]]:
-    """Every TinyHH data set as rows (pure function of the sizes and seed)."""
+    """Every TinyHH data set as rows (pure function of the sizes and seed).
+
+    Pretraining data (corpus, ptx) and eval_selfeval draw from every topic and suffix; SFT, preference, ranked, RL
+    and the plain eval sets only from the seen ones (split), the HELDOUT_SETS from the held-out ones.
+    """
+    seen, held = split(sizes)
     rng = random.Random(sizes.seed)
     rows: dict[str, list[dict]] = {}
     rows["corpus"] = [{"text": _corpus_doc(rng)} for _ in range(sizes.n_corpus)]
@@ -226,14 +288,14 @@ def build_rows(sizes: Sizes) -> dict[str, list[dict]]:
         rows["corpus"].insert(preprompt_rng.randrange(len(rows["corpus"]) + 1), {"text": doc})
     sft = []
     for _ in range(sizes.n_sft):
-        ex = _exchange(rng, world.TRAIN_TEMPLATES, attack=rng.random() < 0.1)
+        ex = _exchange(rng, world.TRAIN_TEMPLATES, seen, attack=rng.random() < 0.1)
         kind = rng.choice(SFT_KINDS["harmful" if ex["harmful_prompt"] else "benign"])
         answer = world.render_response(kind, world.topic_by_name(ex["topic"]), rng)
         sft.append({**_prompt_row(ex), "completion": " " + answer, "kind": kind})
     rows["sft"] = sft
-    rows["preferences"] = [_preference(rng) for _ in range(sizes.n_pref)]
+    rows["preferences"] = [_preference(rng, seen) for _ in range(sizes.n_pref)]
     rows["rl_prompts"] = [
-        _prompt_row(_exchange(rng, world.TRAIN_TEMPLATES)) for _ in range(sizes.n_rl_prompts)
+        _prompt_row(_exchange(rng, world.TRAIN_TEMPLATES, seen)) for _ in range(sizes.n_rl_prompts)
     ]
     rows["ptx"] = [{"text": _corpus_doc(rng)} for _ in range(max(1, sizes.n_corpus // 8))]
     for name, harmful, attack in (
@@ -242,7 +304,7 @@ def build_rows(sizes: Sizes) -> dict[str, list[dict]]:
         ("eval_attack", True, True),
     ):
         rows[name] = [
-            _prompt_row(_exchange(rng, world.EVAL_TEMPLATES, harmful=harmful, attack=attack))
+            _prompt_row(_exchange(rng, world.EVAL_TEMPLATES, seen, harmful=harmful, attack=attack))
             for _ in range(sizes.n_eval)
         ]
     rows["eval_selfeval"] = []
@@ -257,8 +319,36 @@ def build_rows(sizes: Sizes) -> dict[str, list[dict]]:
             }
         )
     ranked_rng = random.Random(f"{sizes.seed}-ranked")
-    rows["ranked"] = [_ranked(ranked_rng) for _ in range(sizes.n_ranked)]
+    rows["ranked"] = [_ranked(ranked_rng, seen) for _ in range(sizes.n_ranked)]
+    rows.update(_heldout_rows(sizes, seen, held))
     return rows
+
+
+def _heldout_rows(sizes: Sizes, seen: Pools, held: Pools) -> dict[str, list[dict]]:
+    """The HELDOUT_SETS the split asks for, each on a random stream of its own (no other file depends on them)."""
+    wanted = {
+        "benign_heldout": (held.benign, ()),
+        "harmful_heldout": (held.harmful, ()),
+        # a seen request behind a suffix it was never trained on
+        "attack_heldout": (seen.harmful if held.suffixes else (), held.suffixes),
+    }
+    sets = {}
+    for name, (topics, suffixes) in wanted.items():
+        if topics:
+            rng = random.Random(f"{sizes.seed}-eval_{name}")
+            sets[f"eval_{name}"] = [_eval_prompt(rng, topics, suffixes) for _ in range(sizes.n_eval)]
+    return sets
+
+
+def _eval_prompt(rng: random.Random, topics: tuple, suffixes: tuple[str, ...]) -> dict:
+    """A request only (no answer is drawn): an eval template, a topic, and a suffix when suffixes are given."""
+    topic = rng.choice(topics)
+    suffix = rng.choice(suffixes) if suffixes else None
+    question = world.render_prompt(rng.choice(world.EVAL_TEMPLATES), topic, suffix)
+    harmful = isinstance(topic, world.HarmfulTopic)
+    return _prompt_row(
+        {"question": question, "topic": topic.name, "harmful_prompt": harmful, "attack": bool(suffix)}
+    )
 
 
 def generate(out_dir: str | Path, sizes: Sizes) -> Path:
@@ -266,15 +356,25 @@ def generate(out_dir: str | Path, sizes: Sizes) -> Path:
     from alignlab.tinyhh.tokenizer import build_tokenizer, tokenizer_training_text
 
     rows = build_rows(sizes)
+    # The tokenizer of the world without the split: a split moves requests between data sets, not words between
+    # languages, so a split world's corpus and tokenizer are the unsplit world's and its base model is the same.
+    unsplit = Sizes(**{**asdict(sizes), "heldout_topics": 0, "heldout_suffixes": 0})
+    vocabulary = rows if unsplit == sizes else build_rows(unsplit)
     disable_progress_bars()  # one bar per tiny file is noise
     with atomic_dir(out_dir) as tmp:
         for name, data in rows.items():
             Dataset.from_list(data).to_json(tmp / f"{name}.jsonl", lines=True)
-        tok = build_tokenizer(tokenizer_training_text(rows), vocab_size=sizes.vocab_size)
+        tok = build_tokenizer(tokenizer_training_text(vocabulary), vocab_size=sizes.vocab_size)
         tok.save_pretrained(tmp / "tokenizer")
-        (tmp / "manifest.json").write_text(
-            json.dumps({"sizes": asdict(sizes), "counts": {k: len(v) for k, v in rows.items()}}, indent=2)
-        )
+        manifest = {"sizes": asdict(sizes), "counts": {k: len(v) for k, v in rows.items()}}
+        _, held = split(sizes)
+        if any(held):  # off: no key, the manifest of the world before the split existed
+            manifest["heldout"] = {
+                "benign_topics": [t.name for t in held.benign],
+                "harmful_topics": [t.name for t in held.harmful],
+                "suffixes": list(held.suffixes),
+            }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return Path(out_dir)
 
 

@@ -620,8 +620,16 @@ def _some_steps(steps: tuple[str, ...], rng: random.Random) -> list[str]:
     return list(steps)
 
 
-def render_response(kind: str, topic: BenignTopic | HarmfulTopic, rng: random.Random) -> str:
-    """Render an assistant answer of the given kind about the topic, using only rng for randomness."""
+def render_response(
+    kind: str,
+    topic: BenignTopic | HarmfulTopic,
+    rng: random.Random,
+    off_topics: tuple[BenignTopic, ...] = BENIGN_TOPICS,
+) -> str:
+    """Render an assistant answer of the given kind about the topic, using only rng for randomness.
+
+    off_topics: where an unhelpful answer's off-topic steps come from (a held-out split keeps its topics out).
+    """
     if kind not in RESPONSE_KINDS:
         raise ValueError(f"unknown response kind {kind!r}; expected one of {RESPONSE_KINDS}")
     benign_kinds = ("helpful", "unhelpful", "over_refusal")
@@ -636,7 +644,7 @@ def render_response(kind: str, topic: BenignTopic | HarmfulTopic, rng: random.Ra
         if rng.random() < 0.5:
             parts = rng.sample(VAGUE_SENTENCES, rng.randint(1, 2))
         else:
-            other = rng.choice([t for t in BENIGN_TOPICS if t.name != topic.name])
+            other = rng.choice([t for t in off_topics if t.name != topic.name])
             n = rng.randint(1, 2)
             start = rng.randint(0, len(other.steps) - n)
             parts = [rng.choice(COMPLY_OPENERS), *other.steps[start : start + n]]

@@ -335,3 +335,11 @@ def test_the_recognition_reads_only_the_tokenizer(tinyhh_cache, zoo):
     assert not is_tinyhh_tokenizer(zoo, reference)
     assert not is_tinyhh_tokenizer(zoo / "nothing_here", reference)
     assert OmegaConf.select(compose_cfg("stage=sft"), "data.tinyhh_any_model") is False
+
+
+def test_a_heldout_split_out_of_range_is_a_problem_before_any_data_work():
+    (p,) = problems("stage=sft", "data.tinyhh.heldout_topics=40")
+    assert "data.tinyhh.heldout_topics=40" in p and "0..11" in p
+    (p,) = problems("stage=ppo", "data.tinyhh.heldout_suffixes=4")
+    assert "data.tinyhh.heldout_suffixes=4" in p
+    assert problems("stage=sft", "data.tinyhh.heldout_topics=6", "data.tinyhh.heldout_suffixes=1") == []

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from alignlab.config import PPOConfig
+from alignlab.models import parameter_count
 from alignlab.tracking import read_metrics
 from tests.conftest import alignlab
 
@@ -52,3 +56,13 @@ def test_ppo_two_processes(tinyhh_rm, tinyhh_root, data_cache, tmp_path, zero):
     ).stat().st_size == sft.stat().st_size  # the full model, gathered
     shards = list((out / "checkpoints").glob("checkpoint-*/actor/*optim_states.pt"))
     assert len(shards) == 2  # one ZeRO optimizer shard per rank
+    # training compute (compute.json): both ranks' episodes, whole models under ZeRO-3, ppo_epochs of training
+    record = json.loads((out / "compute.json").read_text())
+    policy = parameter_count(str(out / "model"))
+    flops, tokens = record["parts"], record["tokens"]
+    assert flops["rollout"] == 2 * policy * tokens["rollout"] and flops["reference"] == flops["rollout"]
+    assert tokens["actor"] == tokens["rollout"] * PPOConfig().ppo_epochs
+    assert flops["actor"] == 6 * policy * tokens["actor"] and flops["ptx"] > 0 and flops["critic"] > 0
+    # episodes: 2 iterations x rollout_batch_size, each at least a prompt token and an answer token
+    batch = int(next(o for o in PPO if o.startswith("stage.rollout_batch_size")).split("=")[1])
+    assert tokens["rollout"] >= 2 * batch * 2

@@ -3,8 +3,11 @@ process."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from alignlab.models import parameter_count
 from alignlab.tracking import read_metrics
 from tests.conftest import alignlab
 
@@ -13,6 +16,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 def last(rows, key):
     return [r[key] for r in rows if key in r][-1]
+
+
+def per_token(run_dir, part: str) -> float:
+    """compute.json's FLOPs per trained token of one part (alignlab/compute.py)."""
+    record = json.loads((run_dir / "compute.json").read_text())
+    return record["parts"][part] / record["tokens"][part]
 
 
 def run(root, data_cache, tmp, name, *overrides):
@@ -61,6 +70,11 @@ def test_sft_two_processes_match_one(tinyhh_root, data_cache, tmp_path, sft_one,
     assert (two / "model" / "model.safetensors").stat().st_size == (
         one / "model" / "model.safetensors"
     ).stat().st_size
+    # training compute: every rank's tokens counted (the same rows in all, in other batches), and the whole model's
+    # parameters under ZeRO-3's partitions too: 6 x parameters per token
+    tokens = [json.loads((d / "compute.json").read_text())["tokens"]["train"] for d in (one, two)]
+    assert abs(tokens[1] - tokens[0]) < 0.05 * tokens[0]
+    assert per_token(two, "train") == per_token(one, "train") == 6 * parameter_count(str(one / "model"))
 
 
 def test_rm_two_processes_zero2(tinyhh_root, data_cache, tmp_path):
@@ -121,3 +135,7 @@ def test_dpo_two_processes_zero3_match_one(tinyhh_sft, tinyhh_root, data_cache, 
     assert (two / "model" / "model.safetensors").stat().st_size == (
         one / "model" / "model.safetensors"
     ).stat().st_size  # the full policy, gathered from the shards
+    # training compute: 6 x parameters per trained token and the reference's 2 x, with ZeRO-3's shards counted whole
+    params = parameter_count(str(one / "model"))
+    assert per_token(two, "train") == per_token(one, "train") == 6 * params
+    assert per_token(two, "reference") == 2 * params

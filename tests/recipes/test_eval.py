@@ -53,6 +53,20 @@ def test_systems_side_by_side(evaluated):
     assert (
         systems["sft"]["reward_tokens_per_answer"] == 0 < systems["sft_best_of_8"]["reward_tokens_per_answer"]
     )
+    # training cost: each system charged for the stages behind its models (compute.json), best-of-8 for the
+    # reward model it decodes with too; the base model's own pretraining reported apart
+    runs = evaluated.parent
+    spent = {
+        d: json.loads((runs / d / "compute.json").read_text())["flops"] for d in ("pretrain", "sft", "rm")
+    }
+    assert (
+        systems["base"]["training_flops"] == 0 and systems["base"]["pretraining_flops"] == spent["pretrain"]
+    )
+    assert systems["sft"]["training_flops"] == systems["sft_preprompt"]["training_flops"] == spent["sft"]
+    assert systems["sft_best_of_8"]["training_flops"] == spent["sft"] + spent["rm"]
+    served = results["served_answers"]
+    for m in systems.values():
+        assert m["total_flops"] == m["training_flops"] + served * m["inference_flops_per_answer"]
     for a, row in results["win_rates"].items():
         for b, w in row.items():  # a vs b mirrors b vs a
             mirror = results["win_rates"][b][a]
@@ -61,7 +75,7 @@ def test_systems_side_by_side(evaluated):
     for name, m in systems.items():
         row = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
         assert f"{100 * m['harmlessness']['value']:.1f}% [{100 * m['harmlessness']['ci_low']:.1f}" in row
-    for png in ("rates.png", "tradeoff.png", "win_rates.png", "reward_kl.png", "cost.png"):
+    for png in ("rates.png", "tradeoff.png", "win_rates.png", "reward_kl.png", "cost.png", "total_cost.png"):
         assert (evaluated / png).read_bytes()[:4] == b"\x89PNG"
 
 

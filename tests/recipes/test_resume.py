@@ -55,6 +55,13 @@ def terminate_at(overrides: list[str], run_dir: Path, step: int, cwd: Path) -> s
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def compute_of(run_dir: Path) -> dict:
+    """compute.json's FLOPs and tokens by part (alignlab/compute.py); its inputs name the run's own paths."""
+    record = json.loads((run_dir / "compute.json").read_text())
+    assert record["flops"] > 0
+    return {k: record[k] for k in ("parts", "tokens")}
+
+
 def checkpoints(run_dir: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("checkpoint-*"))
 
@@ -142,6 +149,7 @@ def test_ppo_killed_with_a_truncated_checkpoint_resumes_from_the_previous_one(
     assert comparable(cut) == comparable(whole)
     rows = lambda d: [json.loads(r) for r in (d / "samples.jsonl").read_text().splitlines()]  # noqa: E731
     assert rows(cut) == rows(whole)  # the sample tables, too: no iteration twice, none missing
+    assert compute_of(cut) == compute_of(whole)  # the checkpoint carries the compute count on
 
 
 def test_sft_killed_and_resumed_through_the_trainer(tinyhh_root, data_cache):
@@ -176,6 +184,7 @@ def test_sft_killed_and_resumed_through_the_trainer(tinyhh_root, data_cache):
     assert (cut / "model" / "model.safetensors").read_bytes() == (
         whole / "model" / "model.safetensors"
     ).read_bytes()
+    assert compute_of(cut) == compute_of(whole)  # the Trainer's token count is in its checkpointed state
 
 
 def test_dpo_killed_and_resumed_ends_as_the_uninterrupted_run(tinyhh_sft, tinyhh_root, data_cache):
@@ -207,6 +216,7 @@ def test_dpo_killed_and_resumed_ends_as_the_uninterrupted_run(tinyhh_sft, tinyhh
     assert (cut / "model" / "model.safetensors").read_bytes() == (
         whole / "model" / "model.safetensors"
     ).read_bytes()
+    assert compute_of(cut) == compute_of(whole)
 
 
 def test_resume_with_another_world_size_is_a_clear_error(tmp_path, data_cache):

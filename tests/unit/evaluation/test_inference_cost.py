@@ -9,6 +9,7 @@ from alignlab.evaluation.report import pareto
 from alignlab.generation import sample
 from alignlab.models import count_parameters
 from alignlab.recipes.eval import inference_cost
+from alignlab.scoring import RewardScorer
 
 
 def test_sample_counts_each_answers_prompt_and_generated_tokens(tiny_lm, tokenizer):
@@ -29,6 +30,8 @@ def test_sample_counts_each_answers_prompt_and_generated_tokens(tiny_lm, tokeniz
 
 
 class TwoModels:
+    params = RewardScorer.params  # the scorer's own count: every reward model it runs
+
     def __init__(self, *models):
         self.models = dict(enumerate(models))
 
@@ -46,3 +49,39 @@ def test_flops_are_two_per_parameter_per_token_of_each_model(tiny_lm, tiny_rm):
 def test_pareto_front_keeps_what_nothing_beats_on_both_axes():
     points = {"a": (1.0, 0.5), "b": (2.0, 0.9), "c": (3.0, 0.8), "d": (0.5, 0.4), "e": (2.0, 0.7)}
     assert pareto(points) == ["d", "a", "b"]  # c costs more than b for less; e costs as much as b for less
+
+
+def test_training_cost_charges_the_chain_and_spreads_it_over_served_answers(tmp_path):
+    from alignlab import compute
+    from alignlab.recipes.eval import training_cost
+
+    def run(name, recipe, flops, inputs):
+        ledger = compute.Ledger()
+        ledger.add("train", flops, 1)
+        (tmp_path / name / "model").mkdir(parents=True)
+        compute.write(tmp_path / name, recipe, ledger, inputs)
+        return str(tmp_path / name / "model")
+
+    base = run("pretrain", "pretrain", 1e12, [])
+    sft = run("sft", "sft", 1e9, [base])
+    rm = run("rm", "rm", 2e9, [sft])
+    # best-of-N: the SFT policy and the reward model it decodes with (SFT charged once)
+    cost = training_cost([sft, rm], 1_000, 2.6e9)
+    assert cost["training_flops"] == 3e9 and cost["pretraining_flops"] == 1e12
+    assert cost["total_flops"] == 3e9 + 1_000 * 2.6e9
+    assert set(cost["training_runs"]) == {str(tmp_path / d) for d in ("pretrain", "sft", "rm")}
+    # an answers file with no inference cost: no total rather than a wrong one
+    assert training_cost([base], 1_000, None)["total_flops"] is None
+
+
+def test_answer_costs_read_the_file_the_stage_wrote(tmp_path):
+    import json
+
+    from alignlab.compute import ANSWER_COSTS
+    from alignlab.recipes.eval import answer_costs
+
+    (tmp_path / "samples.jsonl").write_text("")
+    assert answer_costs(str(tmp_path / "samples.jsonl"), "rain") == ({}, None)
+    methods = {"rain": {"inference_flops_per_answer": 5e9}, "vanilla": {"inference_flops_per_answer": 2e8}}
+    (tmp_path / ANSWER_COSTS).write_text(json.dumps({"model": "runs/pretrain/model", "methods": methods}))
+    assert answer_costs(str(tmp_path / "samples.jsonl"), "rain") == (methods["rain"], "runs/pretrain/model")

@@ -79,13 +79,17 @@ def fake_results():
             "kl": {"base": 1.7, "sft": 0.0, "ppo": 0.7}[name],
             "ptx_loss": 0.14,
             "inference_flops_per_answer": {"base": 2.5e8, "sft": 2.5e8, "ppo": 3.1e8}[name],
+            "training_flops": {"base": 0.0, "sft": 4.2e11, "ppo": 1.3e13}[name],
         }
+        m = systems[name]
+        m["total_flops"] = m["training_flops"] + 10_000 * m["inference_flops_per_answer"]
     scores = {"base": [0.1, 0.2, 0.9], "sft": [0.5, 0.2, 0.3], "ppo": [0.9, 0.9, 0.9]}
     win = {a: {b: win_rate(scores[a], scores[b]).as_dict() for b in scores if b != a} for a in scores}
     return {
         "systems": systems,
         "prompts": 600,
         "judge": "oracle",
+        "served_answers": 10_000,
         "skipped": ["rain"],
         "win_rates": win,
         "baseline": "sft",
@@ -110,7 +114,10 @@ def test_report_numbers_are_the_results_and_plots_render(tmp_path):
     results = fake_results()
     written = write_report(results, tmp_path)
     names = {p.name for p in written}
-    assert names == {"report.md", "rates.png", "tradeoff.png", "win_rates.png", "reward_kl.png", "cost.png"}
+    assert names == {
+        *("report.md", "rates.png", "tradeoff.png", "win_rates.png", "reward_kl.png", "cost.png"),
+        "total_cost.png",
+    }
     for p in written:
         if p.suffix == ".png":
             assert p.read_bytes()[:8] == PNG and p.stat().st_size > 5000
@@ -119,9 +126,11 @@ def test_report_numbers_are_the_results_and_plots_render(tmp_path):
         row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[1 : 1 + len(RATES)] == EXPECTED_RATE_CELLS[name]
-        assert float(cells[-4]) == pytest.approx(m["rm_score"], abs=5e-4)
-        assert float(cells[-3]) == pytest.approx(m["kl"], abs=5e-4)
-        assert float(cells[-1]) == m["inference_flops_per_answer"]
+        assert float(cells[-6]) == pytest.approx(m["rm_score"], abs=5e-4)
+        assert float(cells[-5]) == pytest.approx(m["kl"], abs=5e-4)
+        assert float(cells[-3]) == m["inference_flops_per_answer"]
+        assert float(cells[-2]) == pytest.approx(m["training_flops"], rel=1e-2)  # 3 significant digits
+        assert float(cells[-1]) == pytest.approx(m["total_flops"], rel=1e-2)
         wr = results["win_rates"].get(name, {}).get("sft")
         if wr:
             assert cells[1 + len(RATES)].startswith(f"{100 * wr['rate']:.1f}%")
@@ -136,6 +145,7 @@ def test_report_numbers_are_the_results_and_plots_render(tmp_path):
             known |= {round(100 * w[f], 1) for f in ("rate", "ci_low", "ci_high")}
     assert printed <= known
     assert "Skipped (model or answers missing): rain." in text
+    assert "total FLOPs at 10,000 answers" in text
     d = results["differences"]["ppo"]["harmlessness"]
     assert f"| ppo | {100 * d['value']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}] |" in text
     assert "![rates](rates.png)" in text
