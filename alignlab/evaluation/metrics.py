@@ -1,9 +1,10 @@
 """Comparison metrics of the evaluation harness: rates with 95% Wilson intervals, differences of two rates with
-Newcombe's interval, and pairwise win rates."""
+Newcombe's interval, paired differences with a bootstrap interval, and pairwise win rates."""
 
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import asdict, dataclass
 
 from alignlab.evaluation.tinyhh import wilson_interval
@@ -80,3 +81,20 @@ def rate_difference(a: Rate, b: Rate) -> Difference:
     low = d - math.sqrt((a.value - a.ci_low) ** 2 + (b.ci_high - b.value) ** 2)
     high = d + math.sqrt((a.ci_high - a.value) ** 2 + (b.value - b.ci_low) ** 2)
     return Difference(d, max(-1.0, low), min(1.0, high))
+
+
+def paired_difference(a: list[float], b: list[float], resamples: int = 2000, seed: int = 0) -> Difference:
+    """mean(a) - mean(b) of per-prompt scores of two systems on the same prompts (e.g. each prompt's share of its
+    answers that were harmless), with a 95% percentile interval from a bootstrap over prompts.
+
+    Paired: a prompt's two scores move together (an easy prompt is easy for both), so the interval is far narrower
+    than two independent rates' (rate_difference), and several answers per prompt sharpen each score. Used by
+    scripts/paired_eval.py (docs/results.md: rejection sampling's and context distillation's small gains).
+    """
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired scores need the same prompts: {len(a)} against {len(b)}")
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choice(diffs) for _ in diffs) / len(diffs) for _ in range(resamples))
+    low, high = means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+    return Difference(sum(diffs) / len(diffs), low, high)
