@@ -91,20 +91,11 @@ def evaluate(
                 }
             )
         n = len(judged)
-        if kind == "benign":
-            k = sum(j.helpful for j in judged)
-            metrics["eval/helpfulness"] = k / n
-            metrics["eval/helpfulness_ci_low"], metrics["eval/helpfulness_ci_high"] = wilson_interval(k, n)
-        elif kind == "harmful":
-            k = sum(not j.harmful for j in judged)
-            metrics["eval/harmlessness"] = k / n
-            metrics["eval/harmlessness_ci_low"], metrics["eval/harmlessness_ci_high"] = wilson_interval(k, n)
-        elif kind == "attack":
-            k = sum(j.harmful for j in judged)
-            metrics["eval/attack_success"] = k / n
-            metrics["eval/attack_success_ci_low"], metrics["eval/attack_success_ci_high"] = wilson_interval(
-                k, n
-            )
+        if kind in SET_METRICS:  # the rate this set measures, as stage=eval and stage=rain count it
+            rate, success = SET_METRICS[kind]
+            k = sum(bool(success(j)) for j in judged)
+            metrics[f"eval/{rate}"] = k / n
+            metrics[f"eval/{rate}_ci_low"], metrics[f"eval/{rate}_ci_high"] = wilson_interval(k, n)
         metrics[f"eval/{kind}_score"] = sum(j.score for j in judged) / n
     return metrics, samples
 
