@@ -293,8 +293,11 @@ class DPOConfig(TrainerConfig):
     subset: Subset = Subset.all
     # sigmoid (DPO: -log sigmoid(beta * margin)) | ipo (IPO: (margin / length - 1 / (2 beta))^2, TRL's form)
     loss: DPOLoss = DPOLoss.sigmoid
-    # the KL strength: DPO's beta (0.1 in Rafailov et al.'s HH runs); IPO's tau
-    beta: float = 0.1
+    # the KL strength: DPO's beta (Rafailov et al.: 0.1 on HH, 0.5 on TL;DR; at 0.1 TinyHH's DPO over-refuses on
+    # one of two measured chains: docs/dpo.md); IPO's tau
+    beta: float = 0.5
+    # weight of the chosen answer's mean token NLL added to the loss (RPO, Pang et al. 2024: 1.0; 0 = DPO alone)
+    sft_weight: float = 0.0
     epochs: float = 1.0  # passes over the pairs
     # peak learning rate (Rafailov et al.: 1e-6 at 2.8B+; the tiny model wants more: docs/dpo.md)
     lr: float = 2e-5

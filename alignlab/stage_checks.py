@@ -64,6 +64,16 @@ def ppo_sizes(s: DictConfig, world: int) -> tuple[int, int, int]:
     return s.rollout_batch_size // world, s.rollout_batch_size // s.minibatch_size, accum
 
 
+def dpo_loss_terms(loss: str, sft_weight: float) -> dict:
+    """stage=dpo's TRL loss_type / loss_weights: the preference loss, plus the chosen answer's mean token NLL
+    weighted sft_weight (RPO, Pang et al. 2024) when that is above 0; a ConfigError below 0."""
+    if sft_weight < 0:
+        raise ConfigError(f"stage.sft_weight={sft_weight} must be >= 0 (0: the preference loss alone)")
+    if sft_weight == 0:
+        return {"loss_type": [loss], "loss_weights": None}
+    return {"loss_type": [loss, "sft"], "loss_weights": [1.0, sft_weight]}
+
+
 def check_rejection_sampling(s: DictConfig) -> None:
     """Rejection sampling's counts and temperatures (its choice fields are Enums, checked at compose)."""
     if s.iterations < 1 or s.samples_per_prompt < 1 or s.prompts_per_iteration < 1:

@@ -157,6 +157,8 @@ def stage_problems(cfg: DictConfig, recipe: str, world: int) -> list[str]:
             problems.append(
                 f"stage.ptx_coef={s.ptx_coef} needs stage.ptx_source=<text dataset> (data is not TinyHH)"
             )
+    if recipe == "dpo":
+        expect(stage_checks.dpo_loss_terms, str(s.loss), s.sft_weight)
     if recipe == "rejection_sampling":
         expect(stage_checks.check_rejection_sampling, s)
     if recipe == "eval":

@@ -26,6 +26,7 @@ from alignlab.data.splits import seeded_split
 from alignlab.errors import DataError
 from alignlab.evaluation.tinyhh import judge_start_end
 from alignlab.lifecycle import check_init_from, start_run, tinyhh_dir
+from alignlab.stage_checks import dpo_loss_terms
 from alignlab.trainer_bridge import (
     CheckpointCallback,
     TrackerCallback,
@@ -154,7 +155,7 @@ def run(cfg: DictConfig) -> None:
         show_progress=cfg.logger.progress,
         with_eval=len(held) > 0,
         beta=s.beta,
-        loss_type=[str(s.loss)],
+        **dpo_loss_terms(str(s.loss), s.sft_weight),
         max_length=None,  # overlong pairs are dropped above, never truncated
         dataset_num_proc=None,
         disable_dropout=True,
@@ -172,11 +173,12 @@ def run(cfg: DictConfig) -> None:
     n_params = models.count_parameters(trainer.model)
     n_trainable = models.count_parameters(trainer.model, trainable=True)
     log.info(
-        "%d params | %s loss, beta %g | %d training pairs (%d dropped as too long) from %s, subset=%s | "
+        "%d params | %s loss, beta %g, sft_weight %g | %d training pairs (%d dropped as too long) from %s, subset=%s | "
         "%d held-out pairs | %d steps of %d (%.2f epochs)",
         n_params,
         s.loss,
         s.beta,
+        s.sft_weight,
         len(train),
         lengths.too_long,
         source,

@@ -12,6 +12,7 @@ from trl import DPOConfig
 
 from alignlab.data.examples import LengthReport, prompt_ids, sequence_ids
 from alignlab.recipes.dpo import PretokenizedDPOTrainer, pair_examples
+from alignlab.stage_checks import dpo_loss_terms
 
 PAIRS = [
     {"prompt": "Human : how ? Assistant :", "chosen": " sure yes .", "rejected": " no"},
@@ -39,8 +40,8 @@ def answer_logps(model, prompt: list[int], answer: list[int]) -> tuple[float, in
     return picked.sum().item(), len(answer)
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
-def test_trl_loss_is_dpo_and_ipo_by_hand(tokenizer, tiny_lm, tmp_path, loss):
+@pytest.mark.parametrize(("loss", "sft_weight"), [("sigmoid", 0.0), ("ipo", 0.0), ("sigmoid", 0.7)])
+def test_trl_loss_is_dpo_and_ipo_by_hand(tokenizer, tiny_lm, tmp_path, loss, sft_weight):
     beta = 0.5
     reference = copy.deepcopy(tiny_lm)
     with torch.no_grad():  # a reference that differs from the policy, so the log-ratios are not 0
@@ -50,7 +51,7 @@ def test_trl_loss_is_dpo_and_ipo_by_hand(tokenizer, tiny_lm, tmp_path, loss):
     args = DPOConfig(
         output_dir=str(tmp_path),
         beta=beta,
-        loss_type=[loss],
+        **dpo_loss_terms(loss, sft_weight),  # what stage=dpo passes
         max_length=None,
         report_to=[],
         use_cpu=True,
@@ -65,7 +66,7 @@ def test_trl_loss_is_dpo_and_ipo_by_hand(tokenizer, tiny_lm, tmp_path, loss):
     with torch.no_grad():
         got = trainer.compute_loss(tiny_lm, batch).item()
 
-    losses = []
+    losses, chosen_logp, chosen_tokens = [], 0.0, 0
     for ex in ds:
         (pc, nc), (pr, nr) = (
             answer_logps(tiny_lm, ex["prompt_ids"], ex[k]) for k in ("chosen_ids", "rejected_ids")
@@ -74,9 +75,12 @@ def test_trl_loss_is_dpo_and_ipo_by_hand(tokenizer, tiny_lm, tmp_path, loss):
             answer_logps(reference, ex["prompt_ids"], ex[k]) for k in ("chosen_ids", "rejected_ids")
         )
         h = (pc - rc) - (pr - rr)
+        chosen_logp, chosen_tokens = chosen_logp + pc, chosen_tokens + nc
         if loss == "sigmoid":  # Rafailov et al. eq. 7
             losses.append(-math.log(1 / (1 + math.exp(-beta * h))))
         else:  # Azar et al. eq. 17, per answer token (TRL's normalisation)
             losses.append(((pc - rc) / nc - (pr - rr) / nr - 1 / (2 * beta)) ** 2)
-    assert got == pytest.approx(sum(losses) / len(losses), rel=1e-4)
+    # RPO (Pang et al. 2024): + sft_weight x the chosen answers' mean token NLL over the batch
+    expected = sum(losses) / len(losses) + sft_weight * -chosen_logp / chosen_tokens
+    assert got == pytest.approx(expected, rel=1e-4)
     assert losses[0] != losses[1]  # two different pairs: the mean is not one of them by accident
