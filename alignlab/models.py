@@ -255,6 +255,20 @@ def build_llama(
     return model.to(dt) if isinstance(dt, torch.dtype) else model
 
 
+def llama_from_arch(tokenizer: PreTrainedTokenizerBase, arch, dtype: str = "float32") -> LlamaForCausalLM:
+    """build_llama with model.arch's fields (stage=pretrain from scratch; the scale ladder's sizes)."""
+    return build_llama(
+        tokenizer,
+        hidden_size=arch.hidden_size,
+        num_hidden_layers=arch.num_hidden_layers,
+        num_attention_heads=arch.num_attention_heads,
+        intermediate_size=arch.intermediate_size,
+        max_position_embeddings=arch.max_position_embeddings,
+        tie_word_embeddings=arch.tie_word_embeddings,
+        dtype=dtype,
+    )
+
+
 def lora_targets(target_modules) -> list[str] | str | None:
     """model.lora.target_modules as PEFT takes it: None (PEFT's default for the architecture), "all-linear", or a
     list of module names (a single other string is one name)."""

@@ -122,16 +122,7 @@ def build_model(cfg: DictConfig, tokenizer) -> torch.nn.Module:
             raise ValueError(
                 f"stage.seq_len={s.seq_len} > model.arch.max_position_embeddings={a.max_position_embeddings}"
             )
-        model = models.build_llama(
-            tokenizer,
-            hidden_size=a.hidden_size,
-            num_hidden_layers=a.num_hidden_layers,
-            num_attention_heads=a.num_attention_heads,
-            intermediate_size=a.intermediate_size,
-            max_position_embeddings=a.max_position_embeddings,
-            tie_word_embeddings=a.tie_word_embeddings,
-            dtype=cfg.model.dtype,
-        )
+        model = models.llama_from_arch(tokenizer, a, dtype=cfg.model.dtype)
     else:
         model = models.load_causal_lm(
             cfg.model.name_or_path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code
