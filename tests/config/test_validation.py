@@ -88,6 +88,12 @@ def test_batch_arithmetic_names_the_real_keys():
     assert "stage.rollout_batch_size=64" in p and "stage.minibatch_size=24" in p
 
 
+def test_dpo_nll_weight_must_not_be_negative():
+    (p,) = problems("stage=dpo", "stage.sft_weight=-0.5")
+    assert "stage.sft_weight=-0.5" in p and ">= 0" in p
+    assert problems("stage=dpo", "stage.sft_weight=0.2") == []
+
+
 def test_contradicting_settings():
     assert "LoRA needs pretrained weights" in problems("stage=pretrain", "model.lora.enabled=true")[0]
     assert "needs model.tokenizer" in problems("stage=pretrain", "data=hh_rlhf")[0]
