@@ -1,8 +1,9 @@
 """Does alignment transfer beyond what it was trained on? TinyHH's generalisation split (docs/tinyhh.md): 6 benign
-and 6 harmful topics and one attack suffix that pretraining holds but no SFT or preference data does. SFT trained on the split world
-from the session's base model (a split world's corpus and tokenizer are the unsplit
-world's, so its base model is the same), then stage=eval of the base and SFT models on the seen and the held-out sets, 100 prompts each (every eval
-system answers the same sets; the chain's other stages would add minutes of CI and no new column).
+and 6 harmful topics and one attack suffix that pretraining holds but no SFT or preference data does. SFT trained
+on the split world from the session's base model (a split world's corpus and tokenizer are the unsplit world's, so
+its base model is the same), then stage=eval of the base and SFT models on the seen and the held-out sets, 100
+prompts each (every eval system answers the same sets; the chain's other stages would add minutes of CI and no new
+column).
 
 A result, not a direction: the test asserts the held-out columns are measured (rates with intervals, differences
 with Newcombe intervals, the report's columns) and the compute accounting of the chain, and prints the numbers
