@@ -1,11 +1,14 @@
-"""A throwaway one-node SLURM cluster on localhost: its own munged, slurmctld and slurmd, config and state.
+"""A throwaway SLURM cluster on this machine: its own munged, slurmctld and slurmd(s), config and state.
 
 Everything lives in one temporary directory (its own munge key and socket, free TCP ports, no accounting
 database), so it neither needs nor touches a system SLURM or munge, and two test sessions can run side by side.
+One node is localhost; with nodes=2 every slurmd runs in a network namespace of its own
+(tests/slurm/netns.py), so that the ranks of a job on two nodes talk over a network, not over one loopback.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -15,6 +18,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.slurm.netns import NodeNetwork
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo")
@@ -26,11 +31,13 @@ CPUS = 4
 NODE = "localhost"  # resolvable everywhere: the templates use the first node's name as MASTER_ADDR
 
 
-def missing_requirements() -> list[str]:
+def missing_requirements(nodes: int = 1) -> list[str]:
     """What this machine lacks to run the cluster (empty when it can)."""
     missing = [b for b in DAEMONS + CLIENTS if shutil.which(b, path=SEARCH_PATH) is None]
     if os.geteuid() != 0:
         missing.append("root (slurmd starts jobs as their user)")
+    elif nodes > 1:
+        missing += NodeNetwork.missing_requirements()
     return missing
 
 
@@ -40,9 +47,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def die_with_parent() -> None:
+    """In a daemon's child process before exec: SIGTERM when the test process dies, even by SIGKILL, instead of
+    a daemon left running (the flag survives the exec chain nsenter -> unshare -> sh -> slurmd)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 SLURM_CONF = """\
 ClusterName=alignlabtest
-SlurmctldHost={host}(127.0.0.1)
+SlurmctldHost={host}({ctld_addr})
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 SlurmUser=root
@@ -52,11 +66,14 @@ CredType=cred/munge
 # our munged's socket; a requeued job may start again once its credential expired (default 120 s)
 AuthInfo=socket={munge_socket},cred_expire=5
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+# %n: the node's name, one directory and log per slurmd
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/spool/%n/slurmd.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/slurmd-%n.log
+# one line per task: job, step, rank and the node it really ran on (LocalSlurm.tasks)
+TaskProlog={root}/task_prolog.sh
 # no cgroups: works in containers and VMs alike
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -75,8 +92,15 @@ KillWait=10
 # finished jobs stay visible to `scontrol show job` (there is no sacct without accounting)
 MinJobAge=900
 JobRequeue=1
-NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
-PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
+{node_lines}
+PartitionName=debug Nodes={nodes} Default=YES MaxTime=INFINITE State=UP
+"""
+
+# Runs as the task's user in the task's environment before every task (the batch script's included);
+# `hostname` is the node's own name in a namespaced node (its UTS namespace).
+TASK_PROLOG = """\
+#!/bin/sh
+echo "$SLURM_JOB_ID ${{SLURM_STEP_ID:-batch}} ${{SLURM_PROCID:-0}} $SLURMD_NODENAME $(hostname)" >> {log}
 """
 
 
@@ -108,7 +132,7 @@ class LocalSlurm:
         "DEADLINE",
     }
 
-    def __init__(self, base_env: dict[str, str]):
+    def __init__(self, base_env: dict[str, str], nodes: int = 1):
         # munged wants every directory above its socket to be world-executable: not pytest's 0700 tmp dirs
         self.root = Path(tempfile.mkdtemp(prefix="alignlab-slurm-"))
         self.root.chmod(0o755)
@@ -120,6 +144,9 @@ class LocalSlurm:
         self.env = {k: v for k, v in base_env.items() if not k.startswith("SLURM_") and k not in drop}
         self.env["SLURM_CONF"] = str(self.conf)
         self.env["PATH"] = SEARCH_PATH
+        # one node is localhost; more are node1, node2, ..., each in its own network namespace
+        self.nodes = [NODE] if nodes == 1 else [f"node{i}" for i in range(1, nodes + 1)]
+        self.network = NodeNetwork(self.nodes, self.root) if nodes > 1 else None
 
     # ------------------------------------------------------------------------------------------- life cycle
     def start(self, timeout: float = 60) -> LocalSlurm:
@@ -131,6 +158,7 @@ class LocalSlurm:
         key.chmod(0o400)
         self._spawn(
             "munged",
+            "munged",
             "--foreground",
             f"--key-file={key}",
             f"--socket={self.munge_socket}",
@@ -139,21 +167,32 @@ class LocalSlurm:
             f"--seed-file={self.root / 'munge' / 'munged.seed'}",
         )
         self._wait_for(lambda: self.munge_socket.exists(), timeout, "munged to create its socket")
+        if self.network:
+            self.network.start()
+        prolog = self.root / "task_prolog.sh"
+        prolog.write_text(TASK_PROLOG.format(log=self.root / "log" / "tasks.log"))
+        prolog.chmod(0o755)
         self.conf.write_text(
             SLURM_CONF.format(
                 host=socket.gethostname().split(".")[0],
+                ctld_addr=self.network.controller_addr if self.network else "127.0.0.1",
                 ctld_port=free_port(),
                 slurmd_port=free_port(),
                 munge_socket=self.munge_socket,
                 root=self.root,
-                node=NODE,
-                cpus=CPUS,
+                node_lines="\n".join(
+                    f"NodeName={node} NodeAddr={self._address(node)} CPUs={CPUS} State=UNKNOWN"
+                    for node in self.nodes
+                ),
+                nodes=",".join(self.nodes),
             )
         )
         # -D: stay in the foreground (our child, stopped by its pid); -c: no state from an earlier run
-        self._spawn("slurmctld", "-D", "-c", "-f", str(self.conf))
-        self._spawn("slurmd", "-D", "-N", NODE, "-f", str(self.conf))
-        self._wait_for(self._node_idle, timeout, f"node {NODE} to become idle")
+        self._spawn("slurmctld", "slurmctld", "-D", "-c", "-f", str(self.conf))
+        for node in self.nodes:
+            (self.root / "spool" / node).mkdir()
+            self._spawn(f"slurmd-{node}", "slurmd", "-D", "-N", node, "-f", str(self.conf), node=node)
+        self._wait_for(self._nodes_idle, timeout, f"nodes {','.join(self.nodes)} to become idle")
         return self
 
     def stop(self) -> None:
@@ -163,7 +202,7 @@ class LocalSlurm:
             deadline = time.time() + 30
             while time.time() < deadline and self.run("squeue", "-h", "-o", "%i", check=False).stdout.strip():
                 time.sleep(0.5)
-        for name in reversed(list(self.procs)):  # slurmd, slurmctld, then munged
+        for name in reversed(list(self.procs)):  # slurmds, slurmctld, then munged
             proc = self.procs[name]
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -173,16 +212,25 @@ class LocalSlurm:
                     proc.kill()
                     proc.wait()
         self.procs.clear()
+        if self.network:
+            self.network.stop()  # also when start failed half-way: it removes what exists
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def _spawn(self, name: str, *args: str) -> None:
-        log = open(self.root / "log" / f"{name}.stdout", "w")
-        exe = shutil.which(name, path=SEARCH_PATH)
-        self.procs[name] = subprocess.Popen([exe, *args], stdout=log, stderr=subprocess.STDOUT, env=self.env)
+    def _address(self, node: str) -> str:
+        return self.network.address(node) if self.network else "127.0.0.1"
 
-    def _node_idle(self) -> bool:
-        out = self.run("sinfo", "-h", "-n", NODE, "-o", "%t", check=False).stdout.strip()
-        return out == "idle"
+    def _spawn(self, name: str, exe: str, *args: str, node: str | None = None) -> None:
+        log = open(self.root / "log" / f"{name}.stdout", "w")
+        argv = [shutil.which(exe, path=SEARCH_PATH), *args]
+        if node and self.network:
+            argv = self.network.command(node, *argv)
+        self.procs[name] = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, preexec_fn=die_with_parent
+        )
+
+    def _nodes_idle(self) -> bool:
+        out = self.run("sinfo", "-h", "-N", "-o", "%N %t", check=False).stdout.split()
+        return out[1::2] == ["idle"] * len(self.nodes)
 
     def _wait_for(self, ready, timeout: float, what: str) -> None:
         deadline = time.time() + timeout
@@ -206,6 +254,17 @@ class LocalSlurm:
         return "\n".join(parts)
 
     # ------------------------------------------------------------------------------------------------ jobs
+    def tasks(self, job_id: str) -> list[dict[str, str]]:
+        """The tasks the job started so far (the batch script's too, step "batch"), from the task prolog's log:
+        step, rank, the node SLURM placed it on and the hostname it saw there."""
+        log = self.root / "log" / "tasks.log"
+        lines = log.read_text().splitlines() if log.exists() else []
+        rows = [
+            dict(zip(("job", "step", "rank", "node", "hostname"), line.split(), strict=True))
+            for line in lines
+        ]
+        return [row for row in rows if row["job"] == job_id]
+
     def run(self, *cmd: str, check: bool = True, cwd: Path | None = None, timeout: float = 60):
         proc = subprocess.run(cmd, env=self.env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:

@@ -11,24 +11,41 @@ from tests.conftest import ROOT, run_env
 from tests.slurm.cluster import LocalSlurm, missing_requirements
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    missing = missing_requirements()
+def local_slurm(nodes: int):
+    """A started LocalSlurm of `nodes` nodes for the session; skipped without its requirements, except under
+    CI=true, where they are installed: their absence is a broken CI, not a reason to skip."""
+    missing = missing_requirements(nodes)
     if missing:
+        packages = "slurm-wlm munge" + (" iproute2 util-linux" if nodes > 1 else "")
         message = (
-            f"a local SLURM cluster needs {', '.join(missing)}; install it with "
-            "`DEBIAN_FRONTEND=noninteractive apt-get install -y slurm-wlm munge` (as root; .ci/run does)"
+            f"a local {nodes}-node SLURM cluster needs {', '.join(missing)}; install it with "
+            f"`DEBIAN_FRONTEND=noninteractive apt-get install -y {packages}` (as root; .ci/run installs SLURM)"
         )
         if os.environ.get("CI") == "true":
-            pytest.fail(message)  # CI installs them: their absence is a broken CI, not a reason to skip
+            pytest.fail(message)
         pytest.skip(message)
-    cluster = LocalSlurm(run_env())
+    cluster = LocalSlurm(run_env(), nodes=nodes)
     cluster.env["ALIGNLAB_PYTHON"] = sys.executable  # the templates' interpreter: the one running the tests
     try:
         cluster.start()
     except BaseException:
         cluster.stop()
         raise
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    cluster = local_slurm(nodes=1)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm_two_nodes():
+    """Two nodes, each slurmd in a network namespace of its own (tests/slurm/netns.py); may run next to
+    slurm_cluster: each cluster binds its own free ports, and the nodes' ports live in their namespaces."""
+    cluster = local_slurm(nodes=2)
     yield cluster
     cluster.stop()
 
