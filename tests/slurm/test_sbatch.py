@@ -37,6 +37,23 @@ def last_step(run_dir) -> int:
         return -1
 
 
+def wait_for_step(cluster, job_id: str, run, log, step: int, timeout: float = 240) -> None:
+    """Wait until the job's run has logged `step` (training under way: the stage's signal handlers are in)."""
+    deadline = time.time() + timeout
+    while last_step(run) < step:
+        if time.time() > deadline:
+            pytest.fail(
+                f"job {job_id} logged no step >= {step} in {timeout:.0f} s:\n{log.read_text()[-4000:]}"
+            )
+        assert cluster.job(job_id).state in ("PENDING", "RUNNING"), log.read_text()[-4000:]
+        time.sleep(0.5)
+
+
+def resumed_at(out: str) -> int:
+    """The step the requeued run continued from, as the job log says."""
+    return int(out.split("resume=auto: continuing from ")[1].split("(step ")[1].split(")")[0])
+
+
 @pytest.fixture()
 def submit(slurm_cluster, tmp_path, quick_data):
     """sbatch a template with the test's paths; returns (job id, its log file, the run directory)."""
@@ -94,15 +111,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, submit):
     job_id, log, run = submit(
         "single_node.sbatch", *TINY, f"stage.steps={steps}", "stage.eval_every=0", "stage.checkpoint_every=20"
     )
-    # wait until training is under way (the stage has installed its signal handlers by then)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if last_step(run) >= 10:
-            break
-        assert slurm_cluster.job(job_id).state in ("PENDING", "RUNNING"), log.read_text()[-4000:]
-        time.sleep(0.5)
-    else:
-        pytest.fail(f"job {job_id} logged no step >= 10 in 240 s:\n{log.read_text()[-4000:]}")
+    wait_for_step(slurm_cluster, job_id, run, log, 10)
     # what `--signal=USR1@<s>` does before a time limit: SIGUSR1 to every rank of the step
     slurm_cluster.run("scancel", "--signal=USR1", job_id)
 
@@ -110,8 +119,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, submit):
     out = log.read_text()
     assert job.state == "COMPLETED" and job.restarts == 1, (job.info, out[-6000:])
     assert "requeueing job" in out and "restart 1 on" in out, out[-6000:]
-    stopped_at = int(out.split("resume=auto: continuing from ")[1].split("(step ")[1].split(")")[0])
-    assert 10 <= stopped_at < steps, out[-6000:]
+    assert 10 <= resumed_at(out) < steps, out[-6000:]
     assert (run / "done.json").exists() and (run / "model" / "config.json").exists()
     # one metrics row per logged step over both runs: nothing lost, nothing logged twice
     logged = [r["step"] for r in read_metrics(run) if "train/loss" in r]
