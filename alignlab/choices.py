@@ -38,6 +38,7 @@ KLController = Choice("KLController", "fixed adaptive")  # stage.kl_controller (
 Advantage = Choice("Advantage", "gae grpo rloo")
 KLPenalty = Choice("KLPenalty", "reward loss")  # stage.kl_penalty (ppo, grpo, rloo): where beta * KL enters
 MissingEOS = Choice("MissingEOS", "none replace subtract")  # stage.missing_eos (ppo, rejection_sampling)
+OldLogprobs = Choice("OldLogprobs", "forward sampling")  # stage.old_logprobs (ppo, grpo, rloo)
 Keep = Choice("Keep", "all last")  # stage.keep (rejection_sampling)
 TrainFrom = Choice("TrainFrom", "start previous")  # stage.train_from (rejection_sampling)
 Truncated = Choice("Truncated", "drop keep")  # stage.truncated (rejection_sampling, context_distillation)

@@ -31,6 +31,7 @@ from alignlab.choices import (
     Logger,
     Margin,
     MissingEOS,
+    OldLogprobs,
     OnMalformed,
     Ranking,
     Resume,
@@ -356,6 +357,10 @@ class PPOConfig(OptimizerConfig):
     # whiten per-token rewards over the rollout batch (shift_mean=False; >= 8 per rank)
     whiten_rewards: bool = False
     whiten_advantages: bool = True  # whiten advantages over the rollout batch's valid tokens (pads stay 0)
+    # the PPO ratio's old log-probs: forward (a full forward of the policy after sampling) | sampling (the sampling
+    # pass's own logits: one policy forward fewer per episode, equal up to cached-attention rounding; bfloat16
+    # rounds more; docs/ppo.md, docs/benchmarks.md)
+    old_logprobs: OldLogprobs = OldLogprobs.forward
     # PPO-ptx (InstructGPT): loss = ppo_loss + ptx_coef * lm_loss on a separate pretraining micro-batch per PPO
     # micro-batch, one backward and one optimizer step. lm_loss is the mean NLL per token, the normalisation
     # ptx_coef multiplies (InstructGPT used gamma = 27.8 with its own, unpublished, normalisation). 0 = plain PPO.

@@ -106,13 +106,17 @@ def shaped_scores(
 @torch.no_grad()
 def forward_stats(policy, reference, critic, ro: Rollout, micro: int, temperature: float, lora: bool):
     """Old log-probs, reference log-probs and values [B, T] of a rollout, micro-batched, without gradients
-    (critic None: critic-free advantages, values are zeros)."""
+    (critic None: critic-free advantages, values are zeros). The old log-probs are the sampling pass's where the
+    rollout kept them (Rollout.logprobs): the policy's forward is then skipped."""
     old, ref, values = [], [], []
     for i in range(0, len(ro.texts), micro):
         sl = slice(i, i + micro)
         ids, mask, ctx = trim(ro.input_ids[sl], ro.attention_mask[sl], ro.context_len, ro.response.shape[1])
         tokens = ro.response[sl]
-        old.append(token_logprobs(response_logits(policy, ids, mask, ctx), tokens, temperature))
+        if ro.logprobs is None:
+            old.append(token_logprobs(response_logits(policy, ids, mask, ctx), tokens, temperature))
+        else:
+            old.append(ro.logprobs[sl])
         if lora:  # the reference is the policy with its adapters switched off: no second copy of the weights
             with policy.module.disable_adapter():
                 ref_logits = response_logits(policy.module, ids, mask, ctx)

@@ -216,7 +216,8 @@ def generate_tokens(
     synced_gpus: bool = False,
     sampler: str = "inverse_cdf",
     compact: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return_logprobs: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Sample responses to left-padded queries [B, L] with the KV cache: pure ancestral sampling from
     softmax(logits / temperature) (top_k=0, top_p=1), the distribution the log-probs are later computed from.
 
@@ -231,6 +232,9 @@ def generate_tokens(
     Returns (response [B, T] padded after the first EOS, mask [B, T], ended_with_eos [B]); T <= max_new_tokens.
     synced_gpus: keep stepping until every rank is done (ZeRO-3, where each forward is collective); a rank whose
     rows have all ended keeps one in the batch.
+    return_logprobs: also return each sampled token's log-prob [B, T] under softmax(logits / temperature), from the
+    sampling pass's own logits (token_logprobs' formula; 0 on padding): PPO's old log-probs without another
+    forward, equal to a full forward's up to the rounding of cached vs uncached attention.
     """
     if temperature <= 0:
         raise ValueError("RL rollouts sample; temperature must be > 0 (greedy rollouts do not explore)")
@@ -248,6 +252,7 @@ def generate_tokens(
     input_ids = query
     done = torch.zeros(batch, dtype=torch.bool, device=device)  # per row still in the batch
     tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logps = torch.zeros(batch, max_new_tokens, device=device) if return_logprobs else None
     steps = 0
     for step in range(max_new_tokens):
         out = model(
@@ -263,6 +268,8 @@ def generate_tokens(
         uniform = torch.rand(batch, 1, device=device)[rows] if sampler == "inverse_cdf" else None
         token = sample_token(out.logits[:, -1], temperature, sampler, uniform).masked_fill(done, pad_id)
         tokens[rows, step] = token
+        if logps is not None:
+            logps[rows, step] = token_logprobs(out.logits[:, -1:], token[:, None], temperature)[:, 0]
         steps = step + 1
         done = done | (token == eos_id)
         if _all_done(done, synced_gpus) or steps == max_new_tokens:
@@ -277,6 +284,8 @@ def generate_tokens(
             position_ids, mask_buffer = position_ids[keep], mask_buffer[keep]
     response, response_mask = truncate_after_eos(tokens[:, :steps], eos_id, pad_id)
     ended = ((response == eos_id) & response_mask.bool()).any(1)
+    if logps is not None:
+        return response, response_mask, ended, logps[:, :steps] * response_mask
     return response, response_mask, ended
 
 

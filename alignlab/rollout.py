@@ -92,6 +92,8 @@ class Rollout:
     response_mask: torch.Tensor  # [B, T] 1 up to and including the EOS
     ended: torch.Tensor  # [B] bool: the answer ended with EOS within the budget
     texts: list[str]  # decoded answers (no EOS, no special tokens): what the reward model scores
+    # [B, T] each answer token's log-prob under the sampling distribution, from the sampling pass (return_logprobs)
+    logprobs: torch.Tensor | None = None
 
     @property
     def context_len(self) -> int:
@@ -119,11 +121,13 @@ def sample_rollout(
     temperature: float,
     device,
     synced_gpus: bool = False,
+    return_logprobs: bool = False,
 ) -> Rollout:
-    """Sample one answer per prompt (all of them as one batch) and decode it."""
+    """Sample one answer per prompt (all of them as one batch) and decode it (return_logprobs: keep the sampled
+    tokens' log-probs from the sampling pass, Rollout.logprobs)."""
     query, query_mask = pad_sequences(prompts.ids, tokenizer.pad_token_id, side="left")
     query, query_mask = query.to(device), query_mask.to(device)
-    response, mask, ended = generate_tokens(
+    response, mask, ended, *logprobs = generate_tokens(
         model,
         query,
         query_mask,
@@ -132,6 +136,7 @@ def sample_rollout(
         eos_id=tokenizer.eos_token_id,
         pad_id=tokenizer.pad_token_id,
         synced_gpus=synced_gpus,
+        return_logprobs=return_logprobs,
     )
     # The EOS is not part of the answer's text (the reward model appends its own, as in training); decoded as a
     # continuation of the prompt, so prompt + text re-reads as the model's tokens (SentencePiece's leading space)
@@ -139,7 +144,9 @@ def sample_rollout(
         decode_answer(tokenizer, [t for t in row[m.bool()].tolist() if t != tokenizer.eos_token_id])
         for row, m in zip(response.cpu(), mask.cpu(), strict=True)
     ]
-    return Rollout(prompts, query, query_mask, response, mask, ended, texts)
+    return Rollout(
+        prompts, query, query_mask, response, mask, ended, texts, logprobs[0] if logprobs else None
+    )
 
 
 def load_prompts(

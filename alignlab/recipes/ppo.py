@@ -230,8 +230,9 @@ def stage_scores(st: PPOState, prompts: Prompts, ro: Rollout) -> tuple[torch.Ten
     )
 
 
-def rollout(st: PPOState, prompts: Prompts) -> Rollout:
-    """One sampled answer per prompt from the current policy (eval mode while sampling)."""
+def rollout(st: PPOState, prompts: Prompts, keep_logprobs: bool = False) -> Rollout:
+    """One sampled answer per prompt from the current policy (eval mode while sampling); keep_logprobs: with the
+    sampled tokens' log-probs from the sampling pass (stage.old_logprobs=sampling)."""
     s, policy = st.stage, st.engines.policy
     policy.eval()
     ro = sample_rollout(
@@ -242,6 +243,7 @@ def rollout(st: PPOState, prompts: Prompts) -> Rollout:
         temperature=s.temperature,
         device=st.run.device,
         synced_gpus=st.engines.synced,
+        return_logprobs=keep_logprobs,
     )
     policy.train()
     return ro
@@ -251,8 +253,8 @@ def make_experience(st: PPOState, prompts: Prompts, it: int) -> Experience:
     """Steps 4.1-4.4 of iteration `it`: roll out, score, old/reference log-probs and values, rewards and GAE."""
     s, e = st.stage, st.engines
     t0 = time.perf_counter()
-    # 4.1 Roll out: one sampled answer per prompt.
-    ro = rollout(st, prompts)
+    # 4.1 Roll out: one sampled answer per prompt (with its log-probs where stage.old_logprobs=sampling).
+    ro = rollout(st, prompts, keep_logprobs=s.old_logprobs == "sampling")
     t_gen = time.perf_counter()
 
     # 4.2 Score the text with the reward model(s): normalised, EOS-penalised, clipped.
@@ -260,7 +262,7 @@ def make_experience(st: PPOState, prompts: Prompts, it: int) -> Experience:
     t_score = time.perf_counter()
     check_finite(raw, "reward-model scores", it, st)
 
-    # 4.3 Old and reference log-probs and values, without gradients.
+    # 4.3 Old (unless the sampling pass kept them) and reference log-probs and values, without gradients.
     old_logprobs, ref_logprobs, old_values = forward_stats(
         e.policy, e.reference, e.critic, ro, s.micro_batch_size, s.temperature, e.lora
     )
@@ -368,7 +370,8 @@ def iteration_compute(st: PPOState, exp: Experience) -> compute.Ledger:
     ledger.forward("rollout", e.n_params, seq)
     # the reward model(s) counted in the policy's positions (the scorer re-tokenizes the text in its own)
     ledger.forward("reward", e.scorer.params, seq)
-    ledger.forward("old_logprobs", e.n_params, seq)
+    if s.old_logprobs == "forward":  # else the sampling pass's (counted in "rollout")
+        ledger.forward("old_logprobs", e.n_params, seq)
     # the reference: a frozen copy, or (LoRA) the policy with its adapters disabled
     ledger.forward("reference", e.n_params - (e.n_trainable if e.lora else 0), seq)
     ledger.train("actor", e.n_params, e.n_trainable, s.ppo_epochs * seq)

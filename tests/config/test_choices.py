@@ -40,6 +40,7 @@ BAD_CHOICES = [
     ("rloo", "stage.kl_penalty", "both", "reward, loss"),
     ("ppo", "stage.missing_eos", "ignore", "none, replace, subtract"),
     ("rejection_sampling", "stage.missing_eos", "ignore", "none, replace, subtract"),
+    ("ppo", "stage.old_logprobs", "cached", "forward, sampling"),
     ("rejection_sampling", "stage.keep", "best", "all, last"),
     ("rejection_sampling", "stage.train_from", "scratch", "start, previous"),
     ("rejection_sampling", "stage.truncated", "cut", "drop, keep"),

@@ -101,3 +101,32 @@ def test_other_attention_layouts_keep_hfs_cache(tokenizer):
         mistral, q, m, max_new_tokens=6, temperature=1.0, eos_id=tokenizer.eos_token_id, pad_id=0
     )
     assert response.shape[0] == len(PROMPTS) and mask.shape == response.shape
+
+
+def test_sampling_pass_logprobs_equal_a_full_forwards(tiny_lm, tokenizer):
+    """return_logprobs (stage.old_logprobs=sampling): each sampled token's log-prob from the sampling pass equals
+    the full forward's (what forward_stats computes otherwise) up to cached-attention rounding, compaction on; the
+    tokens drawn are those drawn without it; padding gets 0."""
+    from alignlab.experience import forward_stats
+    from alignlab.rollout import Prompts, Rollout
+
+    lm = eos_biased(tiny_lm, tokenizer.eos_token_id, bias=1.5)
+    q, m = queries(tokenizer)
+    kw = dict(
+        max_new_tokens=14, temperature=0.7, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id
+    )
+    torch.manual_seed(11)
+    plain = generate_tokens(lm, q, m, **kw)
+    torch.manual_seed(11)
+    response, mask, ended, logps = generate_tokens(lm, q, m, return_logprobs=True, **kw)
+    assert torch.equal(response, plain[0]) and torch.equal(mask, plain[1]) and torch.equal(ended, plain[2])
+    assert ended.any() and (~ended).any()  # rows were compacted away mid-rollout
+    assert torch.all(logps[mask == 0] == 0) and torch.all(logps[mask == 1] < 0)
+    prompts = Prompts(list(PROMPTS) * 4, [], [False] * len(q), 0)
+    ro = Rollout(prompts, q, m, response, mask, ended, [""] * len(q))
+    full, _, _ = forward_stats(lm, lm, None, ro, 5, 0.7, lora=False)
+    torch.testing.assert_close(logps, full * mask, atol=1e-5, rtol=1e-5)
+    # forward_stats takes the rollout's own log-probs instead of a forward
+    ro.logprobs = logps
+    kept, _, _ = forward_stats(lm, lm, None, ro, 5, 0.7, lora=False)
+    assert torch.equal(kept, logps)
