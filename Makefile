@@ -31,13 +31,18 @@ demo: install
 	# every stage on TinyHH (finished ones are skipped), then the side-by-side report: runs/tinyhh/eval/report.md
 	$(PY) -m alignlab stage=pipeline
 
+# float32 | bfloat16: on a GPU machine `make bench BENCH_DTYPE=bfloat16` (the scripts use CUDA when torch sees it
+# and then write their own `_gpu` sections of docs/benchmarks.md, the GPU model named in each)
+BENCH_DTYPE ?= float32
+
 bench: install
 	# each script trains the TinyHH models it needs if missing, prints its table and rewrites its section of
-	# docs/benchmarks.md (about 15 minutes on 2 CPU cores)
-	$(PY) scripts/bench/bench_rollout.py
-	$(PY) scripts/bench/bench_train.py
-	$(PY) scripts/bench/bench_ppo.py
-	$(PY) scripts/bench/bench_rain.py
+	# docs/benchmarks.md (about 40 minutes on 2 CPU cores, 25 of them the scale sweep)
+	$(PY) scripts/bench/bench_rollout.py --dtype $(BENCH_DTYPE)
+	$(PY) scripts/bench/bench_train.py --dtype $(BENCH_DTYPE)
+	$(PY) scripts/bench/bench_ppo.py --dtype $(BENCH_DTYPE)
+	$(PY) scripts/bench/bench_rain.py --dtype $(BENCH_DTYPE)
+	$(PY) scripts/bench/bench_scale.py --dtype $(BENCH_DTYPE)
 
 test: install
 	# every tier; the TinyHH model chain is trained once and shared by the workers

@@ -25,7 +25,7 @@ from common import ensure_models, machine, publish, stage  # noqa: E402
 PHASES = ("generate", "score", "reference", "train")
 
 
-def ppo_row(batch: int, new: int, iterations: int, work: Path, threads: int) -> dict:
+def ppo_row(batch: int, new: int, iterations: int, work: Path, threads: int, extra: tuple = ()) -> dict:
     args = [
         "stage=ppo",
         f"stage.iterations={iterations}",
@@ -36,6 +36,7 @@ def ppo_row(batch: int, new: int, iterations: int, work: Path, threads: int) -> 
         "stage.sample_eval=0",
         "stage.samples_every=0",
         "stage.log_every=1",
+        *extra,
     ]
     print(f"ppo: rollout batch {batch}, max_new_tokens {new} ...", flush=True)
     rows = [r for r in stage(args, work / f"ppo_{batch}_{new}", threads) if "time/generate_s" in r]
@@ -66,23 +67,25 @@ def main() -> None:
     ap.add_argument("--batches", default="16,32,64,128", help="rollout batch sizes (max_new_tokens 96)")
     ap.add_argument("--lengths", default="24,48,96", help="max_new_tokens values (rollout batch 64)")
     ap.add_argument("--threads", type=int, default=0, help="OMP threads per run (0: torch's default)")
+    ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 (GPU): the stages' model.dtype")
     ap.add_argument("--section", default="bench_ppo")
     args = ap.parse_args()
     ensure_models(("pretrain", "sft", "rm"))
     batches = [int(x) for x in args.batches.split(",")]
     lengths = [int(x) for x in args.lengths.split(",")]
+    extra = (f"model.dtype={args.dtype}",) if args.dtype != "float32" else ()
     with tempfile.TemporaryDirectory(prefix="alignlab-bench-") as tmp:
         work = Path(tmp)
-        by_batch = {b: ppo_row(b, 96, args.iterations, work, args.threads) for b in batches}
+        by_batch = {b: ppo_row(b, 96, args.iterations, work, args.threads, extra) for b in batches}
         by_len = {
             n: by_batch[64]
             if n == 96 and 64 in by_batch
-            else ppo_row(64, n, args.iterations, work, args.threads)
+            else ppo_row(64, n, args.iterations, work, args.threads, extra)
             for n in lengths
         }
     lines = [
         f"PPO iterations {args.iterations} per row (iteration 1 excluded), 2 PPO epochs, minibatch min(32, batch), "
-        f"micro-batch 16; {machine()}.",
+        f"micro-batch 16; {args.dtype}; {machine()}.",
         "",
         "By rollout batch size (max_new_tokens 96):",
         "",

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts" / "bench"))
 
-from common import ensure_models, machine, matmul_peak, widen_llama, write_section  # noqa: E402
+from common import device, device_section, ensure_models, machine, matmul_peak, widen_llama, write_section  # noqa: E402
 
 from alignlab import models  # noqa: E402
 from alignlab.generation import sample  # noqa: E402
@@ -74,8 +74,17 @@ def main() -> None:
         help="embed the model in a Llama of this hidden size (0: the model as is)",
     )
     ap.add_argument("--layers", type=int, default=8, help="its layers (with --width)")
+    ap.add_argument(
+        "--intermediate", type=int, default=0, help="its MLP width (with --width; 0: ~8/3 x width)"
+    )
+    ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 (GPU): the model's and the peak's")
+    ap.add_argument(
+        "--json", default=None, help="also write the headline ratios here (scripts/bench/bench_scale.py)"
+    )
     ap.add_argument("--out", default=None, help="also write the markdown here")
-    ap.add_argument("--section", default="bench_rain", help="docs/benchmarks.md section to write")
+    ap.add_argument(
+        "--section", default="bench_rain", help="docs/benchmarks.md section to write ('': print only)"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,7 +104,7 @@ def main() -> None:
     size_note = ""
     if args.width:
         trained = model
-        model = widen_llama(trained, args.width, args.layers)
+        model = widen_llama(trained, args.width, args.layers, args.intermediate or None)
         probe = torch.tensor([tokenizer(p)["input_ids"] for p in prompts[:1]])
         with torch.no_grad():
             diff = (model(input_ids=probe).logits - trained(input_ids=probe).logits).abs().max().item()
@@ -103,6 +112,8 @@ def main() -> None:
             f" (the trained {models.count_parameters(trained) / 1e6:.2f}M model embedded in a {args.width} x "
             f"{args.layers} Llama, max |logit difference| {diff:.1e})"
         )
+    dev = device()
+    model = model.to(dev, getattr(torch, args.dtype))
     n_params = models.count_parameters(model)
     codec = HFCodec(tokenizer)
     backend = HFBackend(model, codec.pad_id)
@@ -141,7 +152,7 @@ def main() -> None:
         """The released code's vanilla: generate() with its defaults (greedy), no KV cache, one prompt at a time."""
         out = []
         for p in prompts:
-            ids = torch.tensor([codec.encode(p)])
+            ids = torch.tensor([codec.encode(p)], device=dev)
             gen = model.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, use_cache=False,
                 max_new_tokens=args.max_new_tokens, pad_token_id=codec.pad_id,
@@ -165,7 +176,7 @@ def main() -> None:
         if args.reference:
             from tests.unit.rain.reference import ref_rain
 
-            full = lambda ids: model(input_ids=torch.tensor([ids])).logits[0, -1].float()  # noqa: E731
+            full = lambda ids: model(input_ids=torch.tensor([ids], device=dev)).logits[0, -1].float().cpu()  # noqa: E731
             sub = prompts[: args.reference]
 
             def reference():
@@ -179,14 +190,14 @@ def main() -> None:
 
             ref = measure(reference, counter)
             ours = measure(lambda: [rain_one(p, i) for i, p in enumerate(sub)], counter)
-    peak = matmul_peak()
+    peak = matmul_peak(getattr(torch, args.dtype))
 
     base_1 = results["vanilla, 1 prompt at a time"]
     base_b = results[f"vanilla, {len(prompts)} prompts batched"]
     lines = [
         f"RAIN vs vanilla decoding ({len(prompts)} TinyHH prompts: {args.n} harmful, {args.n} benign, "
         f"{args.n} attack; max_new_tokens={args.max_new_tokens}; {n_params / 1e6:.2f}M-parameter model{size_note}; "
-        f"torch threads {torch.get_num_threads()}; float32 matmul peak {peak / 1e9:.1f} GFLOP/s)",
+        f"{args.dtype}; torch threads {torch.get_num_threads()}; {args.dtype} matmul peak {peak / 1e9:.1f} GFLOP/s)",
         "",
         "| method | wall s | s / prompt | forward passes | tokens | GFLOP/s (2 x params x tokens) | % of peak "
         "| wall vs vanilla (same batching) | forwards vs vanilla |",
@@ -251,13 +262,37 @@ def main() -> None:
     print(text)
     if args.out:
         Path(args.out).write_text(text)
+    if args.json:
+        t1 = timings["1"].as_dict()
+        summary = {
+            "params": n_params,
+            "prompts": len(prompts),
+            "rain_s": r1["wall_s"],
+            "rain_lockstep_s": rg["wall_s"],
+            "vanilla_s": base_1["wall_s"],
+            "vanilla_batched_s": base_b["wall_s"],
+            "released_vanilla_s": rel["wall_s"],
+            "wall_vs_vanilla": one,
+            "wall_vs_released": r1["wall_s"] / rel["wall_s"],
+            "forwards_vs_released": r1["calls"] / rel["calls"],
+            "tokens_vs_released": r1["tokens"] / rel["tokens"],
+            "floor_one": r1["wall_s"] / floor_1,
+            "floor_lockstep": rg["wall_s"] / floor_g,
+            "rain_tokens": r1["tokens"],
+            "vanilla_tokens": base_1["tokens"],
+            "search_share": t1["search_s"] / (t1["forward_s"] + t1["embed_s"] + t1["search_s"]),
+            "embed_share": t1["embed_s"] / (t1["forward_s"] + t1["embed_s"] + t1["search_s"]),
+        }
+        Path(args.json).write_text(json.dumps(summary, indent=1))
+    if not args.section:
+        return
     title = "RAIN vs vanilla decoding (`scripts/bench/bench_rain.py`)"
     if args.width:
         title = (
             f"RAIN vs vanilla decoding at {n_params / 1e6:.0f}M parameters "
             f"(`scripts/bench/bench_rain.py --width {args.width} --layers {args.layers}`)"
         )
-    write_section(args.section, title, text)
+    write_section(*device_section(args.section, title), text)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    ROOT,
+    data_lengths,
+    device,
     ensure_models,
     machine,
     matmul_params,
@@ -35,9 +36,6 @@ from common import (  # noqa: E402
 )
 
 from alignlab import models  # noqa: E402
-from alignlab.data.examples import sequence_ids, sft_example  # noqa: E402
-from alignlab.data.loading import load_rows  # noqa: E402
-from alignlab.tinyhh.emitters import Sizes, ensure  # noqa: E402
 
 SFT = {
     "TRL's defaults: activation checkpointing + chunked LM-head kernel — before": [
@@ -67,16 +65,24 @@ def flops_per_token(model_dir: Path, lengths: list[int]) -> float:
     return training_flops(n, c.num_hidden_layers, c.hidden_size, lengths) / sum(lengths)
 
 
-def raw_step(model_dir: Path, length: int, batch: int = 16, compiled: bool = False, reps: int = 20) -> float:
+def raw_step(
+    model_dir: Path,
+    length: int,
+    batch: int = 16,
+    compiled: bool = False,
+    reps: int = 20,
+    dtype: str = "float32",
+) -> float:
     """Tokens/s of the bare forward + backward of the answer loss on one unpadded batch (no Trainer, no
     optimizer, no data loading): the ceiling the stage's own loop works under. compiled: torch.compile first."""
     import time
 
-    model = models.load_causal_lm(str(model_dir)).train()
+    dev = device()
+    model = models.load_causal_lm(str(model_dir), dtype=dtype).train().to(dev)
     fn = torch.compile(model, dynamic=True) if compiled else model
     ids = torch.randint(
         4, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0)
-    )
+    ).to(dev)
 
     def step():
         logits = fn(input_ids=ids, use_cache=False).logits[:, :-1].float()
@@ -85,9 +91,13 @@ def raw_step(model_dir: Path, length: int, batch: int = 16, compiled: bool = Fal
 
     for _ in range(3):  # warm-up (and the one-time compile)
         step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(reps):
         step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
     return batch * length * reps / (time.perf_counter() - t0)
 
 
@@ -107,18 +117,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps per run (log every 5)")
     ap.add_argument("--threads", type=int, default=0, help="OMP threads per run (0: torch's default)")
+    ap.add_argument(
+        "--dtype", default="float32", help="float32 | bfloat16 (GPU): the stages' model.dtype, the peak's"
+    )
     ap.add_argument("--section", default="bench_train")
     args = ap.parse_args()
     runs = ensure_models(("pretrain", "sft"))
-    data = ensure(ROOT / "data_cache", Sizes())
-    tok = models.load_tokenizer(str(runs / "pretrain" / "model"))
-    sft_len = [len(sft_example(tok, r["prompt"], r["completion"])["input_ids"]) for r in load_rows(str(data / "sft.jsonl")).to_list()]  # fmt: skip
-    pairs = load_rows(str(data / "preferences.jsonl")).to_list()
-    rm_len = [len(sequence_ids(tok, r["prompt"], r[k])) for r in pairs for k in ("chosen", "rejected")]
+    sft_len, rm_len = data_lengths(models.load_tokenizer(str(runs / "pretrain" / "model")))
     sft_fpt = flops_per_token(runs / "pretrain" / "model", sft_len)
     rm_fpt = flops_per_token(runs / "sft" / "model", rm_len)  # same backbone; the 1-output head is negligible
 
     common = [f"stage.steps={args.steps}", "stage.log_every=5", "stage.checkpoint_every=0"]
+    if args.dtype != "float32":
+        common.append(f"model.dtype={args.dtype}")
     with tempfile.TemporaryDirectory(prefix="alignlab-bench-") as tmp:
         work = Path(tmp)
         sft = run_rows("sft", SFT, [*common, "stage.sample_eval=0", "stage.eval_rows=16"], work, args.threads)
@@ -130,16 +141,16 @@ def main() -> None:
     print("bare forward + backward, eager and torch.compile ...", flush=True)
     ceiling = {
         "ceiling: the model's bare forward + backward, no Trainer (eager)": raw_step(
-            runs / "pretrain" / "model", mean_len
+            runs / "pretrain" / "model", mean_len, dtype=args.dtype
         ),
         "ceiling: bare forward + backward, `torch.compile` (after a one-time compile)": raw_step(
-            runs / "pretrain" / "model", mean_len, compiled=True
+            runs / "pretrain" / "model", mean_len, compiled=True, dtype=args.dtype
         ),
     }
     raw_fpt = flops_per_token(runs / "pretrain" / "model", [mean_len])
-    peak = matmul_peak()
+    peak = matmul_peak(getattr(torch, args.dtype))
     lines = [
-        f"Measured float32 matmul peak: **{peak / 1e9:.0f} GFLOP/s**. Model: TinyHH's Llama "
+        f"Measured {args.dtype} matmul peak: **{peak / 1e9:.0f} GFLOP/s**. Model: TinyHH's Llama "
         f"({sft_fpt / 6 / 1e6:.2f}M FLOP-equivalent params per token incl. attention at the data's lengths); "
         f"SFT sequences {statistics.mean(sft_len):.0f} tokens on average, RM sequences "
         f"{statistics.mean(rm_len):.0f}. {args.steps} steps per row; {machine()}.",

@@ -84,9 +84,8 @@ def widen_llama(model, width: int, layers: int, intermediate: int | None = None)
     residual dimensions stay 0; the RMSNorm weights are scaled by sqrt(h / width) and eps by h / width, which
     makes the norm over `width` dimensions, of which h are non-zero, equal the trained norm over h.
     """
+    import copy
     import math
-
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     c = model.config
     h, hd, heads = c.hidden_size, c.head_dim, c.num_attention_heads
@@ -97,15 +96,15 @@ def widen_llama(model, width: int, layers: int, intermediate: int | None = None)
             f"width {width} must be >= {h} and a multiple of head_dim {hd}; layers {layers} >= {c.num_hidden_layers}"
         )
     intermediate = intermediate or max(c.intermediate_size, int(width * 8 / 3) // 64 * 64)
-    cfg = LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=width, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=width // hd, num_key_value_heads=width // hd, head_dim=hd,
-        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps * h / width,
-        rope_parameters=c.rope_parameters, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
-        pad_token_id=c.pad_token_id, tie_word_embeddings=False,
-    )  # fmt: skip
+    if intermediate < c.intermediate_size:
+        raise ValueError(f"intermediate {intermediate} must be >= the trained model's {c.intermediate_size}")
+    # the trained model's config (its class's fields: a reward model keeps num_labels and its pad id) at the new size
+    cfg = copy.deepcopy(c)
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = width, intermediate, layers
+    cfg.num_attention_heads = cfg.num_key_value_heads = width // hd
+    cfg.head_dim, cfg.rms_norm_eps, cfg.tie_word_embeddings = hd, c.rms_norm_eps * h / width, False
     torch.manual_seed(0)
-    wide = LlamaForCausalLM(cfg).eval()
+    wide = type(model)(cfg).eval()
     scale = math.sqrt(h / width)
     old, new = model.state_dict(), wide.state_dict()
     with torch.no_grad():
@@ -139,6 +138,21 @@ def ensure_models(stages: tuple[str, ...] = ("pretrain", "sft", "rm"), experimen
     return runs
 
 
+def data_lengths(tokenizer) -> tuple[list[int], list[int]]:
+    """Token lengths of TinyHH's SFT rows (prompt + answer) and of its preference pairs' sequences (each of chosen
+    and rejected), as the stages tokenize them: the lengths the training FLOP counts are taken over."""
+    from alignlab.data.examples import sequence_ids, sft_example
+    from alignlab.data.loading import load_rows
+    from alignlab.tinyhh.emitters import Sizes, ensure
+
+    data = ensure(ROOT / "data_cache", Sizes())
+    sft = [len(sft_example(tokenizer, r["prompt"], r["completion"])["input_ids"]) for r in load_rows(str(data / "sft.jsonl")).to_list()]  # fmt: skip
+    pairs = load_rows(str(data / "preferences.jsonl")).to_list()
+    return sft, [
+        len(sequence_ids(tokenizer, r["prompt"], r[k])) for r in pairs for k in ("chosen", "rejected")
+    ]
+
+
 def write_section(key: str, title: str, body: str, doc: Path = DOC) -> None:
     """Replace docs/benchmarks.md's `<!-- key -->` ... `<!-- /key -->` block (appended under `title` if new)."""
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
@@ -153,11 +167,19 @@ def write_section(key: str, title: str, body: str, doc: Path = DOC) -> None:
     tmp.replace(doc)
 
 
+def device_section(key: str, title: str) -> tuple[str, str]:
+    """The docs section a run on this device writes: on CUDA its own `<key>_gpu` section beside the CPU one, so the
+    first GPU run adds its tables instead of overwriting the CPU numbers the docs discuss."""
+    if device().type == "cuda":
+        return f"{key}_gpu", f"{title}, on {torch.cuda.get_device_name(0)}"
+    return key, title
+
+
 def publish(key: str, title: str, lines: list[str]) -> None:
-    """Print a benchmark's markdown and write it into docs/benchmarks.md's `key` section."""
+    """Print a benchmark's markdown and write it into docs/benchmarks.md's `key` section (device_section)."""
     text = "\n".join(lines)
     print(text)
-    write_section(key, title, text)
+    write_section(*device_section(key, title), text)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

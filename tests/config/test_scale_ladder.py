@@ -46,3 +46,27 @@ def test_each_rung_has_its_size_and_its_own_runs(experiment):
     # later stages start from this rung's own base model
     sft = OmegaConf.to_container(compose_cfg("stage=sft", f"experiment={experiment}"), resolve=True)
     assert sft["stage"]["init_from"].endswith(f"/{experiment}/pretrain/model")
+
+
+@pytest.mark.parametrize("experiment", ["tinyhh_10m", "tinyhh_40m"])
+def test_the_scale_benchmark_runs_each_rung_at_its_size(experiment):
+    """scripts/bench/bench_scale.py embeds the trained default model in each rung's shape (common.widen_llama): the
+    same parameter count as the rung's own model (only the head split differs), read from the same config."""
+    import sys
+
+    from tests.conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "scripts" / "bench"))
+    import bench_scale
+    import common
+
+    cfg = compose_cfg("stage=pretrain", f"experiment={experiment}")
+    arch = bench_scale.rung_arch(experiment.removeprefix("tinyhh_"))
+    assert arch.items() <= OmegaConf.to_container(cfg.model.arch).items()  # the shape; defaults for the rest
+    default = models.llama_from_arch(
+        Vocabulary(cfg.data.tinyhh.vocab_size), compose_cfg("stage=pretrain").model.arch
+    )
+    wide = common.widen_llama(
+        default, arch["hidden_size"], arch["num_hidden_layers"], arch["intermediate_size"]
+    )
+    assert models.count_parameters(wide) == built_parameters(cfg)

@@ -70,3 +70,21 @@ def test_widen_llama_computes_the_trained_function_at_the_larger_cost(tokenizer)
         assert torch.equal(lm.generate(ids[:1], **kw), wide.generate(ids[:1], **kw))
     with pytest.raises(ValueError, match="multiple of head_dim"):
         common.widen_llama(lm, width=50, layers=3)
+
+
+def test_widen_llama_keeps_a_reward_models_scores(tokenizer):
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(2)
+    cfg = tiny_config(tokenizer)
+    cfg.num_labels, cfg.pad_token_id = 1, tokenizer.pad_token_id
+    rm = LlamaForSequenceClassification(cfg).eval()
+    wide = common.widen_llama(rm, width=32, layers=2, intermediate=48)
+    assert isinstance(wide, LlamaForSequenceClassification) and wide.config.num_labels == 1
+    assert wide.config.pad_token_id == tokenizer.pad_token_id
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[1, 5, 9, 4, 7, pad, pad], [2, 8, 8, 6, 5, 11, 10]])
+    with torch.no_grad():
+        torch.testing.assert_close(wide(input_ids=ids).logits, rm(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="intermediate"):
+        common.widen_llama(rm, width=32, layers=2, intermediate=8)
