@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="24,48,96", help="max_new_tokens values (rollout batch 64)")
     ap.add_argument("--threads", type=int, default=0, help="OMP threads per run (0: torch's default)")
     ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 (GPU): the stages' model.dtype")
-    ap.add_argument("--section", default="bench_ppo")
+    ap.add_argument("--section", default="bench_ppo", help="docs/benchmarks.md section ('': print only)")
     args = ap.parse_args()
     ensure_models(("pretrain", "sft", "rm"))
     batches = [int(x) for x in args.batches.split(",")]

@@ -100,7 +100,9 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 (GPU)")
-    ap.add_argument("--section", default="bench_rollout", help="docs/benchmarks.md section to write")
+    ap.add_argument(
+        "--section", default="bench_rollout", help="docs/benchmarks.md section to write ('': print only)"
+    )
     args = ap.parse_args()
     path = args.model or str(ensure_models(("pretrain", "sft")) / "sft" / "model")
     dev = device()

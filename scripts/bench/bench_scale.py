@@ -386,7 +386,10 @@ def main() -> None:
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
         lines = table(saved["sizes"], saved["peak"], saved.get("dtype", "float32"), saved["machine"])
-        publish(args.section, TITLE, [*lines, "", *plots(saved["sizes"])])
+        if args.section:
+            publish(args.section, TITLE, [*lines, "", *plots(saved["sizes"])])
+        else:
+            print("\n".join(lines))
         return
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     arches = {s: rung_arch(s) for s in sizes}  # every rung checked before anything runs

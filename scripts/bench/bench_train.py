@@ -120,7 +120,7 @@ def main() -> None:
     ap.add_argument(
         "--dtype", default="float32", help="float32 | bfloat16 (GPU): the stages' model.dtype, the peak's"
     )
-    ap.add_argument("--section", default="bench_train")
+    ap.add_argument("--section", default="bench_train", help="docs/benchmarks.md section ('': print only)")
     args = ap.parse_args()
     runs = ensure_models(("pretrain", "sft"))
     sft_len, rm_len = data_lengths(models.load_tokenizer(str(runs / "pretrain" / "model")))

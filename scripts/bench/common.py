@@ -155,6 +155,8 @@ def data_lengths(tokenizer) -> tuple[list[int], list[int]]:
 
 def write_section(key: str, title: str, body: str, doc: Path = DOC) -> None:
     """Replace docs/benchmarks.md's `<!-- key -->` ... `<!-- /key -->` block (appended under `title` if new)."""
+    if not key.strip():  # a script's `--section=''` means print only: never a block without a name
+        raise ValueError(f"write_section: empty section key for {title!r}; pass a name or print instead")
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
     block = f"<!-- {key} -->\n{body.strip()}\n<!-- /{key} -->"
     pattern = rf"<!-- {re.escape(key)} -->.*?<!-- /{re.escape(key)} -->"
@@ -176,10 +178,12 @@ def device_section(key: str, title: str) -> tuple[str, str]:
 
 
 def publish(key: str, title: str, lines: list[str]) -> None:
-    """Print a benchmark's markdown and write it into docs/benchmarks.md's `key` section (device_section)."""
+    """Print a benchmark's markdown and write it into docs/benchmarks.md's `key` section (device_section); an empty
+    key (a script's `--section=''`) prints only."""
     text = "\n".join(lines)
     print(text)
-    write_section(*device_section(key, title), text)
+    if key:
+        write_section(*device_section(key, title), text)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

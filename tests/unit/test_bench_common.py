@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -25,6 +28,39 @@ def test_write_section_replaces_its_block_and_appends_new_ones(tmp_path):
     assert "<!-- a -->\nnew table\n<!-- /a -->\n\ntext after" in text and "old" not in text
     assert text.count("## B title") == 1 and "<!-- b -->\n| y |\n<!-- /b -->" in text
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_an_empty_section_key_is_refused_and_the_doc_untouched(tmp_path):
+    doc = tmp_path / "b.md"
+    doc.write_text("# Benchmarks\n")
+    with pytest.raises(ValueError, match="empty section key"):
+        common.write_section("", "Scale", "| x |", doc)
+    assert doc.read_text() == "# Benchmarks\n"
+
+
+def test_publish_with_an_empty_key_prints_only(monkeypatch, capsys):
+    def write(*args):
+        raise AssertionError(f"publish wrote a section: {args}")
+
+    monkeypatch.setattr(common, "write_section", write)
+    common.publish("", "Scale", ["| x |"])
+    assert capsys.readouterr().out == "| x |\n"
+
+
+def test_scale_from_json_with_an_empty_section_only_prints(tmp_path):
+    # `--section=''` is print only, also when re-rendering a saved sweep: no docs block, no plots. The scripts run
+    # from a copy (their docs/ is the copy's), so a regression cannot write into the repository's docs.
+    shutil.copytree(ROOT / "scripts" / "bench", tmp_path / "scripts" / "bench")
+    (tmp_path / "docs").mkdir()
+    shutil.copy(ROOT / "docs" / "bench_scale.json", tmp_path / "docs")
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench/bench_scale.py", "--from-json", "docs/bench_scale.json", "--section="],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| 39.0M |" in proc.stdout and "![" not in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["bench_scale.json"]
 
 
 def test_flop_accounting(tokenizer):
