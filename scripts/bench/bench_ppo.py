@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ensure_models, machine, publish, stage  # noqa: E402
+from common import dtype_overrides, ensure_models, machine, publish, stage  # noqa: E402
 
 PHASES = ("generate", "score", "reference", "train")
 
@@ -73,7 +73,7 @@ def main() -> None:
     ensure_models(("pretrain", "sft", "rm"))
     batches = [int(x) for x in args.batches.split(",")]
     lengths = [int(x) for x in args.lengths.split(",")]
-    extra = (f"model.dtype={args.dtype}",) if args.dtype != "float32" else ()
+    extra = tuple(dtype_overrides(args.dtype))
     with tempfile.TemporaryDirectory(prefix="alignlab-bench-") as tmp:
         work = Path(tmp)
         by_batch = {b: ppo_row(b, 96, args.iterations, work, args.threads, extra) for b in batches}

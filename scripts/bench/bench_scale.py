@@ -51,13 +51,14 @@ from common import (  # noqa: E402
     ROOT,
     data_lengths,
     device,
+    dtype_overrides,
     ensure_models,
+    flops_per_token,
     machine,
-    matmul_params,
     matmul_peak,
+    median_tokens_per_s,
     publish,
     stage,
-    training_flops,
     widen_llama,
 )
 
@@ -152,18 +153,6 @@ def compare_old_logprobs(sizes, arches, runs, tmp: Path, args, dtype_args) -> li
                 f"**{before / p['total']:.2f}x** |"
             )
     return lines
-
-
-def median_tps(rows: list[dict], what: str) -> float:
-    tps = [r["perf/tokens_per_s"] for r in rows if "perf/tokens_per_s" in r]
-    if len(tps) < 2:
-        raise RuntimeError(f"{what}: too few log intervals ({len(tps)}); raise --steps")
-    return statistics.median(tps[1:])
-
-
-def flops_per_token(model, lengths: list[int]) -> float:
-    c = model.config
-    return training_flops(matmul_params(model), c.num_hidden_layers, c.hidden_size, lengths) / sum(lengths)
 
 
 def rollouts(path: Path, dtype: str, repeats: int, batch: int = 64) -> dict:
@@ -359,6 +348,14 @@ def table(res: dict, peak: float, dtype: str, where: str) -> list[str]:
     return lines
 
 
+def publish_sweep(res: dict, peak: float, dtype: str, where: str, section: str) -> None:
+    """Print the sweep's tables; with a section, also draw the plots (docs/img) and write both into it."""
+    lines = table(res, peak, dtype, where)
+    if section:
+        lines += ["", *plots(res)]
+    publish(section, TITLE, lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default=",".join(SIZES), help=f"ladder rungs, of {', '.join(SIZES)}")
@@ -385,11 +382,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
-        lines = table(saved["sizes"], saved["peak"], saved.get("dtype", "float32"), saved["machine"])
-        if args.section:
-            publish(args.section, TITLE, [*lines, "", *plots(saved["sizes"])])
-        else:
-            print("\n".join(lines))
+        publish_sweep(
+            saved["sizes"], saved["peak"], saved.get("dtype", "float32"), saved["machine"], args.section
+        )
         return
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     arches = {s: rung_arch(s) for s in sizes}  # every rung checked before anything runs
@@ -399,7 +394,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     runs = ensure_models(("pretrain", "sft", "rm"))
     sft_len, rm_len = data_lengths(models.load_tokenizer(str(runs / "pretrain" / "model")))
-    dtype_args = [f"model.dtype={args.dtype}"] if args.dtype != "float32" else []
+    dtype_args = dtype_overrides(args.dtype)
     common = [
         f"stage.steps={args.steps}",
         "stage.log_every=4",
@@ -409,11 +404,8 @@ def main() -> None:
     if args.old_logprobs:
         with tempfile.TemporaryDirectory(prefix="alignlab-scale-") as tmp:
             lines = compare_old_logprobs(sizes, arches, runs, Path(tmp), args, dtype_args)
-        if args.section:
-            title = "PPO's old log-probs from the sampling pass (`bench_scale.py --old-logprobs`)"
-            publish("bench_old_logprobs", title, lines)
-        else:
-            print("\n".join(lines))
+        title = "PPO's old log-probs from the sampling pass (`bench_scale.py --old-logprobs`)"
+        publish("bench_old_logprobs" if args.section else "", title, lines)
         return
     peak = matmul_peak(getattr(torch, args.dtype))
     res = {}
@@ -438,7 +430,7 @@ def main() -> None:
             ):
                 print(f"{size}: {name} ...", flush=True)
                 args_ = [f"stage={name}", f"stage.init_from={init}", *common, extra, *dtype_args]
-                tps = median_tps(stage(args_, work / f"{name}_run", args.threads), f"{size} {name}")
+                tps = median_tokens_per_s(stage(args_, work / f"{name}_run", args.threads), f"{size} {name}")
                 r[name] = {"tokens_per_s": tps, "peak_share": tps * fpt / peak}
             print(f"{size}: rollouts ...", flush=True)
             r["rollout"] = rollouts(dirs["sft"], args.dtype, args.repeats)
@@ -454,12 +446,7 @@ def main() -> None:
     if args.json:
         saved = {"peak": peak, "dtype": args.dtype, "machine": machine(), "sizes": res}
         Path(args.json).write_text(json.dumps(saved, indent=1))
-    lines = table(res, peak, args.dtype, machine())
-    if args.section:
-        lines += ["", *plots(res)]
-        publish(args.section, TITLE, lines)
-    else:
-        print("\n".join(lines))
+    publish_sweep(res, peak, args.dtype, machine(), args.section)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     data_lengths,
     device,
+    dtype_overrides,
     ensure_models,
+    flops_per_token,
     machine,
-    matmul_params,
     matmul_peak,
+    median_tokens_per_s,
     publish,
     stage,
-    training_flops,
 )
 
 from alignlab import models  # noqa: E402
@@ -56,13 +57,6 @@ RM = {
     "**alignlab default**: no checkpointing — after": [],
     "default + micro-batch 32 (batch 64)": ["stage.micro_batch_size=32", "stage.batch_size=64"],
 }
-
-
-def flops_per_token(model_dir: Path, lengths: list[int]) -> float:
-    model = models.load_causal_lm(str(model_dir))
-    c = model.config
-    n = matmul_params(model)
-    return training_flops(n, c.num_hidden_layers, c.hidden_size, lengths) / sum(lengths)
 
 
 def raw_step(
@@ -106,10 +100,7 @@ def run_rows(name: str, variants: dict, common_args: list[str], workdir: Path, t
     for label, extra in variants.items():
         print(f"{name}: {label} ...", flush=True)
         rows = stage([f"stage={name}", *common_args, *extra], workdir / f"{name}_{len(out)}", threads)
-        tps = [r["perf/tokens_per_s"] for r in rows if "perf/tokens_per_s" in r]
-        if len(tps) < 2:
-            raise RuntimeError(f"{name} {label}: too few log intervals ({len(tps)}); raise --steps")
-        out[label] = statistics.median(tps[1:])
+        out[label] = median_tokens_per_s(rows, f"{name} {label}")
     return out
 
 
@@ -124,12 +115,13 @@ def main() -> None:
     args = ap.parse_args()
     runs = ensure_models(("pretrain", "sft"))
     sft_len, rm_len = data_lengths(models.load_tokenizer(str(runs / "pretrain" / "model")))
-    sft_fpt = flops_per_token(runs / "pretrain" / "model", sft_len)
-    rm_fpt = flops_per_token(runs / "sft" / "model", rm_len)  # same backbone; the 1-output head is negligible
+    base = models.load_causal_lm(str(runs / "pretrain" / "model"))
+    sft_fpt = flops_per_token(base, sft_len)
+    # the RM trains the SFT model's backbone, the base model's shape; its 1-output head is negligible
+    rm_fpt = flops_per_token(base, rm_len)
 
     common = [f"stage.steps={args.steps}", "stage.log_every=5", "stage.checkpoint_every=0"]
-    if args.dtype != "float32":
-        common.append(f"model.dtype={args.dtype}")
+    common += dtype_overrides(args.dtype)
     with tempfile.TemporaryDirectory(prefix="alignlab-bench-") as tmp:
         work = Path(tmp)
         sft = run_rows("sft", SFT, [*common, "stage.sample_eval=0", "stage.eval_rows=16"], work, args.threads)
@@ -147,7 +139,7 @@ def main() -> None:
             runs / "pretrain" / "model", mean_len, compiled=True, dtype=args.dtype
         ),
     }
-    raw_fpt = flops_per_token(runs / "pretrain" / "model", [mean_len])
+    raw_fpt = flops_per_token(base, [mean_len])
     peak = matmul_peak(getattr(torch, args.dtype))
     lines = [
         f"Measured {args.dtype} matmul peak: **{peak / 1e9:.0f} GFLOP/s**. Model: TinyHH's Llama "

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -71,6 +72,25 @@ def training_flops(n_matmul: int, n_layers: int, hidden: int, lengths: list[int]
     """Forward + backward FLOPs of training on sequences of these lengths (Kaplan/PaLM: 6N per token plus the
     attention scores and values, 6 * layers * hidden * t^2 per sequence for causal attention), padding excluded."""
     return sum(6 * n_matmul * t + 6 * n_layers * hidden * t * t for t in lengths)
+
+
+def flops_per_token(model, lengths: list[int]) -> float:
+    """Training FLOPs per token of `model` on sequences of these lengths (training_flops / tokens)."""
+    c = model.config
+    return training_flops(matmul_params(model), c.num_hidden_layers, c.hidden_size, lengths) / sum(lengths)
+
+
+def median_tokens_per_s(rows: list[dict], what: str) -> float:
+    """A stage run's training tokens/s: the median of its logged intervals after the first (warm-up)."""
+    tps = [r["perf/tokens_per_s"] for r in rows if "perf/tokens_per_s" in r]
+    if len(tps) < 2:
+        raise RuntimeError(f"{what}: too few log intervals ({len(tps)}); raise --steps")
+    return statistics.median(tps[1:])
+
+
+def dtype_overrides(dtype: str) -> list[str]:
+    """The stage overrides that run a benchmark's stages in `dtype` (none for float32, the stages' default)."""
+    return [f"model.dtype={dtype}"] if dtype != "float32" else []
 
 
 def widen_llama(model, width: int, layers: int, intermediate: int | None = None):

@@ -30,6 +30,23 @@ def test_write_section_replaces_its_block_and_appends_new_ones(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_flops_per_token_median_rate_and_dtype_overrides(tokenizer):
+    lm = LlamaForCausalLM(tiny_config(tokenizer))  # 2,944 matmul parameters, 1 layer of width 16 (above)
+    # sequences of 3 and 5 tokens: 6 * 2944 * 8 + 6 * 1 * 16 * (9 + 25) = 141,312 + 3,264 over 8 tokens
+    assert common.flops_per_token(lm, [3, 5]) == pytest.approx((141_312 + 3_264) / 8)
+    rows = [
+        {"perf/tokens_per_s": 1.0},
+        {"loss": 2.0},
+        {"perf/tokens_per_s": 30.0},
+        {"perf/tokens_per_s": 10.0},
+    ]
+    assert common.median_tokens_per_s(rows, "sft") == 20.0  # the first interval (warm-up) left out
+    with pytest.raises(RuntimeError, match="sft: too few log intervals"):
+        common.median_tokens_per_s(rows[:2], "sft")
+    assert common.dtype_overrides("float32") == []
+    assert common.dtype_overrides("bfloat16") == ["model.dtype=bfloat16"]
+
+
 def test_an_empty_section_key_is_refused_and_the_doc_untouched(tmp_path):
     doc = tmp_path / "b.md"
     doc.write_text("# Benchmarks\n")
